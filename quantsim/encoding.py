@@ -1,0 +1,506 @@
+"""The single source of truth for quantization arithmetic.
+
+Convention (as aimet-torch 2.x and ``docs/index.md``)::
+
+    q      = clamp(round(x / scale) - offset, qmin, qmax)      quantize
+    x_hat  = (q + offset) * scale                               dequantize
+    min    = scale * (offset + qmin),  max = scale * (offset + qmax)
+
+``round`` is round-half-to-even (``torch.round``, ONNX ``QuantizeLinear``) for ``nearest`` and
+``floor(v + u), u ~ U[0, 1)`` for ``stochastic``. The *internal* grid depends on the mode:
+
+============================  =====================================  ================
+mode                          grid [qmin, qmax]                      internal offset
+============================  =====================================  ================
+asymmetric                    [0, 2^b - 1]                           round(min/scale)
+symmetric (signed)            [-2^(b-1), 2^(b-1) - 1]                0
+strict symmetric              [-(2^(b-1) - 1), 2^(b-1) - 1]          0
+unsigned symmetric (min>=0)   [0, 2^b - 1]                           0
+============================  =====================================  ================
+
+Files written for AIMET tools use the *unsigned view*, ``legacy_offset = offset + qmin``
+(``-128`` for 8-bit symmetric); see :meth:`Encoding.legacy_offset`.
+
+Everything that quantizes (the quantizer modules, the analyzers' noise search, the QAT modules,
+the QDQ exporter's reference) calls the functions here; nothing re-derives the maths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from quantsim import kernels
+from quantsim.errors import QuantizationSettingError
+
+#: Smallest scale an encoding may have (float32 machine epsilon, as aimet-torch 2.x).
+MINIMUM_SCALE: float = torch.finfo(torch.float32).eps
+#: Rounding modes accepted everywhere a rounding mode is configurable.
+ROUNDING_MODES: Tuple[str, ...] = ("nearest", "stochastic")
+#: Integer bitwidths quantsim simulates.
+INT_BITWIDTHS = range(4, 32)
+#: Float bitwidths quantsim simulates (IEEE half precision).
+FLOAT_BITWIDTHS = (16,)
+DATA_TYPES = ("int", "float")
+
+TensorLike = Union[torch.Tensor, float, Sequence[float]]
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def validate_bitwidth(bitwidth: Any, data_type: str = "int", where: str = "quantizer") -> int:
+    """Check a bitwidth for a data type and return it as ``int``.
+
+    Args:
+        bitwidth: the requested bitwidth.
+        data_type: ``'int'`` (4..31 allowed) or ``'float'`` (16 allowed).
+        where: what the setting belongs to, used in the error message.
+
+    Raises:
+        QuantizationSettingError: naming ``where``, the value and what is allowed.
+    """
+    data_type = validate_data_type(data_type, where)
+    if isinstance(bitwidth, bool) or not isinstance(bitwidth, (int,)) and not (
+        isinstance(bitwidth, float) and bitwidth.is_integer()
+    ):
+        raise QuantizationSettingError(f"{where}: bitwidth must be an integer, got {bitwidth!r}")
+    bitwidth = int(bitwidth)
+    if data_type == "int" and bitwidth not in INT_BITWIDTHS:
+        raise QuantizationSettingError(
+            f"{where}: integer bitwidth {bitwidth} is not supported; allowed: 4..31"
+        )
+    if data_type == "float" and bitwidth not in FLOAT_BITWIDTHS:
+        raise QuantizationSettingError(
+            f"{where}: float bitwidth {bitwidth} is not supported; allowed: 16 (IEEE half)"
+        )
+    return bitwidth
+
+
+def validate_data_type(data_type: Any, where: str = "quantizer") -> str:
+    """Normalise a data type (``'int'``, ``'float'`` or an enum whose name is one) to a string."""
+    name = getattr(data_type, "name", data_type)
+    name = str(name).lower() if name is not None else name
+    if name not in DATA_TYPES:
+        raise QuantizationSettingError(
+            f"{where}: data type {data_type!r} is not supported; allowed: 'int', 'float'"
+        )
+    return name
+
+
+def validate_rounding(rounding: Any, where: str = "quantizer") -> str:
+    """Check a rounding mode; allowed: ``'nearest'`` and ``'stochastic'``."""
+    if rounding not in ROUNDING_MODES:
+        raise QuantizationSettingError(
+            f"{where}: rounding mode {rounding!r} is not supported; allowed: {list(ROUNDING_MODES)}"
+        )
+    return rounding
+
+
+# ----------------------------------------------------------------------------------------------
+# grids and ranges
+# ----------------------------------------------------------------------------------------------
+def integer_grid(
+    bitwidth: int, symmetric: bool, strict: bool = False, unsigned: bool = False
+) -> Tuple[int, int]:
+    """Return the internal integer grid ``(qmin, qmax)`` of an encoding mode.
+
+    Args:
+        bitwidth: 4..31.
+        symmetric: signed symmetric grid when True (unless ``unsigned``).
+        strict: symmetric grid without the extra negative code (``[-127, 127]`` at 8 bit).
+        unsigned: symmetric encoding of non-negative data on ``[0, 2^b - 1]``.
+    """
+    if not symmetric or unsigned:
+        return 0, 2**bitwidth - 1
+    half = 2 ** (bitwidth - 1)
+    return (-(half - 1) if strict else -half), half - 1
+
+
+def adjust_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, num_steps: int, symmetric: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Make an observed range encodable; the one place range adjustment is written.
+
+    1. include zero (so 0.0 is exactly representable);
+    2. clamp infinities to the float32 range;
+    3. widen a range narrower than ``num_steps * MINIMUM_SCALE`` (aimet-torch 2.x rule);
+    4. for symmetric grids, pick ``delta = max(max / pos, -min / neg)`` and return the
+       grid-aligned ``(-neg * delta, pos * delta)`` with ``pos = floor(N/2)``, ``neg = ceil(N/2)``.
+
+    Args:
+        min_val, max_val: float32 tensors of the encoding shape.
+        num_steps: ``qmax - qmin``.
+        symmetric: apply the symmetric rule.
+
+    Returns:
+        ``(min, max)`` float32 tensors, same shape as the inputs.
+    """
+    fmax = torch.finfo(torch.float32).max
+    min_val = torch.as_tensor(min_val, dtype=torch.float32).clamp(min=-fmax, max=0.0)
+    max_val = torch.as_tensor(max_val, dtype=torch.float32).clamp(min=0.0, max=fmax)
+    min_val = torch.nan_to_num(min_val, nan=0.0)
+    max_val = torch.nan_to_num(max_val, nan=0.0)
+    too_narrow = ((max_val - min_val) / num_steps < MINIMUM_SCALE).to(torch.float32)
+    step = MINIMUM_SCALE * too_narrow
+    pos, neg = num_steps // 2, (num_steps + 1) // 2
+    if symmetric:
+        max_val = max_val + pos * step
+        min_val = min_val - neg * step
+        delta = torch.maximum(max_val / pos, -min_val / neg)
+        min_val, max_val = -neg * delta, pos * delta
+    else:
+        max_val = max_val + num_steps * step
+    return min_val.clamp(min=-fmax), max_val.clamp(max=fmax)
+
+
+def scale_offset_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Derive ``(scale, offset)`` from an adjusted range (aimet-torch 2.x, float32).
+
+    ``scale = (max - min) / (qmax - qmin)`` floored at :data:`MINIMUM_SCALE`;
+    ``offset = round(min / scale) - qmin`` for asymmetric grids (clamped so that 0 stays on the
+    grid), 0 for symmetric ones. Works with autograd (``round`` is straight-through), so
+    learnable ranges train through it.
+    """
+    scale = ((max_val - min_val) / (qmax - qmin)).clamp(min=MINIMUM_SCALE)
+    if symmetric:
+        return scale, torch.zeros_like(scale)
+    ratio = min_val / scale
+    offset = ratio + (torch.round(ratio) - ratio).detach() - qmin
+    return scale, offset.clamp(-qmax, -qmin)
+
+
+def channel_view(t: torch.Tensor, ndim: int, axis: Optional[int]) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of an ``ndim`` tensor."""
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def reduce_to_channels(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """Sum ``t`` over every axis but ``axis`` (all axes when ``axis`` is None)."""
+    if axis is None:
+        return t.sum()
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1).sum(dim=1)
+
+
+def amin_amax(x: torch.Tensor, axis: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` per tensor (``axis=None``) or per slice along ``axis``."""
+    if axis is None:
+        return torch.aminmax(x)
+    flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
+    return torch.aminmax(flat, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize / dequantize / fake-quantize
+# ----------------------------------------------------------------------------------------------
+def _compute_dtype(qmin: int, qmax: int) -> torch.dtype:
+    # float32 holds every integer up to 2^24 exactly; wider grids compute in float64.
+    return torch.float32 if qmax - qmin < 2**24 else torch.float64
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int] = None,
+    rounding: str = "nearest",
+) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / scale) - offset, qmin, qmax)`` as a float tensor."""
+    dtype = _compute_dtype(qmin, qmax)
+    s = channel_view(scale.to(dtype), x.dim(), axis)
+    o = channel_view(offset.to(dtype), x.dim(), axis)
+    v = x.to(dtype) / s
+    v = torch.round(v) if rounding == "nearest" else torch.floor(v + torch.rand_like(v))
+    return (v - o).clamp_(qmin, qmax)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, axis: Optional[int] = None
+) -> torch.Tensor:
+    """Real values ``(q + offset) * scale`` (float32, or float64 for codes beyond 2^24)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = channel_view(scale.to(dtype), q.dim(), axis)
+    o = channel_view(offset.to(dtype), q.dim(), axis)
+    return (q.to(dtype) + o) * s
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """qdq with straight-through input gradients and LSQ-style scale/offset gradients."""
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, axis, rounding):  # noqa: D102
+        dtype = _compute_dtype(qmin, qmax)
+        s = channel_view(scale.detach().to(dtype), x.dim(), axis)
+        o = channel_view(offset.detach().to(dtype), x.dim(), axis)
+        out = kernels.qdq(x, s, o, qmin, qmax, rounding)
+        ctx.save_for_backward(x, scale, offset)
+        ctx.grid = (qmin, qmax, axis)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, scale, offset = ctx.saved_tensors
+        qmin, qmax, axis = ctx.grid
+        dtype = _compute_dtype(qmin, qmax)
+        s = channel_view(scale.detach().to(dtype), x.dim(), axis)
+        o = channel_view(offset.detach().to(dtype), x.dim(), axis)
+        v = x.detach().to(dtype) / s
+        r = torch.round(v)
+        inside = ((r - o) >= qmin) & ((r - o) <= qmax)
+        g = grad.to(dtype)
+        grad_x = (g * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = grad_o = None
+        if ctx.needs_input_grad[1]:
+            ds = r.clamp(o + qmin, o + qmax) - v * inside
+            grad_s = reduce_to_channels(g * ds, axis if scale.dim() else None)
+            grad_s = grad_s.reshape(scale.shape).to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            do = torch.where(inside, torch.zeros_like(g), g * s)
+            grad_o = reduce_to_channels(do, axis if offset.dim() else None)
+            grad_o = grad_o.reshape(offset.shape).to(offset.dtype)
+        return grad_x, grad_s, grad_o, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int] = None,
+    rounding: str = "nearest",
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` in one pass; output has ``x``'s dtype.
+
+    Gradients (when autograd records): straight-through to ``x`` inside the grid and zero
+    outside; LSQ-style to ``scale`` (``clamp(round(x/s), o+qmin, o+qmax) - x/s * inside``) and to
+    ``offset`` (``s`` outside the grid), summed over the elements that share them.
+
+    Args:
+        x: input of any float dtype.
+        scale, offset: 0-d tensors (per tensor) or 1-d along ``axis`` (per channel).
+        qmin, qmax: the integer grid.
+        axis: channel axis of ``x`` for per-channel encodings.
+        rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
+    """
+    if torch.is_grad_enabled() and (
+        x.requires_grad or scale.requires_grad or offset.requires_grad
+    ):
+        return _FakeQuantize.apply(x, scale, offset, qmin, qmax, axis, rounding)
+    dtype = _compute_dtype(qmin, qmax)
+    s = channel_view(scale.to(dtype), x.dim(), axis)
+    o = channel_view(offset.to(dtype), x.dim(), axis)
+    return kernels.qdq(x, s, o, qmin, qmax, rounding)
+
+
+def fake_quantize_float(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Simulate a float format: round to ``dtype`` (nearest even) and back, saturating.
+
+    Values beyond the format's largest finite value saturate to it (a runtime that stores
+    fp16 activations clips rather than producing inf); NaN stays NaN. Straight-through gradient.
+    """
+    limit = torch.finfo(dtype).max
+    out = x.clamp(-limit, limit).to(dtype).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (out - x).detach()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the Encoding value
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    """An immutable quantization encoding: what a runtime needs to quantize one tensor.
+
+    Integer encodings hold ``scale`` and ``offset`` as float32 tensors of the encoding shape:
+    0-d per tensor, ``(C,)`` per channel along ``axis``. Float encodings (fp16 simulation) hold
+    neither.
+
+    Example:
+        >>> enc = Encoding.from_range(torch.tensor(-1.0), torch.tensor(2.0), bitwidth=8)
+        >>> enc.qmin, enc.qmax, int(enc.offset)
+        (0, 255, -85)
+        >>> enc.fake_quantize(torch.tensor([0.0, 1.0])).tolist()[0]
+        0.0
+    """
+
+    bitwidth: int
+    scale: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+    symmetric: bool = False
+    strict: bool = False
+    unsigned: bool = False
+    axis: Optional[int] = None
+    data_type: str = "int"
+    _grid: Tuple[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        data_type = validate_data_type(self.data_type, "Encoding")
+        object.__setattr__(self, "data_type", data_type)
+        validate_bitwidth(self.bitwidth, data_type, "Encoding")
+        if data_type == "float":
+            object.__setattr__(self, "_grid", (0, 0))
+            return
+        if self.scale is None or self.offset is None:
+            raise QuantizationSettingError("Encoding: an int encoding needs scale and offset")
+        scale = torch.as_tensor(self.scale, dtype=torch.float32).detach().cpu()
+        offset = torch.as_tensor(self.offset, dtype=torch.float32).detach().cpu()
+        if scale.shape != offset.shape:
+            raise QuantizationSettingError(
+                f"Encoding: scale shape {tuple(scale.shape)} != offset shape {tuple(offset.shape)}"
+            )
+        if scale.dim() > 1 or (scale.dim() == 1 and self.axis is None):
+            raise QuantizationSettingError(
+                "Encoding: scale must be 0-d (per tensor) or 1-d with an axis (per channel), "
+                f"got shape {tuple(scale.shape)} and axis {self.axis}"
+            )
+        if not bool(torch.all(scale > 0)) or not bool(torch.all(torch.isfinite(scale))):
+            raise QuantizationSettingError("Encoding: every scale must be finite and > 0")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(
+            self, "_grid", integer_grid(self.bitwidth, self.symmetric, self.strict, self.unsigned)
+        )
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def from_range(
+        cls,
+        min_val: TensorLike,
+        max_val: TensorLike,
+        bitwidth: int = 8,
+        symmetric: bool = False,
+        strict: bool = False,
+        unsigned_symmetric: bool = False,
+        axis: Optional[int] = None,
+    ) -> "Encoding":
+        """Build the encoding for an observed range (per tensor, or per channel along ``axis``).
+
+        The range goes through :func:`adjust_range`; with ``unsigned_symmetric`` a symmetric
+        encoding of data whose minimum is >= 0 (in every channel) uses the unsigned grid.
+        """
+        min_val = torch.as_tensor(min_val, dtype=torch.float32).detach().cpu()
+        max_val = torch.as_tensor(max_val, dtype=torch.float32).detach().cpu()
+        unsigned = bool(symmetric and unsigned_symmetric and bool(torch.all(min_val >= 0)))
+        qmin, qmax = integer_grid(bitwidth, symmetric, strict, unsigned)
+        grid_symmetric = symmetric and not unsigned
+        lo, hi = adjust_range(min_val, max_val, qmax - qmin, grid_symmetric)
+        scale, offset = scale_offset_from_range(lo, hi, qmin, qmax, grid_symmetric)
+        return cls(bitwidth, scale, offset, symmetric, strict, unsigned, axis, "int")
+
+    @classmethod
+    def float16(cls) -> "Encoding":
+        """The fp16 simulation encoding (no scale or offset)."""
+        return cls(bitwidth=16, data_type="float")
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def is_float(self) -> bool:
+        """True for a float (fp16) encoding."""
+        return self.data_type == "float"
+
+    @property
+    def qmin(self) -> int:
+        """Lowest integer code of the internal grid."""
+        return self._grid[0]
+
+    @property
+    def qmax(self) -> int:
+        """Highest integer code of the internal grid."""
+        return self._grid[1]
+
+    @property
+    def per_channel(self) -> bool:
+        """True when the encoding has one scale per slice along ``axis``."""
+        return self.scale is not None and self.scale.dim() == 1
+
+    @property
+    def min(self) -> torch.Tensor:
+        """Grid-aligned minimum ``scale * (offset + qmin)``."""
+        return self.scale * (self.offset + self.qmin)
+
+    @property
+    def max(self) -> torch.Tensor:
+        """Grid-aligned maximum ``scale * (offset + qmax)``."""
+        return self.scale * (self.offset + self.qmax)
+
+    @property
+    def legacy_offset(self) -> torch.Tensor:
+        """Offset in the unsigned view of AIMET's 0.6.1 / 1.0.0 files: ``offset + qmin``."""
+        return self.offset + self.qmin
+
+    # -- arithmetic -----------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
+        """Integer codes of ``x`` on the internal grid."""
+        return quantize(x, self.scale.to(x.device), self.offset.to(x.device),
+                        self.qmin, self.qmax, self.axis, rounding)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """Real values of codes ``q``."""
+        return dequantize(q, self.scale.to(q.device), self.offset.to(q.device), self.axis)
+
+    def fake_quantize(self, x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
+        """Quantize-dequantize ``x`` with this encoding."""
+        if self.is_float:
+            return fake_quantize_float(x)
+        return fake_quantize(x, self.scale.to(x.device), self.offset.to(x.device),
+                             self.qmin, self.qmax, self.axis, rounding)
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able dict that :meth:`from_dict` turns back into an equal encoding."""
+        if self.is_float:
+            return {"data_type": "float", "bitwidth": self.bitwidth}
+        return {
+            "data_type": "int",
+            "bitwidth": self.bitwidth,
+            "symmetric": self.symmetric,
+            "strict": self.strict,
+            "unsigned": self.unsigned,
+            "axis": self.axis,
+            "scale": self.scale.tolist(),
+            "offset": [int(v) for v in self.offset.reshape(-1).tolist()]
+            if self.per_channel else int(self.offset),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Encoding":
+        """Inverse of :meth:`to_dict`."""
+        if d.get("data_type", "int") == "float":
+            return cls(bitwidth=int(d["bitwidth"]), data_type="float")
+        return cls(
+            bitwidth=int(d["bitwidth"]),
+            scale=torch.tensor(d["scale"], dtype=torch.float32),
+            offset=torch.tensor(d["offset"], dtype=torch.float32),
+            symmetric=bool(d.get("symmetric", False)),
+            strict=bool(d.get("strict", False)),
+            unsigned=bool(d.get("unsigned", False)),
+            axis=d.get("axis"),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Encoding):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        if self.is_float:
+            return f"Encoding(float{self.bitwidth})"
+        kind = "sym" if self.symmetric else "asym"
+        kind += "-strict" if self.strict else ""
+        kind += "-unsigned" if self.unsigned else ""
+        if self.per_channel:
+            return (f"Encoding(int{self.bitwidth} {kind}, axis={self.axis}, "
+                    f"{self.scale.numel()} channels)")
+        return (f"Encoding(int{self.bitwidth} {kind}, scale={float(self.scale):.6g}, "
+                f"offset={int(self.offset)}, min={float(self.min):.6g}, max={float(self.max):.6g})")

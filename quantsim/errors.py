@@ -1,0 +1,38 @@
+"""Typed errors raised by quantsim.
+
+Every error names what is at fault (a module path, a JSON path, a file) and what is allowed, so
+a user can fix the input without reading our source.
+"""
+from __future__ import annotations
+
+
+class QuantSimError(Exception):
+    """Base class of every error quantsim raises on purpose."""
+
+
+class QuantizationSettingError(QuantSimError, ValueError):
+    """A quantizer setting (bitwidth, rounding mode, data type, scheme, ...) is not allowed."""
+
+
+class CalibrationError(QuantSimError):
+    """Calibration failed: no statistics, non-finite data that was refused, a failing callback."""
+
+
+class ConfigError(QuantSimError):
+    """A hardware config file is missing, not JSON, or violates the schema."""
+
+
+class EncodingsError(QuantSimError):
+    """An encodings file or dict is malformed or does not match the model."""
+
+
+class ExportError(QuantSimError):
+    """Export could not write a consistent set of files."""
+
+
+class UnsupportedModelError(QuantSimError):
+    """The model (or one of its modules) cannot be simulated as given."""
+
+
+class CheckpointError(QuantSimError):
+    """A checkpoint file is truncated, foreign, or belongs to another architecture."""
