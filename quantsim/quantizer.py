@@ -1,0 +1,323 @@
+"""``Quantizer``: the module that holds one tensor's quantization settings and encoding.
+
+A quantizer sits on an input, an output or a parameter of a wrapped module. Its forward pass
+depends on its *state*:
+
+=============  ==================================================================
+``quantize``   fake-quantize with the stored encoding (simulation, validation)
+``calibrate``  observe statistics; pass values on fake-quantized with this batch's own min/max
+               range (as aimet-torch 2.x does), so downstream quantizers see quantized inputs
+``observe``    observe statistics; pass values on unchanged
+``qat``        observe a moving average of min/max and fake-quantize (fine-tuning)
+=============  ==================================================================
+
+The encoding lives in buffers (``scale``, ``offset``) or, when ranges are learnable,
+in ``nn.Parameter`` s ``min`` and ``max`` from which scale and offset are derived every step
+(so gradients reach them). All arithmetic comes from :mod:`quantsim.encoding`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from quantsim.analyzers import EncodingAnalyzer, create_analyzer
+from quantsim.encoding import (
+    Encoding,
+    adjust_range,
+    amin_amax,
+    fake_quantize,
+    fake_quantize_float,
+    integer_grid,
+    scale_offset_from_range,
+    validate_bitwidth,
+    validate_data_type,
+    validate_rounding,
+)
+from quantsim.errors import CalibrationError, QuantizationSettingError
+
+STATES = ("quantize", "calibrate", "observe", "qat")
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes one tensor (per tensor, or per channel along ``axis``).
+
+    Args:
+        bitwidth: 4..31 for ``int``, 16 for ``float``.
+        symmetric: signed symmetric grid (weights, typically) or asymmetric (activations).
+        shape: encoding shape: ``()`` per tensor, ``(C,)`` per channel.
+        axis: channel axis of the quantized tensor when per channel.
+        rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
+        data_type: ``'int'`` or ``'float'`` (fp16 simulation, needs no calibration).
+        strict: strict symmetric grid (``[-127, 127]`` at 8 bit).
+        unsigned_symmetric: symmetric quantizers of non-negative data use ``[0, 2^b - 1]``.
+        scheme: calibration scheme: ``'tf'``, ``'tf_enhanced'`` or ``'percentile'``.
+        name: where the quantizer sits (``conv1.param_quantizers.weight``), used in messages.
+
+    Example:
+        >>> q = Quantizer(bitwidth=8, symmetric=False, scheme='tf')
+        >>> q.state = 'observe'; _ = q(torch.linspace(-1, 1, 100)); q.compute_encoding()
+        >>> q.state = 'quantize'; y = q(torch.tensor([0.5]))
+        >>> float(q.get_scale()) == 2 / 255
+        True
+    """
+
+    def __init__(
+        self,
+        bitwidth: int = 8,
+        symmetric: bool = False,
+        shape: Tuple[int, ...] = (),
+        axis: Optional[int] = None,
+        rounding: str = "nearest",
+        data_type: str = "int",
+        strict: bool = False,
+        unsigned_symmetric: bool = False,
+        scheme: str = "tf_enhanced",
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.data_type = validate_data_type(data_type, name or "Quantizer")
+        self._bitwidth = validate_bitwidth(bitwidth, self.data_type, name or "Quantizer")
+        self.symmetric = bool(symmetric)
+        self.strict = bool(strict)
+        self.unsigned_symmetric = bool(unsigned_symmetric)
+        self.rounding = validate_rounding(rounding, name or "Quantizer")
+        if len(shape) > 1 or (len(shape) == 1 and axis is None):
+            raise QuantizationSettingError(
+                f"{name or 'Quantizer'}: shape must be () or (channels,) with an axis, got {shape}"
+            )
+        self.shape = tuple(shape)
+        self.axis = axis if len(shape) == 1 else None
+        self.enabled = True
+        self.state = "quantize"
+        self.frozen = False
+        #: Smoothing factor of the moving-average min/max observed in the ``qat`` state.
+        self.averaging_constant = 0.01
+        self._unsigned = False
+        #: (min, max) fixed by the config's encoding_constraints; either may be None
+        self.range_constraint: Tuple[Optional[float], Optional[float]] = (None, None)
+        self.register_buffer("scale", torch.ones(self.shape))
+        self.register_buffer("offset", torch.zeros(self.shape))
+        self.register_buffer("initialized", torch.tensor(self.data_type == "float"))
+        self.register_parameter("min", None)
+        self.register_parameter("max", None)
+        self.analyzer: EncodingAnalyzer = create_analyzer(scheme, axis=self.axis, name=name)
+        self.scheme = scheme
+
+    # -- settings -------------------------------------------------------------------------------
+    @property
+    def bitwidth(self) -> int:
+        """Bitwidth of the quantized values; changing it invalidates the encoding."""
+        return self._bitwidth
+
+    @bitwidth.setter
+    def bitwidth(self, value: int) -> None:
+        value = validate_bitwidth(value, self.data_type, self.name or "Quantizer")
+        if value != self._bitwidth and self.data_type == "int":
+            self.initialized.fill_(False)
+        self._bitwidth = value
+
+    @property
+    def learnable(self) -> bool:
+        """True when ``min`` / ``max`` are trainable parameters (range learning)."""
+        return self.min is not None
+
+    @property
+    def qmin_qmax(self) -> Tuple[int, int]:
+        """The internal integer grid ``(qmin, qmax)``."""
+        return integer_grid(self._bitwidth, self.symmetric, self.strict, self._unsigned)
+
+    def version_key(self) -> tuple:
+        """Changes whenever the fake-quant result for a fixed input may change (cache key)."""
+        tensors = (self.min, self.max) if self.learnable else (self.scale, self.offset)
+        return (tuple(t._version for t in tensors), self.enabled, self._bitwidth, self.symmetric,
+                self.strict, self._unsigned, self.rounding, self.state, bool(self.initialized))
+
+    def set_range_constraint(self, min_val: Optional[float], max_val: Optional[float]) -> None:
+        """Pin the encoding range (config ``encoding_constraints``).
+
+        With both bounds the encoding is fixed now and calibration leaves it alone; with only
+        one, calibration computes the other.
+        """
+        self.range_constraint = (min_val, max_val)
+        if self.has_fixed_range:
+            self.set_encoding(Encoding.from_range(
+                torch.tensor(min_val), torch.tensor(max_val), self._bitwidth, self.symmetric,
+                self.strict, self.unsigned_symmetric, self.axis))
+
+    @property
+    def has_fixed_range(self) -> bool:
+        """True when ``encoding_constraints`` fix both ends of the range."""
+        return None not in self.range_constraint
+
+    def set_scheme(self, scheme: str, **analyzer_kwargs) -> None:
+        """Use another calibration scheme (drops collected statistics)."""
+        self.analyzer = create_analyzer(scheme, axis=self.axis, name=self.name, **analyzer_kwargs)
+        self.scheme = scheme
+
+    # -- encoding access (aimet-torch names) ----------------------------------------------------
+    def _scale_offset(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.learnable:
+            qmin, qmax = self.qmin_qmax
+            grid_symmetric = self.symmetric and not self._unsigned
+            return scale_offset_from_range(self.min, self.max, qmin, qmax, grid_symmetric)
+        return self.scale, self.offset
+
+    def get_scale(self) -> Optional[torch.Tensor]:
+        """Scale of the current encoding (None before calibration)."""
+        return self._scale_offset()[0] if self.is_initialized else None
+
+    def get_offset(self) -> Optional[torch.Tensor]:
+        """Internal offset of the current encoding (None before calibration)."""
+        return self._scale_offset()[1] if self.is_initialized else None
+
+    def get_min(self) -> Optional[torch.Tensor]:
+        """Grid-aligned minimum ``scale * (offset + qmin)`` (None before calibration)."""
+        if not self.is_initialized or self.data_type == "float":
+            return None
+        scale, offset = self._scale_offset()
+        return scale * (offset + self.qmin_qmax[0])
+
+    def get_max(self) -> Optional[torch.Tensor]:
+        """Grid-aligned maximum ``scale * (offset + qmax)`` (None before calibration)."""
+        if not self.is_initialized or self.data_type == "float":
+            return None
+        scale, offset = self._scale_offset()
+        return scale * (offset + self.qmin_qmax[1])
+
+    @property
+    def is_initialized(self) -> bool:
+        """True once the quantizer has an encoding (float quantizers always do)."""
+        return bool(self.initialized)
+
+    @property
+    def encoding(self) -> Optional[Encoding]:
+        """The current encoding as an immutable :class:`Encoding` value."""
+        if self.data_type == "float":
+            return Encoding.float16()
+        if not self.is_initialized:
+            return None
+        scale, offset = (t.detach() for t in self._scale_offset())
+        return Encoding(self._bitwidth, scale, offset, self.symmetric, self.strict,
+                        self._unsigned, self.axis, "int")
+
+    def set_encoding(self, encoding: Encoding) -> None:
+        """Adopt ``encoding`` (its settings must match this quantizer's)."""
+        where = self.name or "Quantizer"
+        if encoding.is_float != (self.data_type == "float"):
+            raise QuantizationSettingError(
+                f"{where}: encoding data type {encoding.data_type} != quantizer {self.data_type}")
+        if encoding.is_float:
+            return
+        if tuple(encoding.scale.shape) != self.shape:
+            raise QuantizationSettingError(
+                f"{where}: encoding shape {tuple(encoding.scale.shape)} != quantizer shape "
+                f"{self.shape}")
+        if encoding.bitwidth != self._bitwidth:
+            raise QuantizationSettingError(
+                f"{where}: encoding bitwidth {encoding.bitwidth} != quantizer bitwidth "
+                f"{self._bitwidth}")
+        self.symmetric, self.strict, self._unsigned = (
+            encoding.symmetric, encoding.strict, encoding.unsigned)
+        with torch.no_grad():
+            device = self.scale.device
+            self.scale.copy_(encoding.scale.to(device))
+            self.offset.copy_(encoding.offset.to(device))
+            if self.learnable:
+                self.min.copy_(encoding.min.to(device))
+                self.max.copy_(encoding.max.to(device))
+        self.initialized.fill_(True)
+
+    def set_learnable(self, learnable: bool = True) -> None:
+        """Make ``min``/``max`` trainable parameters (range learning) or freeze them back."""
+        if learnable == self.learnable or self.data_type == "float":
+            return
+        if learnable:
+            if not self.is_initialized:
+                raise CalibrationError(
+                    f"{self.name or 'Quantizer'}: compute encodings before making ranges learnable")
+            lo, hi = self.get_min().detach().clone(), self.get_max().detach().clone()
+            self.min, self.max = nn.Parameter(lo), nn.Parameter(hi)
+        else:
+            encoding = self.encoding
+            self.min = self.max = None
+            self.set_encoding(encoding)
+
+    # -- calibration ----------------------------------------------------------------------------
+    def reset_statistics(self) -> None:
+        """Forget collected statistics."""
+        self.analyzer.reset()
+
+    def compute_encoding(self) -> None:
+        """Turn the collected statistics into the encoding (no-op when frozen or disabled).
+
+        Raises:
+            CalibrationError: the quantizer saw no data.
+        """
+        if self.frozen or self.data_type == "float" or self.has_fixed_range:
+            return
+        if not self.analyzer.has_stats:
+            raise CalibrationError(f"{self.name or 'Quantizer'}: saw no data during calibration")
+        qmin, qmax = integer_grid(self._bitwidth, self.symmetric, self.strict, False)
+        lo, hi = self.analyzer.compute_range(qmax - qmin, self.symmetric)
+        fixed_lo, fixed_hi = self.range_constraint
+        lo = lo if fixed_lo is None else torch.full_like(lo, fixed_lo)
+        hi = hi if fixed_hi is None else torch.full_like(hi, fixed_hi)
+        self.set_encoding(Encoding.from_range(
+            lo, hi, self._bitwidth, self.symmetric, self.strict, self.unsigned_symmetric, self.axis))
+
+    def _dynamic_qdq(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with its own min/max range (tf rule), used while calibrating."""
+        lo, hi = amin_amax(x.detach().float(), self.axis)
+        unsigned = self.symmetric and self.unsigned_symmetric and bool(torch.all(lo >= 0))
+        qmin, qmax = integer_grid(self._bitwidth, self.symmetric, self.strict, unsigned)
+        grid_symmetric = self.symmetric and not unsigned
+        lo, hi = adjust_range(lo, hi, qmax - qmin, grid_symmetric)
+        scale, offset = scale_offset_from_range(lo, hi, qmin, qmax, grid_symmetric)
+        return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
+
+    def _observe_moving_average(self, x: torch.Tensor) -> None:
+        """QAT observer: exponential moving average of min/max into the encoding."""
+        lo, hi = amin_amax(x.detach().float(), self.axis)
+        if self.is_initialized:
+            c = self.averaging_constant
+            lo = self.get_min().detach() * (1 - c) + lo * c
+            hi = self.get_max().detach() * (1 - c) + hi * c
+        self.set_encoding(Encoding.from_range(
+            lo, hi, self._bitwidth, self.symmetric, self.strict, self.unsigned_symmetric, self.axis))
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe and/or fake-quantize ``x`` according to :attr:`state`."""
+        if not self.enabled or not x.is_floating_point():
+            return x
+        state = self.state
+        if self.data_type == "float":
+            return x if state == "observe" else fake_quantize_float(x)
+        if state == "observe" or state == "calibrate":
+            self.analyzer.observe(x.detach())
+            return x if state == "observe" else self._dynamic_qdq(x)
+        if state == "qat" and not self.learnable and not self.frozen:
+            self._observe_moving_average(x)
+        elif not self.is_initialized:
+            raise CalibrationError(
+                f"{self.name or 'Quantizer'} has no encoding: run compute_encodings() (or "
+                "load_encodings()) first, or disable it with .enabled = False")
+        scale, offset = self._scale_offset()
+        qmin, qmax = self.qmin_qmax
+        return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
+
+    def extra_repr(self) -> str:
+        if self.data_type == "float":
+            return f"float{self._bitwidth}, enabled={self.enabled}"
+        kind = "sym" if self.symmetric else "asym"
+        gran = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
+        text = f"int{self._bitwidth} {kind} {gran}, enabled={self.enabled}"
+        if self.is_initialized and self.axis is None:
+            text += (f", scale={float(self.get_scale()):.6g}, offset={int(self.get_offset())}"
+                     f", min={float(self.get_min()):.6g}, max={float(self.get_max()):.6g}")
+        elif not self.is_initialized:
+            text += ", uncalibrated"
+        return text

@@ -1,0 +1,372 @@
+"""``QuantizationSimModel``: a float model with quantizers, calibrated and ready to export.
+
+Public names and arguments follow aimet_torch 2.x, so an AIMET script switches by changing its
+imports::
+
+    from quantsim import QuantizationSimModel, QuantScheme
+    sim = QuantizationSimModel(model, dummy_input, quant_scheme=QuantScheme.post_training_tf)
+    sim.compute_encodings(lambda m, _: m(calibration_batch), None)
+    y = sim.model(x)                       # simulated int8 forward
+"""
+from __future__ import annotations
+
+import copy
+import enum
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from quantsim import config as config_mod
+from quantsim.encoding import Encoding, validate_bitwidth, validate_data_type, validate_rounding
+from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
+from quantsim.graph import ModelGraph, leaf_modules, run_forward, trace
+from quantsim.op_types import onnx_types_of
+from quantsim.placement import Placement, QuantizerSetting, resolve
+from quantsim.quantizer import Quantizer
+from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
+                               quantizer_items, unwrap_class)
+
+
+class QuantScheme(enum.Enum):
+    """Calibration schemes (aimet_common.defs values)."""
+
+    post_training_tf = 1
+    post_training_tf_enhanced = 2
+    training_range_learning_with_tf_init = 3
+    training_range_learning_with_tf_enhanced_init = 4
+    post_training_percentile = 6
+
+    @classmethod
+    def parse(cls, value: Union["QuantScheme", str]) -> "QuantScheme":
+        """Accept an enum member, its name, or the short aliases ``'tf'``, ``'tf_enhanced'``,
+        ``'percentile'``, ``'range_learning_tf'``, ``'range_learning_tf_enhanced'``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            if key in _SCHEME_ALIASES:
+                return _SCHEME_ALIASES[key]
+            if key in cls.__members__:
+                return cls[key]
+        allowed = sorted(set(_SCHEME_ALIASES) | set(cls.__members__))
+        raise QuantizationSettingError(f"unknown quant_scheme {value!r}; allowed: {allowed}")
+
+    @property
+    def analyzer(self) -> str:
+        """The calibration analyzer this scheme uses (``'tf'``, ``'tf_enhanced'``, ...)."""
+        return {1: "tf", 2: "tf_enhanced", 3: "tf", 4: "tf_enhanced", 6: "percentile"}[self.value]
+
+    @property
+    def learns_ranges(self) -> bool:
+        """True for the range-learning (QAT) schemes."""
+        return self.value in (3, 4)
+
+
+_SCHEME_ALIASES = {
+    "tf": QuantScheme.post_training_tf,
+    "tf_enhanced": QuantScheme.post_training_tf_enhanced,
+    "percentile": QuantScheme.post_training_percentile,
+    "range_learning_tf": QuantScheme.training_range_learning_with_tf_init,
+    "range_learning_tf_enhanced": QuantScheme.training_range_learning_with_tf_enhanced_init,
+}
+
+
+class QuantizationDataType(enum.Enum):
+    """Data type of simulated quantized values."""
+
+    int = 1
+    float = 2
+
+
+#: Modules that do nothing at inference and so are left unwrapped.
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+class QuantizationSimModel:
+    """Simulates quantization of ``model`` on a target described by a hardware config.
+
+    Args:
+        model: the float model. Left untouched unless ``in_place``.
+        dummy_input: an input the model accepts (tensor, tuple of positional inputs, or dict of
+            keyword inputs); used once to trace which module feeds which.
+        quant_scheme: a :class:`QuantScheme` or its name/alias (``'tf'``, ``'tf_enhanced'``,
+            ``'percentile'``).
+        rounding_mode: ``'nearest'`` or ``'stochastic'``.
+        default_output_bw: bitwidth of activation quantizers (4..31; 16 for float).
+        default_param_bw: bitwidth of parameter quantizers.
+        in_place: wrap ``model`` itself instead of a deep copy.
+        config_file: a hardware config path, a built-in name (``'default'``, ``'per_channel'``,
+            ``'htp'``), a dict, or None for the built-in ``'per_channel'`` config (what
+            aimet-torch 2.x uses without a file).
+        default_data_type: ``QuantizationDataType.int`` or ``.float`` (fp16 simulation).
+
+    Raises:
+        UnsupportedModelError: DataParallel models, or a forward that fails with dummy_input.
+        ConfigError: the config file is missing or invalid.
+        QuantizationSettingError: a bitwidth, scheme, rounding mode or data type not allowed.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        >>> x = torch.randn(8, 1, 8, 8)
+        >>> sim = QuantizationSimModel(model, x, quant_scheme='tf')
+        >>> sim.compute_encodings(lambda m, _: m(x), None)
+        >>> sim.model(x).shape
+        torch.Size([8, 4, 6, 6])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        quant_scheme: Union[QuantScheme, str] = QuantScheme.post_training_tf_enhanced,
+        rounding_mode: str = "nearest",
+        default_output_bw: int = 8,
+        default_param_bw: int = 8,
+        in_place: bool = False,
+        config_file: Union[str, dict, None] = None,
+        default_data_type: Union[QuantizationDataType, str] = QuantizationDataType.int,
+    ) -> None:
+        _refuse_data_parallel(model)
+        self._quant_scheme = QuantScheme.parse(quant_scheme)
+        self._rounding = validate_rounding(rounding_mode, "QuantizationSimModel")
+        self._data_type = validate_data_type(default_data_type, "QuantizationSimModel")
+        self._output_bw = validate_bitwidth(default_output_bw, self._data_type, "default_output_bw")
+        self._param_bw = validate_bitwidth(default_param_bw, self._data_type, "default_param_bw")
+        self._percentile: Optional[float] = None
+        self.config: config_mod.HardwareConfig = config_mod.load_config(
+            config_mod.DEFAULT_CONFIG if config_file is None else config_file)
+        self.model = model if in_place else copy.deepcopy(model)
+        _replace_attention(self.model)
+        leaves = leaf_modules(self.model, lambda m: _is_leaf(m) or is_registered(m))
+        leaves = {n: m for n, m in leaves.items() if not isinstance(m, _PASS_THROUGH)}
+        self.graph: ModelGraph = trace(self.model, dummy_input, leaves)
+        self.placement: Placement = resolve(self.config, self.graph, leaves)
+        self._wrap(leaves)
+        self._warn_about(leaves)
+
+    # -- construction ---------------------------------------------------------------------------
+    def _new_quantizer(self, name: str, setting: QuantizerSetting, bitwidth: int,
+                       shape=(), axis=None) -> Quantizer:
+        q = Quantizer(
+            bitwidth=bitwidth, symmetric=setting.symmetric, shape=shape, axis=axis,
+            rounding=self._rounding, data_type=self._data_type,
+            strict=self.placement.strict_symmetric,
+            unsigned_symmetric=self.placement.unsigned_symmetric,
+            scheme=self._quant_scheme.analyzer, name=name)
+        q.enabled = setting.enabled
+        if setting.constraint is not None and self._data_type == "int":
+            q.set_range_constraint(*setting.constraint)
+        return q
+
+    def _wrap(self, leaves: Dict[str, nn.Module]) -> None:
+        for name, module in leaves.items():
+            s = self.placement.modules[name]
+            quantize_module(module)
+            for i, setting in enumerate(s.inputs):
+                module.input_quantizers.append(self._new_quantizer(
+                    f"{name}.input_quantizers.{i}", setting, self._output_bw))
+            for i, setting in enumerate(s.outputs):
+                module.output_quantizers.append(self._new_quantizer(
+                    f"{name}.output_quantizers.{i}", setting, self._output_bw))
+            for pname, setting in s.params.items():
+                param = module._parameters[pname]
+                axis = param_axis(module, pname) if setting.per_channel and param.dim() else None
+                shape = (param.shape[axis],) if axis is not None else ()
+                module.param_quantizers[pname] = self._new_quantizer(
+                    f"{name}.param_quantizers.{pname}", setting, self._param_bw, shape, axis)
+        # a quantizer lives on the device of the module it belongs to
+        for name, module in leaves.items():
+            ref = next(iter(module.parameters(recurse=False)), None)
+            if ref is not None:
+                for _, q in quantizer_items(module):
+                    q.to(ref.device)
+
+    def _warn_about(self, leaves: Dict[str, nn.Module]) -> None:
+        unknown = sorted({unwrap_class(m).__name__ for m in leaves.values()
+                          if not onnx_types_of(m) and not is_registered(m)})
+        if unknown:
+            warnings.warn(
+                f"quantsim does not know the module type(s) {unknown}: they get a generic "
+                "quantizer wrapper (tensor inputs/outputs and float parameters quantized with "
+                "the config's defaults). Register them with quantsim.op_types.register_op_type "
+                "to apply op_type rules.", stacklevel=3)
+        never_called = [n for n in leaves if self.graph.call_counts.get(n, 0) == 0]
+        if never_called:
+            for n in never_called:
+                for _, q in quantizer_items(leaves[n]):
+                    q.enabled = False
+            warnings.warn(
+                f"modules never called with dummy_input have their quantizers disabled: "
+                f"{never_called}", stacklevel=3)
+        shared = sorted(n for n, c in self.graph.call_counts.items() if c > 1)
+        if shared:
+            warnings.warn(
+                f"modules called more than once per forward share one set of quantizers "
+                f"(statistics of all calls merge into one encoding): {shared}. "
+                "quantsim.prepare.prepare_model gives each call its own module.", stacklevel=3)
+        if self.placement.unquantized_arrivals:
+            places = [f"{n} input {i}" for n, i in self.placement.unquantized_arrivals]
+            warnings.warn(
+                "tensors computed by functional ops or tensor methods (e.g. `x + y`, "
+                "torch.cat) are not simulated; their results are quantized where a module "
+                f"consumes them: {places}. quantsim.prepare.prepare_model turns such ops into "
+                "quantizable modules.", stacklevel=3)
+
+    # -- introspection --------------------------------------------------------------------------
+    def named_qmodules(self) -> Iterator[Tuple[str, nn.Module]]:
+        """``(name, module)`` for every quantized module of ``sim.model``."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, QuantizationMixin):
+                yield name, module
+
+    def qmodules(self) -> Iterator[nn.Module]:
+        """The quantized modules of ``sim.model``."""
+        for _, module in self.named_qmodules():
+            yield module
+
+    def named_quantizers(self) -> Iterator[Tuple[str, Quantizer]]:
+        """``(name, quantizer)`` pairs, e.g. ``('conv1.param_quantizers.weight', q)``."""
+        for name, module in self.named_qmodules():
+            for suffix, q in quantizer_items(module):
+                yield f"{name}.{suffix}", q
+
+    def quantizers(self) -> Iterator[Quantizer]:
+        """Every quantizer of the sim."""
+        for _, q in self.named_quantizers():
+            yield q
+
+    @property
+    def quant_scheme(self) -> QuantScheme:
+        """The calibration scheme."""
+        return self._quant_scheme
+
+    # -- calibration ----------------------------------------------------------------------------
+    def set_percentile_value(self, percentile_value: float) -> None:
+        """Percentile (50..100) used by the ``percentile`` scheme."""
+        if self._quant_scheme is not QuantScheme.post_training_percentile:
+            raise QuantizationSettingError(
+                "set_percentile_value applies to quant_scheme=post_training_percentile, not "
+                f"{self._quant_scheme.name}")
+        for q in self.quantizers():
+            q.analyzer.set_percentile(percentile_value)
+        self._percentile = percentile_value
+
+    def compute_encodings(self, forward_pass_callback: Callable[[nn.Module, Any], Any],
+                          forward_pass_callback_args: Any = None) -> None:
+        """Calibrate: run ``forward_pass_callback(sim.model, args)`` while quantizers observe,
+        then compute every enabled quantizer's encoding with the scheme.
+
+        Parameter encodings come from the weights themselves. While the callback runs, each
+        activation quantizer passes its values on quantized with that batch's own range (as
+        aimet-torch 2.x does), so statistics downstream reflect upstream quantization. The
+        callback runs under ``torch.no_grad()``; train/eval modes are restored afterwards.
+
+        Raises:
+            CalibrationError: the callback raised (the sim stays usable), or enabled quantizers
+                saw no data (listed by name).
+        """
+        params = [(m, n, q) for _, m in self.named_qmodules()
+                  for n, q in m.param_quantizers.items() if q.enabled and not q.frozen]
+        for module, pname, q in params:
+            q.reset_statistics()
+            q.analyzer.observe(module._parameters[pname].detach())
+            q.compute_encoding()
+        activations = [(n, q) for n, q in self.named_quantizers()
+                       if ".param_quantizers." not in n and q.enabled and not q.frozen
+                       and q.data_type == "int" and not q.has_fixed_range]
+        for _, q in activations:
+            q.reset_statistics()
+            q.state = "calibrate"
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            with torch.no_grad():
+                forward_pass_callback(self.model, forward_pass_callback_args)
+        except Exception as exc:
+            raise CalibrationError(
+                f"forward_pass_callback raised {type(exc).__name__}: {exc}; no encodings were "
+                "computed and the sim is unchanged") from exc
+        finally:
+            for _, q in activations:
+                q.state = "quantize"
+            for m, training in modes.items():
+                m.training = training
+        _all_reduce_statistics([q for _, q in activations])
+        missing = []
+        for name, q in activations:
+            if q.analyzer.has_stats:
+                q.compute_encoding()
+            else:
+                missing.append(name)
+        if missing:
+            raise CalibrationError(
+                f"{len(missing)} enabled quantizer(s) saw no data during calibration: {missing}. "
+                "Make the callback run the model over inputs that reach them, or disable them "
+                "(e.g. sim.model.<module>.input_quantizers[0].enabled = False).")
+        if self._quant_scheme.learns_ranges:
+            for q in self.quantizers():
+                if q.enabled and q.is_initialized:
+                    q.set_learnable(True)
+
+    # -- presentation ---------------------------------------------------------------------------
+    def __str__(self) -> str:
+        rows = [("quantizer", "bitwidth", "symmetric", "per-channel", "min", "max", "scale",
+                 "offset")]
+        for name, q in self.named_quantizers():
+            if not q.enabled:
+                continue
+            enc = q.encoding
+            per_channel = "yes" if q.axis is not None else "no"
+            if enc is None:
+                values = ("-",) * 4
+            elif enc.is_float:
+                values = ("fp16",) + ("-",) * 3
+            elif enc.per_channel:
+                values = (f"{float(enc.min.min()):.4g}", f"{float(enc.max.max()):.4g}",
+                          f"[{float(enc.scale.min()):.3g}..{float(enc.scale.max()):.3g}]",
+                          f"[{int(enc.offset.min())}..{int(enc.offset.max())}]")
+            else:
+                values = (f"{float(enc.min):.4g}", f"{float(enc.max):.4g}",
+                          f"{float(enc.scale):.4g}", f"{int(enc.offset)}")
+            rows.append((name, str(q.bitwidth), str(q.symmetric), per_channel) + values)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"QuantizationSimModel ({self._quant_scheme.name}, config "
+                 f"{self.config.source}): {len(rows) - 1} enabled quantizers"]
+        for k, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"QuantizationSimModel(scheme={self._quant_scheme.name}, model={type(self.model).__name__})"
+
+
+def _refuse_data_parallel(model: nn.Module) -> None:
+    if isinstance(model, nn.DataParallel):
+        raise UnsupportedModelError(
+            "torch.nn.DataParallel is not supported: pass the underlying model (model.module) "
+            "and, for multi-GPU training, wrap sim.model in "
+            "torch.nn.parallel.DistributedDataParallel instead")
+
+
+def _replace_attention(model: nn.Module) -> None:
+    """Swap nn.MultiheadAttention for a quantizable equivalent (same float outputs)."""
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return
+    from quantsim.nn.attention import replace_multihead_attention
+    replace_multihead_attention(model)
+
+
+def _all_reduce_statistics(quantizers: List[Quantizer]) -> None:
+    """With an initialized process group, make every rank's statistics the merged ones."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for q in quantizers:
+        q.analyzer.all_reduce_()

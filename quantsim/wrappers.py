@@ -1,0 +1,192 @@
+"""Quantized versions of leaf modules.
+
+A wrapped module *is* its float module: :func:`quantize_module` turns an instance of ``Cls``
+into an instance of ``Quantized<Cls>(QuantizationMixin, Cls)`` that shares its parameters, so
+``sim.model.conv1.weight`` is still the float weight (optimizers and state_dict keys keep
+working) and the quantizers sit beside it:
+
+* ``input_quantizers`` (``nn.ModuleList``, one per floating-point input in pytree order),
+* ``output_quantizers`` (``nn.ModuleList``, one per floating-point output),
+* ``param_quantizers`` (``nn.ModuleDict`` by parameter name).
+
+Forward: inputs are fake-quantized, the float forward runs with fake-quantized parameters
+substituted for the real ones for the duration of the call (the float parameters are never
+overwritten and keep receiving gradients), outputs are fake-quantized. In eval (no grad) a
+quantized parameter is computed once and reused until the parameter or its encoding changes.
+
+The registry maps float classes to the axis along which their weight is quantized per channel
+(``ConvTranspose`` keeps output channels on axis 1); one :func:`register_quantized` call adds a
+type. Types the registry does not know still get wrapped generically (the sim warns once).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Type
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from quantsim.quantizer import Quantizer
+
+_PARAM_AXES: Dict[Type[nn.Module], Dict[str, int]] = {}
+_QUANTIZED_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}
+
+
+def register_quantized(module_cls: Type[nn.Module], **param_axes: int) -> None:
+    """Declare how ``module_cls`` is quantized: the per-channel axis of each parameter.
+
+    Parameters not named use axis 0. Example: ``register_quantized(nn.ConvTranspose2d,
+    weight=1)``.
+    """
+    _PARAM_AXES[module_cls] = dict(param_axes)
+
+
+def is_registered(module: nn.Module) -> bool:
+    """True when the module's class (or a base class) was registered."""
+    return any(cls in _PARAM_AXES for cls in type(module).__mro__)
+
+
+def param_axis(module: nn.Module, param_name: str) -> int:
+    """Per-channel axis of ``param_name`` of ``module`` (0 unless registered otherwise)."""
+    for cls in type(module).__mro__:
+        if cls in _PARAM_AXES:
+            return _PARAM_AXES[cls].get(param_name, 0)
+    return 0
+
+
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_quantized(_cls, weight=1)
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding, nn.EmbeddingBag,
+             nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+             nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.RMSNorm):
+    register_quantized(_cls)
+
+
+class QuantizationMixin:
+    """Adds quantizers to a float module; see the module docstring."""
+
+    input_quantizers: nn.ModuleList
+    output_quantizers: nn.ModuleList
+    param_quantizers: nn.ModuleDict
+
+    def _init_quantizers(self) -> None:
+        nn.Module.__setattr__(self, "input_quantizers", nn.ModuleList())
+        nn.Module.__setattr__(self, "output_quantizers", nn.ModuleList())
+        nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
+        self._qparam_cache: Dict[str, Tuple[Any, torch.Tensor]] = {}
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):  # noqa: D102 (documented in the module docstring)
+        if len(self.input_quantizers):
+            args = self._quantize_inputs(args)
+        patched = self._patch_params()
+        try:
+            out = super().forward(*args, **kwargs)
+        finally:
+            for name, param in patched:
+                self._parameters[name] = param
+        if len(self.output_quantizers):
+            out = self._quantize_outputs(out)
+        return out
+
+    def _quantize_inputs(self, args: tuple) -> tuple:
+        quantizers = self.input_quantizers
+        if all(isinstance(a, torch.Tensor) for a in args):  # the common case, no pytree cost
+            return tuple(
+                quantizers[i](a) if i < len(quantizers) and a.is_floating_point() else a
+                for i, a in enumerate(args))
+        leaves, spec = pytree.tree_flatten(args)
+        i = 0
+        for j, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                if i < len(quantizers):
+                    leaves[j] = quantizers[i](leaf)
+                i += 1
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _quantize_outputs(self, out: Any) -> Any:
+        quantizers = self.output_quantizers
+        if isinstance(out, torch.Tensor):
+            return quantizers[0](out) if out.is_floating_point() else out
+        leaves, spec = pytree.tree_flatten(out)
+        i = 0
+        for j, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                if i < len(quantizers):
+                    leaves[j] = quantizers[i](leaf)
+                i += 1
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _patch_params(self):
+        """Swap fake-quantized parameters in; return what to restore."""
+        patched = []
+        for name, quantizer in self.param_quantizers.items():
+            param = self._parameters.get(name)
+            if param is None or not quantizer.enabled:
+                continue
+            self._parameters[name] = self._quantized_param(name, param, quantizer)
+            patched.append((name, param))
+        return patched
+
+    def _quantized_param(self, name: str, param: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+        if quantizer.state != "quantize" or quantizer.rounding != "nearest" or (
+                torch.is_grad_enabled() and (
+                param.requires_grad or quantizer.learnable)):
+            return quantizer(param)
+        key = (param._version, id(param), quantizer.version_key())
+        cached = self._qparam_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = quantizer(param)
+        self._qparam_cache[name] = (key, value)
+        return value
+
+    def extra_repr(self) -> str:  # keeps the float module's own description
+        return super().extra_repr()
+
+
+def quantize_module(module: nn.Module) -> nn.Module:
+    """Turn ``module`` into its quantized class in place (quantizer lists start empty)."""
+    cls = type(module)
+    if isinstance(module, QuantizationMixin):
+        return module
+    qcls = _QUANTIZED_CLASSES.get(cls)
+    if qcls is None:
+        qcls = type(f"Quantized{cls.__name__}", (QuantizationMixin, cls), {
+            "__module__": __name__, "__doc__": f"{cls.__name__} with quantizers (quantsim)."})
+        _QUANTIZED_CLASSES[cls] = qcls
+    module.__class__ = qcls
+    module._init_quantizers()
+    return module
+
+
+def original_module(module: nn.Module) -> nn.Module:
+    """A float copy of a quantized module, sharing its parameters (quantizers dropped)."""
+    float_cls = unwrap_class(module)
+    if float_cls is None:
+        return module
+    clone = float_cls.__new__(float_cls)
+    clone.__dict__ = dict(module.__dict__)
+    clone._modules = {k: v for k, v in module._modules.items()
+                      if k not in ("input_quantizers", "output_quantizers", "param_quantizers")}
+    clone.__dict__.pop("_qparam_cache", None)
+    return clone
+
+
+def quantizer_items(module: nn.Module):
+    """``(suffix, quantizer)`` pairs of a quantized module: ``input_quantizers.0``, ..."""
+    if not isinstance(module, QuantizationMixin):
+        return
+    for i, q in enumerate(module.input_quantizers):
+        yield f"input_quantizers.{i}", q
+    for i, q in enumerate(module.output_quantizers):
+        yield f"output_quantizers.{i}", q
+    for name, q in module.param_quantizers.items():
+        yield f"param_quantizers.{name}", q
+
+
+def unwrap_class(module: nn.Module) -> Optional[type]:
+    """The float class a quantized module was made from (None for a float module)."""
+    if not isinstance(module, QuantizationMixin):
+        return None
+    return next(c for c in type(module).__mro__[1:] if not issubclass(c, QuantizationMixin))
