@@ -1,0 +1,118 @@
+"""Small real models shared by the tests (trained in seconds on scikit-learn's digits)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+
+def digits_data() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """load_digits as (x_train, y_train, x_test, y_test); images 1x8x8 scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    return x[:1437], y[:1437], x[1437:], y[1437:]
+
+
+class DigitsCNN(nn.Module):
+    """Conv-BN-ReLU-MaxPool-Conv-ReLU-Flatten-Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        return self.fc(self.flatten(self.relu2(self.conv2(x))))
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 8,
+          lr: float = 1e-2, seed: int = 0) -> nn.Module:
+    """Adam, batch 64, seeded; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return (model(x).argmax(1) == y).float().mean().item()
+
+
+class ResidualBlock(nn.Module):
+    """conv-bn-relu-conv-bn, plus the input, relu (``+`` in forward)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + x)
+
+
+class ResidualNet(nn.Module):
+    """A small ResNet-like net for 3x32x32 inputs."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.layer1 = nn.Sequential(ResidualBlock(width), ResidualBlock(width))
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                                  nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.layer2 = ResidualBlock(2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.layer2(self.down(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def transformer_block(d_model: int = 32, nhead: int = 4) -> nn.Module:
+    """A torch TransformerEncoderLayer (batch_first) in eval mode."""
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=64, dropout=0.0,
+                                      batch_first=True).eval()
