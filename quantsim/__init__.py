@@ -1,4 +1,9 @@
-"""quantsim: simulate integer quantization of PyTorch models and export the encodings."""
+"""quantsim: simulate integer quantization of PyTorch models and export the encodings.
+
+The public names mirror ``aimet_torch`` 2.x::
+
+    from quantsim import QuantizationSimModel, QuantScheme, QuantizationDataType
+"""
 from quantsim.encoding import Encoding
 from quantsim.errors import (
     CalibrationError,
@@ -10,5 +15,13 @@ from quantsim.errors import (
     QuantSimError,
     UnsupportedModelError,
 )
+from quantsim.quantizer import Quantizer
+from quantsim.sim import QuantizationDataType, QuantizationSimModel, QuantScheme
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError", "CheckpointError", "ConfigError", "Encoding", "EncodingsError",
+    "ExportError", "QuantizationDataType", "QuantizationSettingError", "QuantizationSimModel",
+    "QuantScheme", "QuantSimError", "Quantizer", "UnsupportedModelError",
+]
