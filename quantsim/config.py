@@ -154,6 +154,8 @@ class HardwareConfig:
     model_output: Optional[bool]
     supergroup_pass_list: List[str] = field(default_factory=list)
     source: str = field(default="<dict>", compare=False)
+    #: the validated JSON document it was built from (to save it in checkpoints); not compared
+    data: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any], HardwareConfig, None]
@@ -437,6 +439,7 @@ def _build(data: Dict[str, Any], label: str) -> HardwareConfig:
         model_output=_flag(data["model_output"].get("is_output_quantized")),
         supergroup_pass_list=list(data.get("supergroup_pass_list", ())),
         source=label,
+        data=data,
     )
 
 

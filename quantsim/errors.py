@@ -36,3 +36,7 @@ class UnsupportedModelError(QuantSimError):
 
 class CheckpointError(QuantSimError):
     """A checkpoint file is truncated, foreign, or belongs to another architecture."""
+
+
+class FakeQuantStateError(QuantSimError, RuntimeError):
+    """A fake-quant state used with the wrong train/eval mode (see quantsim.states)."""

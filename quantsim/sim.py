@@ -25,6 +25,7 @@ from quantsim.graph import ModelGraph, leaf_modules, run_forward, trace
 from quantsim.op_types import onnx_types_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer
+from quantsim.states import all_reduce_statistics
 from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
                                quantizer_items, unwrap_class)
 
@@ -140,8 +141,15 @@ class QuantizationSimModel:
         self._output_bw = validate_bitwidth(default_output_bw, self._data_type, "default_output_bw")
         self._param_bw = validate_bitwidth(default_param_bw, self._data_type, "default_param_bw")
         self._percentile: Optional[float] = None
+        #: what the sim was built with (checkpoints rebuild it from these)
+        self.dummy_input = dummy_input
+        self.init_kwargs: Dict[str, Any] = dict(
+            quant_scheme=self._quant_scheme.name, rounding_mode=self._rounding,
+            default_output_bw=self._output_bw, default_param_bw=self._param_bw,
+            default_data_type=self._data_type)
         self.config: config_mod.HardwareConfig = config_mod.load_config(
             config_mod.DEFAULT_CONFIG if config_file is None else config_file)
+        self.init_kwargs["config_file"] = self.config.data
         self.model = model if in_place else copy.deepcopy(model)
         _replace_attention(self.model)
         leaves = leaf_modules(self.model, lambda m: _is_leaf(m) or is_registered(m))
@@ -297,7 +305,7 @@ class QuantizationSimModel:
                 q.state = "quantize"
             for m, training in modes.items():
                 m.training = training
-        _all_reduce_statistics([q for _, q in activations])
+        all_reduce_statistics([q for _, q in activations])
         missing = []
         for name, q in activations:
             if q.analyzer.has_stats:
@@ -362,11 +370,3 @@ def _replace_attention(model: nn.Module) -> None:
         return
     from quantsim.nn.attention import replace_multihead_attention
     replace_multihead_attention(model)
-
-
-def _all_reduce_statistics(quantizers: List[Quantizer]) -> None:
-    """With an initialized process group, make every rank's statistics the merged ones."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    for q in quantizers:
-        q.analyzer.all_reduce_()
