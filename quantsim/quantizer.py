@@ -35,7 +35,7 @@ from quantsim.encoding import (
     validate_data_type,
     validate_rounding,
 )
-from quantsim.errors import CalibrationError, QuantizationSettingError
+from quantsim.errors import CalibrationError, FakeQuantStateError, QuantizationSettingError
 
 STATES = ("quantize", "calibrate", "observe", "qat")
 
@@ -93,6 +93,9 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.state = "quantize"
         self.frozen = False
+        #: 'train' / 'eval': the module mode this quantizer's state requires (quantsim.states)
+        self.required_mode: Optional[str] = None
+        self.fake_quant_state: Optional[str] = None
         #: Smoothing factor of the moving-average min/max observed in the ``qat`` state.
         self.averaging_constant = 0.01
         self._unsigned = False
@@ -293,6 +296,8 @@ class Quantizer(nn.Module):
         """Observe and/or fake-quantize ``x`` according to :attr:`state`."""
         if not self.enabled or not x.is_floating_point():
             return x
+        if self.required_mode is not None:
+            self._check_mode()
         state = self.state
         if self.data_type == "float":
             return x if state == "observe" else fake_quantize_float(x)
@@ -309,6 +314,15 @@ class Quantizer(nn.Module):
         qmin, qmax = self.qmin_qmax
         return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
 
+    def _check_mode(self) -> None:
+        mode = "train" if self.training else "eval"
+        if mode != self.required_mode:
+            raise FakeQuantStateError(
+                f"{self.name or 'Quantizer'}: fake-quant state {self.fake_quant_state} needs the "
+                f"model in {self.required_mode}() mode but it is in {mode}() mode; call "
+                f"model.{self.required_mode}() or switch state with quantsim.set_fake_quantize "
+                "(CALIBRATION and VALIDATION need eval(), QAT needs train())")
+
     def extra_repr(self) -> str:
         if self.data_type == "float":
             return f"float{self._bitwidth}, enabled={self.enabled}"
@@ -316,8 +330,9 @@ class Quantizer(nn.Module):
         gran = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
         text = f"int{self._bitwidth} {kind} {gran}, enabled={self.enabled}"
         if self.is_initialized and self.axis is None:
-            text += (f", scale={float(self.get_scale()):.6g}, offset={int(self.get_offset())}"
-                     f", min={float(self.get_min()):.6g}, max={float(self.get_max()):.6g}")
+            with torch.no_grad():  # learnable ranges: no autograd warning on float()
+                text += (f", scale={float(self.get_scale()):.6g}, offset={int(self.get_offset())}"
+                         f", min={float(self.get_min()):.6g}, max={float(self.get_max()):.6g}")
         elif not self.is_initialized:
             text += ", uncalibrated"
         return text

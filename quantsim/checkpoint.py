@@ -1,0 +1,164 @@
+"""Save and resume a QuantizationSimModel without pickling code.
+
+A checkpoint is a ``torch.save`` of plain data: tensors, numbers, strings, lists and dicts.
+It holds the sim's state_dict (weights, encodings, learnable ranges), each quantizer's
+settings, the sim's constructor arguments (the hardware config as JSON, the dummy input's
+tensors) and, optionally, an optimizer's state. Loading uses ``torch.load(weights_only=True)``,
+which refuses to run code from the file, and rebuilds the sim around the float model the
+caller passes (``model=``): the file never needs to carry classes.
+
+::
+
+    quantsim.save_checkpoint(sim, "run.qsim", optimizer=opt)
+    sim = quantsim.load_checkpoint("run.qsim", model=MyNet())
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.1)
+    quantsim.load_optimizer_state("run.qsim", opt)
+
+Statistics that calibration was collecting are not saved: checkpoint after compute_encodings.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from quantsim.errors import CheckpointError
+
+FORMAT = "quantsim-checkpoint"
+FORMAT_VERSION = 1
+PathLike = Union[str, os.PathLike]
+
+#: Quantizer attributes saved per quantizer (the encoding itself is in the state_dict).
+_SETTINGS = ("enabled", "bitwidth", "symmetric", "strict", "unsigned_symmetric", "_unsigned",
+             "rounding", "frozen", "state", "required_mode", "fake_quant_state",
+             "averaging_constant", "scheme", "range_constraint")
+
+
+def _quantizer_settings(sim) -> Dict[str, Dict[str, Any]]:
+    settings = {}
+    for name, q in sim.named_quantizers():
+        entry = {key: getattr(q, key) for key in _SETTINGS}
+        entry["range_constraint"] = list(q.range_constraint)
+        entry["learnable"] = q.learnable
+        settings[name] = entry
+    return settings
+
+
+def save_checkpoint(sim, file_path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None
+                    ) -> None:
+    """Write ``sim`` (and ``optimizer``'s state) to ``file_path`` atomically.
+
+    Args:
+        sim: the QuantizationSimModel.
+        file_path: destination; an existing file is replaced only once writing succeeded.
+        optimizer: optional optimizer whose state resumes with the sim.
+    """
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "init_kwargs": dict(sim.init_kwargs),
+        "dummy_input": sim.dummy_input,
+        "quantizers": _quantizer_settings(sim),
+        "state_dict": sim.model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }
+    path = Path(file_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read(file_path: PathLike) -> Dict[str, Any]:
+    path = Path(file_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable quantsim checkpoint (truncated, foreign, or containing "
+            f"objects other than tensors and plain data): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a quantsim checkpoint (no '{FORMAT}' marker)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {payload.get('format_version')} is not "
+            f"supported; this quantsim reads version {FORMAT_VERSION}")
+    return payload
+
+
+def load_checkpoint(file_path: PathLike, model: Optional[nn.Module] = None):
+    """Rebuild the saved QuantizationSimModel around ``model`` (a float model instance of the
+    saved architecture; its weights are overwritten by the checkpoint's).
+
+    Raises:
+        CheckpointError: missing, truncated or foreign file; no ``model`` given; a model whose
+            modules or parameters differ from the saved ones (the keys are named).
+    """
+    from quantsim.sim import QuantizationSimModel
+
+    payload = _read(file_path)
+    if model is None:
+        raise CheckpointError(
+            f"{file_path}: pass model= (a float instance of the saved architecture); quantsim "
+            "checkpoints carry no code, so the architecture must come from your program")
+    sim = QuantizationSimModel(model, payload["dummy_input"], in_place=True,
+                               **payload["init_kwargs"])
+    _apply_settings(sim, payload["quantizers"], file_path)
+    try:
+        sim.model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{file_path}: the checkpoint does not fit this model: {exc}") from exc
+    return sim
+
+
+def _apply_settings(sim, saved: Dict[str, Dict[str, Any]], file_path: PathLike) -> None:
+    quantizers = dict(sim.named_quantizers())
+    missing = sorted(set(saved) - set(quantizers))
+    unexpected = sorted(set(quantizers) - set(saved))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file_path}: the model's quantizers differ from the checkpoint's (another "
+            f"architecture?); in the checkpoint only: {missing[:10]}; in the model only: "
+            f"{unexpected[:10]}")
+    for name, entry in saved.items():
+        q = quantizers[name]
+        for key in _SETTINGS:
+            if key == "range_constraint":
+                q.range_constraint = tuple(entry[key])
+            elif key == "scheme":
+                if entry[key] != q.scheme:
+                    q.set_scheme(entry[key])
+            else:
+                setattr(q, key, entry[key])
+        if entry["learnable"]:
+            q.initialized.fill_(True)  # real values arrive with load_state_dict
+            q.set_learnable(True)
+
+
+def load_optimizer_state(file_path: PathLike, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state saved with :func:`save_checkpoint` into ``optimizer``.
+
+    Build ``optimizer`` on the loaded sim's parameters in the same order as when saving.
+    """
+    state = _read(file_path)["optimizer"]
+    if state is None:
+        raise CheckpointError(f"{file_path}: the checkpoint was saved without an optimizer")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{file_path}: optimizer state does not fit: {exc}") from exc

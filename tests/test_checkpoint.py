@@ -1,0 +1,163 @@
+"""save_checkpoint / load_checkpoint: equal sims, safe loading, clear errors."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from models import DigitsCNN, digits_data
+from quantsim import CheckpointError, QuantizationSimModel
+from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sim(scheme="range_learning_tf", seed=0):
+    torch.manual_seed(seed)
+    x = digits_data()[0][:64]
+    sim = QuantizationSimModel(DigitsCNN(), x[:4], quant_scheme=scheme, default_param_bw=4)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    return sim, x
+
+
+def _train_steps(sim, opt, x, y, steps, seed):
+    torch.manual_seed(seed)
+    losses = []
+    sim.model.train()
+    for i in range(steps):
+        idx = torch.randint(0, len(x), (32,))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(sim.model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_round_trip_equal_outputs_and_settings(tmp_path):
+    """A loaded sim has the same weights, encodings, learnable ranges and flags: same output."""
+    sim, x = _sim()
+    sim.model.fc.output_quantizers[0].enabled = False
+    sim.model.relu1.output_quantizers[0].averaging_constant = 0.2
+    path = tmp_path / "ckpt.qsim"
+    save_checkpoint(sim, path)
+    loaded = load_checkpoint(path, model=DigitsCNN())
+    assert dict(loaded.named_quantizers()).keys() == dict(sim.named_quantizers()).keys()
+    for (name, a), (_, b) in zip(sim.named_quantizers(), loaded.named_quantizers()):
+        assert a.enabled == b.enabled and a.learnable == b.learnable, name
+        assert a.averaging_constant == b.averaging_constant, name
+        if a.enabled and a.is_initialized:
+            assert a.encoding == b.encoding, name
+    with torch.no_grad():
+        assert torch.equal(sim.model.eval()(x), loaded.model.eval()(x))
+    assert any("quantizer" in n for n, _ in loaded.model.named_parameters())
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Train 6 steps in one go == 3 steps, checkpoint, load in a new sim, 3 more steps."""
+    x_train, y_train = digits_data()[:2]
+    sim, _ = _sim()
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.05, momentum=0.9)
+    full = _train_steps(sim, opt, x_train, y_train, 6, seed=1)
+
+    sim2, _ = _sim()
+    opt2 = torch.optim.SGD(sim2.model.parameters(), lr=0.05, momentum=0.9)
+    first = _train_steps(sim2, opt2, x_train, y_train, 3, seed=1)
+    rng = torch.get_rng_state()
+    save_checkpoint(sim2, tmp_path / "mid.qsim", optimizer=opt2)
+    resumed = load_checkpoint(tmp_path / "mid.qsim", model=DigitsCNN())
+    opt3 = torch.optim.SGD(resumed.model.parameters(), lr=0.05, momentum=0.9)
+    load_optimizer_state(tmp_path / "mid.qsim", opt3)
+    torch.set_rng_state(rng)
+    second = []
+    resumed.model.train()
+    for _ in range(3):
+        idx = torch.randint(0, len(x_train), (32,))
+        opt3.zero_grad()
+        loss = nn.functional.cross_entropy(resumed.model(x_train[idx]), y_train[idx])
+        loss.backward()
+        opt3.step()
+        second.append(loss.item())
+    assert first + second == full
+
+
+def test_resume_in_fresh_process(tmp_path):
+    """A checkpoint written here loads in another Python process and gives the same output."""
+    sim, x = _sim(scheme="tf")
+    save_checkpoint(sim, tmp_path / "c.qsim")
+    with torch.no_grad():
+        torch.save(sim.model.eval()(x), tmp_path / "expected.pt")
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {HERE!r})
+        from models import DigitsCNN
+        from quantsim.checkpoint import load_checkpoint
+        sim = load_checkpoint({str(tmp_path / 'c.qsim')!r}, model=DigitsCNN())
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        with torch.no_grad():
+            out = sim.model.eval()(x)
+        assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r}))
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "QUANTSIM_KERNEL": "eager"}, timeout=120)
+    assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_crafted_pickle_does_not_execute(tmp_path):
+    """A checkpoint whose pickle would create a file is refused and creates nothing."""
+    target = tmp_path / "pwned"
+    evil = _Evil()
+    evil.target = target
+    path = tmp_path / "evil.qsim"
+    torch.save({"format": "quantsim-checkpoint", "payload": evil}, path)
+    with pytest.raises(CheckpointError, match="not a readable quantsim checkpoint"):
+        load_checkpoint(path, model=DigitsCNN())
+    assert not target.exists()
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump(evil, f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "raw.pkl", model=DigitsCNN())
+    assert not target.exists()
+
+
+def test_bad_files_and_architectures(tmp_path):
+    """Truncated, foreign, missing files and another architecture give clear errors."""
+    sim, _ = _sim(scheme="tf")
+    path = tmp_path / "c.qsim"
+    save_checkpoint(sim, path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.qsim").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(tmp_path / "trunc.qsim", model=DigitsCNN())
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="marker"):
+        load_checkpoint(tmp_path / "foreign.pt", model=DigitsCNN())
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.qsim", model=DigitsCNN())
+    with pytest.raises(CheckpointError, match="model="):
+        load_checkpoint(path)
+
+    class Wider(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.extra = nn.ReLU()
+
+        def forward(self, x):
+            return self.extra(super().forward(x))
+
+    with pytest.raises(CheckpointError, match="extra"):
+        load_checkpoint(path, model=Wider())

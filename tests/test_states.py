@@ -1,0 +1,110 @@
+"""Calibration / QAT / validation states and range-learning QAT."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from models import DigitsCNN, accuracy, digits_data, train
+from quantsim import QuantizationSimModel
+from quantsim.encoding import MINIMUM_SCALE
+from quantsim.errors import FakeQuantStateError
+from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precision_output
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_data()
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    return train(DigitsCNN(), digits[0], digits[1], epochs=6)
+
+
+def test_state_cycle_and_mode_checks(trained, digits):
+    """CALIBRATION needs eval and observes without changing values; leaving it computes
+    encodings; QAT needs train; a model evaluated in QAT state raises instead of silently
+    leaving scales stuck."""
+    x = digits[0][:128]
+    sim = QuantizationSimModel(trained, x[:4], quant_scheme="tf")
+    sim.model.train()
+    with pytest.raises(FakeQuantStateError, match="eval"):
+        set_fake_quantize(sim, FakeQuantState.CALIBRATION)
+    sim.model.eval()
+    set_fake_quantize(sim, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        assert torch.equal(sim.model(x), trained(x))     # observe only
+    with pytest.raises(FakeQuantStateError, match="train"):
+        set_fake_quantize(sim, FakeQuantState.QAT)
+    sim.model.train()
+    set_fake_quantize(sim, FakeQuantState.QAT)
+    q = sim.model.conv1.input_quantizers[0]
+    assert q.is_initialized and q.state == "qat"
+    before = q.get_max().clone()
+    sim.model(x * 3)                                    # moving average follows the data
+    assert q.get_max() > before
+    sim.model.eval()
+    with pytest.raises(FakeQuantStateError, match="QAT"):
+        sim.model(x)
+    set_fake_quantize(sim, FakeQuantState.VALIDATION)
+    frozen = q.get_max().clone()
+    with torch.no_grad():
+        sim.model(x * 10)
+    assert torch.equal(q.get_max(), frozen)
+    sim.model.train()
+    with pytest.raises(FakeQuantStateError, match="VALIDATION"):
+        sim.model(x)
+
+
+def test_moving_average_constant(trained, digits):
+    """In QAT the activation range moves by averaging_constant (default 0.01) per step."""
+    x = digits[0][:64]
+    sim = QuantizationSimModel(trained, x[:4], quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x), None)
+    q = sim.model.conv1.input_quantizers[0]
+    assert q.averaging_constant == 0.01
+    sim.model.train()
+    set_fake_quantize(sim, FakeQuantState.QAT)
+    old = float(q.get_max())
+    sim.model(x * 2)
+    expected = old * 0.99 + float((x * 2).max()) * 0.01
+    assert abs(float(q.get_max()) - expected) < 2 * float(q.get_scale())
+
+
+def test_high_precision_output(trained, digits):
+    """The classifier head's output stays float when asked."""
+    sim = QuantizationSimModel(trained, digits[0][:4])
+    set_high_precision_output(sim, "fc")
+    assert not sim.model.fc.output_quantizers[0].enabled
+    with pytest.raises(Exception, match="not a quantized module"):
+        set_high_precision_output(sim, "nope")
+
+
+def test_range_learning_qat_recovers_w4(trained, digits):
+    """W4A8 per-channel: a brief seeded QAT with learned ranges improves on PTQ; after every
+    step scales stay > 0 and zero stays on the grid."""
+    x_train, y_train, x_test, y_test = digits
+    sim = QuantizationSimModel(trained, x_train[:4], quant_scheme="range_learning_tf",
+                               default_param_bw=4)
+    sim.compute_encodings(lambda m, _: m(x_train[:512]), None)
+    ptq = accuracy(sim.model, x_test, y_test)
+    opt = torch.optim.Adam(sim.model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    sim.model.train()
+    quantizers = [q for q in sim.quantizers() if q.enabled]
+    for step in range(60):
+        idx = torch.randint(0, len(x_train), (64,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(sim.model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
+        for q in quantizers:
+            assert bool(torch.all(q.get_scale() >= MINIMUM_SCALE))
+            offset = q.get_offset()
+            qmin, qmax = q.qmin_qmax
+            assert bool(torch.all((-offset >= qmin) & (-offset <= qmax)))
+    sim.model.eval()
+    qat = accuracy(sim.model, x_test, y_test)
+    assert qat >= ptq - 0.005
+    assert qat >= accuracy(trained, x_test, y_test) - 0.02
