@@ -25,7 +25,6 @@ from torch import nn
 from quantsim.analyzers import EncodingAnalyzer, create_analyzer
 from quantsim.encoding import (
     Encoding,
-    adjust_range,
     amin_amax,
     fake_quantize,
     fake_quantize_float,
@@ -272,14 +271,15 @@ class Quantizer(nn.Module):
             lo, hi, self._bitwidth, self.symmetric, self.strict, self.unsigned_symmetric, self.axis))
 
     def _dynamic_qdq(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with its own min/max range (tf rule), used while calibrating."""
-        lo, hi = amin_amax(x.detach().float(), self.axis)
-        unsigned = self.symmetric and self.unsigned_symmetric and bool(torch.all(lo >= 0))
-        qmin, qmax = integer_grid(self._bitwidth, self.symmetric, self.strict, unsigned)
-        grid_symmetric = self.symmetric and not unsigned
-        lo, hi = adjust_range(lo, hi, qmax - qmin, grid_symmetric)
-        scale, offset = scale_offset_from_range(lo, hi, qmin, qmax, grid_symmetric)
-        return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
+        """Fake-quantize ``x`` with its own min/max range (tf rule), used while calibrating.
+
+        Non-finite values do not stretch the range (the analyzers ignore them too).
+        """
+        finite = torch.nan_to_num(x.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = amin_amax(finite, self.axis)
+        encoding = Encoding.from_range(lo, hi, self._bitwidth, self.symmetric, self.strict,
+                                       self.unsigned_symmetric, self.axis)
+        return encoding.fake_quantize(x, self.rounding)
 
     def _observe_moving_average(self, x: torch.Tensor) -> None:
         """QAT observer: exponential moving average of min/max into the encoding."""
