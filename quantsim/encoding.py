@@ -170,7 +170,17 @@ def scale_offset_from_range(
         return scale, torch.zeros_like(scale)
     ratio = min_val / scale
     offset = ratio + (torch.round(ratio) - ratio).detach() - qmin
-    return scale, offset.clamp(-qmax, -qmin)
+    return scale, offset.clamp(_float32_toward_zero(-qmax), _float32_toward_zero(-qmin))
+
+
+def _float32_toward_zero(v: int) -> int:
+    """``v`` with its low bits cleared so float32 holds it exactly (rounded toward zero).
+
+    Beyond 2^24 float32 rounds ``-qmax`` to the nearest even integer, which can be ``-qmax - 1``
+    and would push 0 off the grid; a bound rounded toward zero keeps it on.
+    """
+    drop = max(0, abs(v).bit_length() - 24)
+    return (abs(v) >> drop << drop) * (1 if v >= 0 else -1)
 
 
 def channel_view(t: torch.Tensor, ndim: int, axis: Optional[int]) -> torch.Tensor:
@@ -201,8 +211,10 @@ def amin_amax(x: torch.Tensor, axis: Optional[int]) -> Tuple[torch.Tensor, torch
 # quantize / dequantize / fake-quantize
 # ----------------------------------------------------------------------------------------------
 def _compute_dtype(qmin: int, qmax: int) -> torch.dtype:
-    # float32 holds every integer up to 2^24 exactly; wider grids compute in float64.
-    return torch.float32 if qmax - qmin < 2**24 else torch.float64
+    # aimet-torch 2.x's stability rule: float32 only while eps32 <= 0.25 / (qmax - qmin), i.e.
+    # grids of at most 2^21 steps (<= 21 bits); beyond, x / s has too few fractional bits in
+    # float32 (qdq stops being idempotent at 23-24 bits), so wider grids compute in float64.
+    return torch.float32 if qmax - qmin <= 2**21 else torch.float64
 
 
 def quantize(
@@ -215,6 +227,8 @@ def quantize(
     rounding: str = "nearest",
 ) -> torch.Tensor:
     """Integer codes ``clamp(round(x / scale) - offset, qmin, qmax)`` as a float tensor."""
+    if rounding != "nearest":
+        validate_rounding(rounding, "quantize")
     dtype = _compute_dtype(qmin, qmax)
     s = channel_view(scale.to(dtype), x.dim(), axis)
     o = channel_view(offset.to(dtype), x.dim(), axis)
@@ -226,7 +240,7 @@ def quantize(
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, axis: Optional[int] = None
 ) -> torch.Tensor:
-    """Real values ``(q + offset) * scale`` (float32, or float64 for codes beyond 2^24)."""
+    """Real values ``(q + offset) * scale`` (float32, or float64 for float64 codes)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = channel_view(scale.to(dtype), q.dim(), axis)
     o = channel_view(offset.to(dtype), q.dim(), axis)
@@ -292,6 +306,8 @@ def fake_quantize(
         axis: channel axis of ``x`` for per-channel encodings.
         rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
     """
+    if rounding != "nearest":
+        validate_rounding(rounding, "fake_quantize")
     if torch.is_grad_enabled() and (
         x.requires_grad or scale.requires_grad or offset.requires_grad
     ):
@@ -365,7 +381,9 @@ class Encoding:
                 f"got shape {tuple(scale.shape)} and axis {self.axis}"
             )
         if not bool(torch.all(scale > 0)) or not bool(torch.all(torch.isfinite(scale))):
-            raise QuantizationSettingError("Encoding: every scale must be finite and > 0")
+            bad = scale.reshape(-1)[~((scale > 0) & torch.isfinite(scale)).reshape(-1)]
+            raise QuantizationSettingError(
+                f"Encoding: every scale must be finite and > 0, got {bad[:4].tolist()}")
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "offset", offset)
         object.__setattr__(
@@ -389,6 +407,7 @@ class Encoding:
         The range goes through :func:`adjust_range`; with ``unsigned_symmetric`` a symmetric
         encoding of data whose minimum is >= 0 (in every channel) uses the unsigned grid.
         """
+        bitwidth = validate_bitwidth(bitwidth, "int", "Encoding")
         min_val = torch.as_tensor(min_val, dtype=torch.float32).detach().cpu()
         max_val = torch.as_tensor(max_val, dtype=torch.float32).detach().cpu()
         unsigned = bool(symmetric and unsigned_symmetric and bool(torch.all(min_val >= 0)))
@@ -436,8 +455,11 @@ class Encoding:
 
     @property
     def legacy_offset(self) -> torch.Tensor:
-        """Offset in the unsigned view of AIMET's 0.6.1 / 1.0.0 files: ``offset + qmin``."""
-        return self.offset + self.qmin
+        """Offset in the unsigned view of AIMET's 0.6.1 / 1.0.0 files: ``offset + qmin``.
+
+        float64, so that it is exact at every bitwidth (float32 rounds ``-(2^30 - 1)``).
+        """
+        return self.offset.to(torch.float64) + self.qmin
 
     # -- arithmetic -----------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:

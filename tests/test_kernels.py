@@ -1,0 +1,187 @@
+"""Tests of quantsim.kernels: the eager and torch.compile backends of the fake-quant pass.
+
+One test body runs on every backend (``TestBackend``) against an independent numpy reference;
+the compiled backend is also compared with eager bit for bit. torch.compile costs seconds per
+variant, so every compiled test uses the same four variants: per tensor (1-d view) and per
+channel (3-d view), each for float32 and float16 inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from quantsim import kernels
+from quantsim.encoding import Encoding
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SHAPE = (4, 3, 5, 6)  # per channel along axis 1 -> canonical (4, 3, 30)
+
+
+@pytest.fixture
+def use_backend():
+    """Select a backend for one test and restore the previous one afterwards."""
+    before = kernels.get_backend()
+    yield kernels.set_backend
+    kernels.set_backend(before)
+
+
+@contextlib.contextmanager
+def no_fallback_warning():
+    """Fail if quantsim warns that it fell back from the compiled kernel to eager."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours = [str(w.message) for w in caught if "quantsim" in str(w.message)]
+    assert not ours, ours
+
+
+def _data(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random values spanning beyond the grids below, with exact ties (k + 0.5) * s mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g) * 3
+    ties = (torch.randint(-300, 300, SHAPE, generator=g) + 0.5) * 0.0234375  # exact in fp32
+    x = torch.where(torch.rand(SHAPE, generator=g) < 0.3, ties, x)
+    return x.to(dtype)
+
+
+def _encodings():
+    per_tensor = Encoding(8, torch.tensor(0.0234375), torch.tensor(-100.0))
+    per_channel = Encoding(8, torch.tensor([0.0234375, 0.01, 0.05]), torch.zeros(3),
+                           symmetric=True, axis=1)
+    return {"per_tensor": per_tensor, "per_channel": per_channel}
+
+
+def _reference(x: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    """numpy float32: clamp(round_half_even(x / s) - o, qmin, qmax) + o, times s."""
+    xf = x.float().numpy()
+    shape = [1] * xf.ndim
+    if enc.axis is not None:
+        shape[enc.axis] = -1
+    s = enc.scale.numpy().reshape(shape)
+    o = enc.offset.numpy().reshape(shape)
+    q = np.clip(np.round(xf / s) - o, enc.qmin, enc.qmax)
+    out = ((q + o) * s).astype(np.float32)
+    return torch.from_numpy(out).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+class TestBackend:
+    """The same checks on every backend (STYLE 11)."""
+
+    @pytest.mark.parametrize("layout", ["per_tensor", "per_channel"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    def test_matches_reference(self, backend, layout, dtype, use_backend):
+        """qdq equals the numpy float32 reference bit for bit, including .5 ties (half to
+        even), and keeps the input dtype."""
+        use_backend(backend)
+        enc = _encodings()[layout]
+        x = _data(dtype)
+        with no_fallback_warning():
+            y = enc.fake_quantize(x)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert torch.equal(y, _reference(x, enc))
+        assert not kernels._compile_failed
+
+    def test_ties_round_half_to_even(self, backend, use_backend):
+        """x / s = k + 0.5 rounds to the even neighbour, as ONNX QuantizeLinear does."""
+        use_backend(backend)
+        s = 0.0234375
+        halves = torch.tensor([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 4.5])
+        x = torch.zeros(SHAPE)
+        x.view(-1)[: halves.numel()] = halves * s
+        enc = Encoding(8, torch.tensor(s), torch.tensor(-128.0))
+        codes = enc.fake_quantize(x).view(-1)[: halves.numel()] / s
+        assert codes.tolist() == [-4.0, -2.0, -2.0, 0.0, 0.0, 2.0, 2.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize("layout", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_compiled_equals_eager_bit_for_bit(layout, dtype, use_backend):
+    """Random data of several seeds: compiled qdq == eager qdq bit for bit, no fallback."""
+    enc = _encodings()[layout]
+    for seed in range(3):
+        x = _data(dtype, seed)
+        use_backend("eager")
+        eager = enc.fake_quantize(x)
+        use_backend("compiled")
+        with no_fallback_warning():
+            compiled = enc.fake_quantize(x)
+        assert torch.equal(compiled, eager)
+    assert not kernels._compile_failed
+
+
+def test_auto_uses_compiled_only_for_large_tensors(use_backend, monkeypatch):
+    """'auto' sends tensors of >= AUTO_MIN_ELEMENTS elements to the compiled kernel."""
+    calls = []
+
+    def spy(x, s, lo, hi):
+        calls.append(x.numel())
+        return kernels._eager_nearest(x, s, lo, hi)
+
+    monkeypatch.setattr(kernels, "_run_compiled", spy)
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    use_backend("auto")
+    enc = _encodings()["per_tensor"]
+    enc.fake_quantize(torch.randn(kernels.AUTO_MIN_ELEMENTS - 1))
+    assert calls == []
+    enc.fake_quantize(torch.randn(kernels.AUTO_MIN_ELEMENTS))
+    assert calls == [kernels.AUTO_MIN_ELEMENTS]
+    use_backend("eager")
+    enc.fake_quantize(torch.randn(kernels.AUTO_MIN_ELEMENTS))
+    assert len(calls) == 1
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(use_backend, monkeypatch):
+    """If the compiled kernel cannot be built, results come from eager (identical) and one
+    warning names the cause; later calls stay silent."""
+    def broken():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(kernels, "_get_compiled", broken)
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    enc = _encodings()["per_channel"]
+    x = _data(torch.float32)
+    use_backend("eager")
+    expected = enc.fake_quantize(x)
+    use_backend("compiled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [enc.fake_quantize(x) for _ in range(3)]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "falling back to eager" in messages[0] and "no C++ compiler found" in messages[0]
+    assert all(torch.equal(r, expected) for r in results)
+    assert kernels._compile_failed
+
+
+def test_stochastic_rounding_ignores_the_backend(use_backend, monkeypatch):
+    """Stochastic rounding runs eagerly on every backend (the compiled kernel is nearest only)."""
+    monkeypatch.setattr(kernels, "_run_compiled",
+                        lambda *a: pytest.fail("stochastic rounding must not compile"))
+    use_backend("compiled")
+    enc = _encodings()["per_tensor"]
+    torch.manual_seed(0)
+    y = enc.fake_quantize(_data(torch.float32), rounding="stochastic")
+    assert y.shape == SHAPE
+
+
+def test_set_backend_rejects_unknown_names(use_backend):
+    """An unknown backend name is refused with the allowed names."""
+    with pytest.raises(ValueError, match="allowed.*auto.*eager.*compiled"):
+        kernels.set_backend("fast")
+    assert kernels.get_backend() in kernels.BACKENDS
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_cuda_matches_cpu(backend, use_backend):
+    """On CUDA both backends give the CPU result bit for bit (IEEE division and rounding)."""
+    use_backend(backend)
+    for enc in _encodings().values():
+        x = _data(torch.float32)
+        assert torch.equal(enc.fake_quantize(x.cuda()).cpu(), enc.fake_quantize(x))
