@@ -264,23 +264,25 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         x, scale, offset = ctx.saved_tensors
         qmin, qmax, axis = ctx.grid
+        need_x, need_s, need_o = ctx.needs_input_grad[:3]
         dtype = _compute_dtype(qmin, qmax)
         s = channel_view(scale.detach().to(dtype), x.dim(), axis)
         o = channel_view(offset.detach().to(dtype), x.dim(), axis)
+        lo, hi = o + qmin, o + qmax
         v = x.detach().to(dtype) / s
-        r = torch.round(v)
-        inside = ((r - o) >= qmin) & ((r - o) <= qmax)
+        r = torch.round(v) if need_s else v.round_()
+        inside = (r >= lo).logical_and_(r <= hi)
         g = grad.to(dtype)
-        grad_x = (g * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
+        g_inside = torch.where(inside, g, 0.0)
+        grad_x = g_inside.to(x.dtype) if need_x else None
         grad_s = grad_o = None
-        if ctx.needs_input_grad[1]:
-            ds = r.clamp(o + qmin, o + qmax) - v * inside
+        if need_s:  # d qdq / ds: round(x/s) - x/s inside the grid, the clamped code outside
+            ds = torch.where(inside, r - v, r.clamp(lo, hi))
             grad_s = reduce_to_channels(g * ds, axis if scale.dim() else None)
             grad_s = grad_s.reshape(scale.shape).to(scale.dtype)
-        if ctx.needs_input_grad[2]:
-            do = torch.where(inside, torch.zeros_like(g), g * s)
-            grad_o = reduce_to_channels(do, axis if offset.dim() else None)
-            grad_o = grad_o.reshape(offset.shape).to(offset.dtype)
+        if need_o:  # d qdq / do: s outside the grid, 0 inside
+            outside = reduce_to_channels(g - g_inside, axis if offset.dim() else None)
+            grad_o = (outside.reshape(offset.shape) * scale.detach().to(dtype)).to(offset.dtype)
         return grad_x, grad_s, grad_o, None, None, None, None
 
 
