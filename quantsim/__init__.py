@@ -15,13 +15,18 @@ from quantsim.errors import (
     QuantSimError,
     UnsupportedModelError,
 )
+from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from quantsim.qat_convert import ConvertedQATModel, convert_qat_model
 from quantsim.quantizer import Quantizer
 from quantsim.sim import QuantizationDataType, QuantizationSimModel, QuantScheme
+from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precision_output
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationError", "CheckpointError", "ConfigError", "Encoding", "EncodingsError",
-    "ExportError", "QuantizationDataType", "QuantizationSettingError", "QuantizationSimModel",
-    "QuantScheme", "QuantSimError", "Quantizer", "UnsupportedModelError",
+    "CalibrationError", "CheckpointError", "ConfigError", "ConvertedQATModel", "Encoding",
+    "EncodingsError", "ExportError", "FakeQuantState", "QuantizationDataType",
+    "QuantizationSettingError", "QuantizationSimModel", "QuantScheme", "QuantSimError",
+    "Quantizer", "UnsupportedModelError", "convert_qat_model", "load_checkpoint",
+    "load_optimizer_state", "save_checkpoint", "set_fake_quantize", "set_high_precision_output",
 ]
