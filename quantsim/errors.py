@@ -40,3 +40,11 @@ class CheckpointError(QuantSimError):
 
 class FakeQuantStateError(QuantSimError, RuntimeError):
     """A fake-quant state used with the wrong train/eval mode (see quantsim.states)."""
+
+
+class BalanceError(UnsupportedModelError, ValueError):
+    """A layer named for activation balancing cannot be balanced, or an argument is not allowed."""
+
+
+class BalanceRecordError(CheckpointError, ValueError):
+    """A balance record is malformed or was written for another architecture."""

@@ -11,8 +11,9 @@ from quantsim.prepare.batch_norm_fold import (
     fold_all_batch_norms,
     fuse_all_conv_bn,
 )
+from quantsim.prepare.balance import BalanceReport, apply_balance_record, balance_activations
 from quantsim.prepare.preparer import PrepareReport, prepare_model
 from quantsim.prepare.validator import Finding, ModelValidator, ValidationResult
 
-__all__ = ["prepare_model", "PrepareReport", "fold_all_batch_norms", "fuse_all_conv_bn",
+__all__ = ["balance_activations", "apply_balance_record", "BalanceReport", "prepare_model", "PrepareReport", "fold_all_batch_norms", "fuse_all_conv_bn",
            "find_conv_bn_pairs", "ModelValidator", "ValidationResult", "Finding"]
