@@ -19,6 +19,7 @@ from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_chec
 from quantsim.qat_convert import ConvertedQATModel, convert_qat_model
 from quantsim.quantizer import Quantizer
 from quantsim.sim import QuantizationDataType, QuantizationSimModel, QuantScheme
+from quantsim.export.verify import verify
 from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precision_output
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ __all__ = [
     "QuantizationSettingError", "QuantizationSimModel", "QuantScheme", "QuantSimError",
     "Quantizer", "UnsupportedModelError", "convert_qat_model", "load_checkpoint",
     "load_optimizer_state", "save_checkpoint", "set_fake_quantize", "set_high_precision_output",
+    "verify",
 ]

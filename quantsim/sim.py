@@ -141,6 +141,8 @@ class QuantizationSimModel:
         self._output_bw = validate_bitwidth(default_output_bw, self._data_type, "default_output_bw")
         self._param_bw = validate_bitwidth(default_param_bw, self._data_type, "default_param_bw")
         self._percentile: Optional[float] = None
+        #: modules passed to exclude_layers_from_quantization (written to encodings files)
+        self.excluded_layers: List[str] = []
         #: what the sim was built with (checkpoints rebuild it from these)
         self.dummy_input = dummy_input
         self.init_kwargs: Dict[str, Any] = dict(
@@ -321,6 +323,45 @@ class QuantizationSimModel:
             for q in self.quantizers():
                 if q.enabled and q.is_initialized:
                     q.set_learnable(True)
+
+    def exclude_layers_from_quantization(self, layers: List[Union[str, nn.Module]]) -> None:
+        """Disable every quantizer of the given modules (names or module objects); export
+        lists them in ``excluded_layers``."""
+        by_module = {m: n for n, m in self.named_qmodules()}
+        names = dict(self.named_qmodules())
+        for layer in layers:
+            name = layer if isinstance(layer, str) else by_module.get(layer)
+            module = names.get(name)
+            if module is None:
+                raise UnsupportedModelError(
+                    f"exclude_layers_from_quantization: {layer!r} is not a quantized module of "
+                    f"sim.model; quantized modules: {sorted(names)[:20]}")
+            for _, q in quantizer_items(module):
+                q.enabled = False
+            if name not in self.excluded_layers:
+                self.excluded_layers.append(name)
+
+    # -- export and encodings -------------------------------------------------------------------
+    def export(self, path: str, filename_prefix: str, dummy_input: Any,
+               onnx_export_args: Optional[dict] = None, propagate_encodings: bool = False,
+               export_to_torchscript: bool = False, encoding_version: str = "1.0.0"):
+        """Write ``<prefix>.pth``, ``.onnx``, ``.encodings``, ``_torch.encodings`` and
+        ``_qdq.onnx`` into ``path`` atomically; see :func:`quantsim.export.export`."""
+        from quantsim.export import export
+        return export(self, path, filename_prefix, dummy_input, onnx_export_args,
+                      propagate_encodings, export_to_torchscript, encoding_version)
+
+    def load_encodings(self, encodings: Any, strict: bool = True, partial: bool = True,
+                       requires_grad: Optional[bool] = None, allow_overwrite: bool = True):
+        """Apply an encodings file or dict (any version, ONNX- or module-keyed); aimet-torch
+        2.x's meaning of each flag; see :func:`quantsim.export.load_encodings`."""
+        from quantsim.export import load_encodings
+        return load_encodings(self, encodings, strict, partial, requires_grad, allow_overwrite)
+
+    def save_encodings_to_json(self, path: str, filename_prefix: str):
+        """Write the module-keyed encodings (aimet-torch's ``_torch.encodings`` layout)."""
+        from quantsim.export import save_encodings_to_json
+        return save_encodings_to_json(self, path, filename_prefix)
 
     # -- presentation ---------------------------------------------------------------------------
     def __str__(self) -> str:

@@ -308,3 +308,13 @@ def test_config_errors(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="is_symetric"):
         QuantizationSimModel(model, x, config_file=str(path))
+
+
+def test_exclude_layers_from_quantization(digits_cnn, digits):
+    """Excluded modules lose every quantizer and are listed; unknown names are refused."""
+    sim = QuantizationSimModel(digits_cnn, digits[0][:8])
+    sim.exclude_layers_from_quantization(["fc", sim.model.conv2])
+    assert sim.excluded_layers == ["fc", "conv2"]
+    assert not any(q.enabled for n, q in sim.named_quantizers() if n.startswith(("fc.", "conv2.")))
+    with pytest.raises(UnsupportedModelError, match="not a quantized module"):
+        sim.exclude_layers_from_quantization(["nope"])

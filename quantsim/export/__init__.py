@@ -1,0 +1,395 @@
+"""Export a calibrated sim for target runtimes, and load encodings back into a sim.
+
+:func:`export` writes, into ``path``::
+
+    <prefix>.pth               float model object (quantizers removed; torch.load, weights_only=False)
+    <prefix>_state_dict.pth    its state_dict (torch.load(..., weights_only=True))
+    <prefix>.onnx              float ONNX, module-derived names, embedded weights
+    <prefix>.encodings         ONNX-keyed encodings (version 1.0.0; 0.6.1 / 2.0.0 selectable)
+    <prefix>_torch.encodings   module-keyed encodings (reload with load_encodings)
+    <prefix>_qdq.onnx          the ONNX graph with QuantizeLinear/DequantizeLinear, runs on ORT
+    (export_to_torchscript=True: <prefix>.torchscript.pth instead of both .onnx files)
+
+All files are first written to a temporary directory next to ``path`` and moved into place only
+once every one of them succeeded: a failing export leaves earlier files untouched. See
+``docs/export.md`` for the naming rules and the decisions taken.
+
+Example:
+    >>> from quantsim.sim import QuantizationSimModel
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
+    >>> x = torch.randn(2, 1, 8, 8)
+    >>> sim = QuantizationSimModel(model, x, quant_scheme='tf')
+    >>> sim.compute_encodings(lambda m, _: m(x), None)
+    >>> files = export(sim, tmp_dir, 'model', x)        # doctest: +SKIP
+    >>> sorted(p.name for p in files.all())              # doctest: +SKIP
+    ['model.encodings', 'model.onnx', 'model.pth', 'model_qdq.onnx', ...]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set
+
+import onnx
+import torch
+
+from quantsim import encodings as enc_files
+from quantsim.encoding import Encoding
+from quantsim.encodings import EncodingsFile, Int32BiasEncoding
+from quantsim.errors import ExportError
+from quantsim.export import onnx_export, pth, qdq
+from quantsim.export.load import load_encodings, save_encodings_to_json, torch_encodings_file
+from quantsim.export.onnx_export import TensorMap, graph_tensor_names, tensor_map
+from quantsim.export.verify import VerifyReport, verify
+from quantsim.op_types import onnx_types_of
+
+__all__ = ["export", "ExportedFiles", "load_encodings", "save_encodings_to_json", "verify",
+           "VerifyReport", "tensor_map", "TensorMap"]
+
+logger = logging.getLogger(__name__)
+_ANALYTIC_BIAS_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class ExportedFiles:
+    """Paths of the files one :func:`export` wrote (None: not written in this mode).
+
+    Attributes:
+        missing_quantizers: enabled quantizers whose tensor is not in the exported graph
+            (their encodings are only in ``_torch.encodings``).
+    """
+
+    pth: Path
+    state_dict: Path
+    encodings: Path
+    torch_encodings: Path
+    onnx: Optional[Path] = None
+    qdq_onnx: Optional[Path] = None
+    torchscript: Optional[Path] = None
+    missing_quantizers: List[str] = field(default_factory=list)
+
+    def all(self) -> List[Path]:
+        """Every written path."""
+        return [p for p in (self.pth, self.state_dict, self.onnx, self.qdq_onnx, self.torchscript,
+                            self.encodings, self.torch_encodings) if p is not None]
+
+
+def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
+           onnx_export_args: Any = None, propagate_encodings: bool = False,
+           export_to_torchscript: bool = False, encoding_version: str = "1.0.0") -> ExportedFiles:
+    """Write the float model, its ONNX graph, the encodings and a QDQ ONNX model (module docstring).
+
+    Args:
+        sim: a calibrated :class:`~quantsim.QuantizationSimModel`.
+        path: output directory (created if missing).
+        filename_prefix: stem of every file name.
+        dummy_input: an input the model accepts (tensor, tuple of positional inputs, or dict of
+            keyword inputs), on the model's device.
+        onnx_export_args: dict (or object with these attributes) with ``opset_version``
+            (default 20), ``input_names``, ``output_names``, ``dynamic_axes`` /
+            ``dynamic_shapes``.
+        propagate_encodings: also key the intermediate tensors of modules that became several
+            ONNX nodes: ``{bitwidth, dtype}`` entries in 0.6.1, the module's output encoding in
+            1.0.0 / 2.0.0.
+        export_to_torchscript: write ``<prefix>.torchscript.pth`` (``torch.jit.trace``) instead
+            of the ONNX files; encodings keyed by the traced graph's value names.
+        encoding_version: ``'1.0.0'`` (default), ``'0.6.1'`` or ``'2.0.0'``.
+
+    Returns:
+        :class:`ExportedFiles`.
+
+    Raises:
+        ExportError: enabled quantizers without encodings (listed), an unwritable ``path``,
+            an unknown ``encoding_version`` or export argument, or a failing exporter.
+    """
+    if encoding_version not in enc_files.VERSIONS:
+        raise ExportError(f"encoding_version {encoding_version!r}; allowed: {', '.join(enc_files.VERSIONS)}")
+    if not filename_prefix or os.sep in filename_prefix or filename_prefix in (".", ".."):
+        raise ExportError(f"filename_prefix {filename_prefix!r} must be a plain file name")
+    _refuse_uncalibrated(sim)
+    export_args = onnx_export.normalize_export_args(onnx_export_args)
+    target = Path(path)
+    staging = _staging_dir(target)
+    try:
+        files = _write_all(sim, staging, filename_prefix, dummy_input, export_args,
+                           propagate_encodings, export_to_torchscript, encoding_version)
+        # files of the other mode (ONNX vs TorchScript) from an earlier export would not match
+        stale = {f"{filename_prefix}{s}" for s in (".onnx", "_qdq.onnx", ".torchscript.pth")}
+        _commit(staging, target, stale - {p.name for p in files.all()})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in ("pth", "state_dict", "onnx", "qdq_onnx", "torchscript", "encodings", "torch_encodings"):
+        value = getattr(files, name)
+        if value is not None:
+            setattr(files, name, target / value.name)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------------------------
+def _refuse_uncalibrated(sim: Any) -> None:
+    missing = [n for n, q in sim.named_quantizers() if q.enabled and not q.is_initialized]
+    if missing:
+        shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
+        raise ExportError(
+            f"{len(missing)} enabled quantizer(s) have no encoding: {shown}. Run "
+            "sim.compute_encodings(...) or sim.load_encodings(...) before export, or disable them")
+
+
+def _write_all(sim, staging: Path, prefix: str, dummy_input, export_args, propagate: bool,
+               torchscript: bool, version: str) -> ExportedFiles:
+    clean = pth.clean_model(sim.model)
+    files = ExportedFiles(pth=staging / f"{prefix}.pth", state_dict=staging / f"{prefix}_state_dict.pth",
+                          encodings=staging / f"{prefix}.encodings",
+                          torch_encodings=staging / f"{prefix}_torch.encodings")
+    pth.save_pth(clean, str(files.pth), str(files.state_dict))
+    param_names = [n for n, _ in clean.named_parameters()]
+    if torchscript:
+        traced = pth.trace_torchscript(clean, dummy_input)
+        files.torchscript = staging / f"{prefix}.torchscript.pth"
+        torch.jit.save(traced, str(files.torchscript))
+        graph = pth.torchscript_as_onnx_graph(traced, param_names)
+    else:
+        graph = onnx_export.export_onnx(clean, dummy_input, export_args)
+        onnx_export.check_param_names(graph, _quantized_param_names(sim))
+    tmap = tensor_map(sim, graph)
+    files.missing_quantizers = _report_missing(sim, tmap)
+    doc_file, extra_markers = _onnx_keyed_file(sim, graph, tmap, version, propagate)
+    _check_keys(doc_file, extra_markers, graph, "export_to_torchscript" if torchscript else prefix + ".onnx")
+    _write_encodings(files.encodings, doc_file, extra_markers, version)
+    enc_files.write_torch_encodings(files.torch_encodings, torch_encodings_file(sim),
+                                    "1.0.0" if version == "2.0.0" else version)
+    if not torchscript:
+        onnx_export.attach_quantizer_map(graph, tmap)
+        _check_onnx(graph, "the exported ONNX model")
+        files.onnx = staging / f"{prefix}.onnx"
+        _save_onnx(graph, files.onnx)
+        plan = _qdq_plan(sim, tmap)
+        base_opset = export_args.get("opset_version", onnx_export.DEFAULT_OPSET)
+        qdq_model = qdq.build_qdq_model(graph, plan, qdq.qdq_opset(plan, base_opset))
+        _check_onnx(qdq_model, "the QDQ ONNX model")
+        files.qdq_onnx = staging / f"{prefix}_qdq.onnx"
+        _save_onnx(qdq_model, files.qdq_onnx)
+    return files
+
+
+def _quantized_param_names(sim: Any) -> List[str]:
+    return [f"{m}.{p}" if m else p for m, module in sim.named_qmodules()
+            for p, q in module.param_quantizers.items() if q.enabled]
+
+
+def _report_missing(sim: Any, tmap: TensorMap) -> List[str]:
+    quantizers = dict(sim.named_quantizers())
+    missing = [n for n in tmap.missing if quantizers[n].enabled]
+    if missing:
+        logger.warning("these enabled quantizers have no tensor in the exported graph (their "
+                       "encodings are only in _torch.encodings): %s", ", ".join(missing))
+    return missing
+
+
+# ----------------------------------------------------------------------------------------------
+# the ONNX-keyed encodings
+# ----------------------------------------------------------------------------------------------
+def active_encodings(sim: Any) -> Dict[str, Encoding]:
+    """Quantizer name -> encoding, for every enabled quantizer that has one."""
+    out = {}
+    for name, q in sim.named_quantizers():
+        if q.enabled and q.is_initialized:
+            out[name] = q.encoding
+    return out
+
+
+def _tensor_encodings(sim: Any, tmap: TensorMap) -> Dict[str, Encoding]:
+    """Tensor -> encoding: the first enabled quantizer listed for it (outputs before inputs)."""
+    active = active_encodings(sim)
+    out: Dict[str, Encoding] = {}
+    for tensor, names in tmap.activations.items():
+        chosen = [n for n in names if n in active]
+        if not chosen:
+            continue
+        out[tensor] = active[chosen[0]]
+        differing = [n for n in chosen[1:] if active[n] != out[tensor]]
+        if differing:
+            logger.warning("tensor %r is quantized by %s and also by %s with other encodings; "
+                           "the file keeps %s's (the QDQ model keeps each)", tensor, chosen[0],
+                           differing, chosen[0])
+    return out
+
+
+def _onnx_keyed_file(sim, graph: onnx.ModelProto, tmap: TensorMap, version: str, propagate: bool):
+    active = active_encodings(sim)
+    by_tensor = _tensor_encodings(sim, tmap)
+    order = _graph_order(graph)
+    acts = {t: by_tensor[t] for t in sorted(by_tensor, key=lambda t: order.get(t, len(order)))}
+    markers: Dict[str, int] = {}
+    if version == "2.0.0":
+        for moved, source in tmap.propagated.items():
+            if source in acts and moved not in acts:
+                acts[moved] = acts[source]
+    if propagate:
+        for tensor, output in tmap.intermediates.items():
+            if output not in acts or tensor in acts:
+                continue
+            if version == "0.6.1":
+                markers[tensor] = acts[output].bitwidth
+            else:
+                acts[tensor] = acts[output]
+    params = {t: active[q] for t, q in tmap.params.items() if q in active}
+    doc = EncodingsFile(version=version, activation=acts, param=params,
+                        excluded_layers=_excluded_layers(sim), quantizer_args=_quantizer_args(sim))
+    if version == "2.0.0":
+        doc.bias = _int32_biases(sim, tmap, acts, params)
+    return doc, markers
+
+
+def _graph_order(graph: onnx.ModelProto) -> Dict[str, int]:
+    order: Dict[str, int] = {}
+    for i in graph.graph.input:
+        order.setdefault(i.name, len(order))
+    for node in graph.graph.node:
+        for o in node.output:
+            order.setdefault(o, len(order))
+    return order
+
+
+def _int32_biases(sim, tmap: TensorMap, acts, params) -> Dict[str, Int32BiasEncoding]:
+    """int32 bias encodings (FORMATS §2.9) for biases the sim leaves float."""
+    out: Dict[str, Int32BiasEncoding] = {}
+    active = active_encodings(sim)
+    for name, module in sim.named_qmodules():
+        bias = module._parameters.get("bias")
+        weight_key = f"{name}.weight" if name else "weight"
+        bias_key = f"{name}.bias" if name else "bias"
+        bq = module.param_quantizers["bias"] if "bias" in module.param_quantizers else None
+        if bias is None or (bq is not None and bq.enabled) or weight_key not in params:
+            continue
+        w_enc = params[weight_key]
+        if w_enc.is_float:
+            continue
+        in_enc = None
+        if any(t in _ANALYTIC_BIAS_TYPES for t in onnx_types_of(module)):
+            inputs = tmap.module_inputs.get(name, [])
+            in_enc = acts.get(inputs[0]) if inputs else None
+            edge = f"{name}.input_quantizers.0"
+            if edge in active:
+                in_enc = module.input_quantizers[0].encoding
+        if in_enc is not None and not in_enc.is_float and not in_enc.per_channel:
+            out[bias_key] = Int32BiasEncoding.from_scales(in_enc.scale, w_enc.scale, axis=0)
+        else:
+            out[bias_key] = Int32BiasEncoding.from_bias(bias.detach(), per_channel=w_enc.per_channel)
+    return out
+
+
+def _excluded_layers(sim: Any) -> List[str]:
+    for attr in ("excluded_layers", "_excluded_layers"):
+        value = getattr(sim, attr, None)
+        if value:
+            return sorted(value)
+    return []
+
+
+def _quantizer_args(sim: Any) -> Optional[Dict[str, Any]]:
+    try:
+        defaults = sim.config.defaults
+        per_channel = any(q.axis is not None for n, q in sim.named_quantizers()
+                          if ".param_quantizers." in n and q.enabled)
+        return enc_files.quantizer_args(
+            sim.quant_scheme, activation_bitwidth=getattr(sim, "_output_bw", 8),
+            param_bitwidth=getattr(sim, "_param_bw", 8), dtype=getattr(sim, "_data_type", "int"),
+            param_symmetric=defaults.params.is_symmetric, per_channel_quantization=per_channel)
+    except Exception:  # informative only: never fail an export over it
+        logger.debug("quantizer_args left out", exc_info=True)
+        return None
+
+
+def _check_keys(doc: EncodingsFile, markers: Dict[str, int], graph: onnx.ModelProto, where: str) -> None:
+    names = graph_tensor_names(graph)
+    keys = list(doc.activation) + list(doc.param) + list(doc.bias) + list(markers)
+    lost = [k for k in keys if k not in names]
+    if lost:
+        raise ExportError(f"internal error: encodings keys {lost[:8]} are not tensors of {where}")
+
+
+def _write_encodings(path: Path, doc: EncodingsFile, markers: Dict[str, int], version: str) -> None:
+    if not markers:
+        enc_files.write(path, doc, version)
+        return
+    # 0.6.1 propagate_encodings markers ({bitwidth, dtype}) have no EncodingsFile field
+    data = enc_files.to_json_dict(doc, version)
+    for tensor, bitwidth in markers.items():
+        data["activation_encodings"][tensor] = [{"bitwidth": bitwidth, "dtype": "int"}]
+    enc_files.validate(data, version, str(path))
+    path.write_text(json.dumps(data, sort_keys=True, indent=4, allow_nan=False), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# QDQ plan, ONNX checks, files
+# ----------------------------------------------------------------------------------------------
+def _qdq_plan(sim: Any, tmap: TensorMap) -> qdq.QdqPlan:
+    active = active_encodings(sim)
+    plan = qdq.QdqPlan()
+    for tensor, qname in tmap.params.items():
+        if qname in active:
+            plan.params[tensor] = (qname, active[qname])
+    for tensor, names in tmap.activations.items():
+        outs = [n for n in names if ".output_quantizers." in n and n in active]
+        if outs:
+            plan.tensors[tensor] = (outs[0], active[outs[0]])
+    for moved, source in tmap.propagated.items():
+        if source in plan.tensors and moved not in plan.tensors:
+            plan.tensors[moved] = (None, plan.tensors[source][1])
+    for qname, (tensor, nodes) in tmap.input_edges.items():
+        if qname in active:
+            plan.edges[qname] = (tensor, nodes, active[qname])
+    return plan
+
+
+def _check_onnx(model: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+
+
+def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() >= 2**31 - 1:
+        raise ExportError(f"{path.name}: the model is over 2 GB; protobuf cannot embed its weights")
+    onnx.save_model(model, str(path))
+
+
+def _staging_dir(target: Path) -> Path:
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"cannot export to {target}: it exists and is not a directory")
+    parent = target.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=parent))
+    except OSError as exc:
+        raise ExportError(f"cannot export to {target}: {exc.strerror or exc} ({exc.filename or parent})") from None
+
+
+def _commit(staging: Path, target: Path, stale: Set[str]) -> None:
+    """Move the staged files into ``target`` (one rename when ``target`` does not exist yet;
+    else each file is replaced atomically, then ``stale`` names are removed)."""
+    try:
+        if not target.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)
+            os.rename(staging, target)
+            return
+        if not os.access(target, os.W_OK):
+            raise PermissionError(13, "not writable", str(target))
+        for item in sorted(staging.iterdir()):
+            os.replace(item, target / item.name)
+        for name in stale:
+            if (target / name).is_file():
+                os.unlink(target / name)
+    except OSError as exc:
+        raise ExportError(f"cannot write into {target}: {exc.strerror or exc}") from None

@@ -1,0 +1,297 @@
+"""Load encodings files into a sim (aimet-torch 2.x ``load_encodings``) and save them.
+
+Every layout :func:`quantsim.encodings.load` reads is accepted: 0.6.1, 1.0.0, 2.0.0 and the
+module-keyed ``_torch.encodings``. Names are resolved to quantizers like this:
+
+* parameters: ``<module>.<param>`` -> ``<module>.param_quantizers.<param>``;
+* module-keyed activations: ``{module: {"input"|"output": {i: ...}}}`` ->
+  ``<module>.input_quantizers.<i>`` / ``output_quantizers.<i>``;
+* ONNX tensor names: through the tensor -> quantizer map of the exported graph
+  (:func:`quantsim.export.onnx_export.tensor_map`), taken from ``onnx_model`` or, for a file
+  path, from ``<stem>.onnx`` next to it (quantsim stores the map in the model's metadata).
+  Without a graph, names are read by rule: ``/<module path>/<Op>_output_<k>`` (quantsim's and
+  the TorchScript exporter's style, ``/layer1/layer1.0/conv1/Conv_output_0`` too) is that
+  module's output; ``input`` / ``output`` (or the forward's argument name) are the model's
+  single input / output. Other names (``t.1``, ``44``) need the graph.
+
+Entries the runtime needs but the sim has no quantizer for are skipped, never errors: int32
+bias entries, data-movement outputs (``/pool1/MaxPool_output_0``), ``propagate_encodings``
+intermediates.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import onnx
+
+from quantsim import encodings as enc_files
+from quantsim.encoding import Encoding
+from quantsim.encodings import EncodingsFile
+from quantsim.errors import EncodingsError, QuantizationSettingError
+from quantsim.export.onnx_export import (DATA_MOVEMENT_OPS, TensorMap, module_from_tensor_name,
+                                         qmodules, stored_quantizer_map, tensor_map)
+from quantsim.op_types import is_data_movement
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], strict: bool = True,
+                   partial: bool = True, requires_grad: Optional[bool] = None,
+                   allow_overwrite: bool = True, *,
+                   onnx_model: Union[PathLike, onnx.ModelProto, None] = None) -> List[str]:
+    """Set the sim's encodings from a file or dict (aimet-torch 2.x semantics).
+
+    Args:
+        sim: the :class:`~quantsim.QuantizationSimModel` to load into.
+        encodings: path of an encodings file, or its parsed dict (any version or layout).
+        strict: an encoding without a matching quantizer, or whose bitwidth / shape / data type
+            does not fit its quantizer, is an error. With ``strict=False`` such entries are
+            skipped (a bitwidth is adopted) and logged.
+        partial: True: quantizers without an encoding are left as they are. False: they are
+            disabled.
+        requires_grad: None leaves it; True / False makes the loaded ranges trainable (range
+            learning) or not.
+        allow_overwrite: False freezes the loaded quantizers, so a later ``compute_encodings``
+            or ``load_encodings`` leaves them alone.
+        onnx_model: (quantsim extension) the exported ONNX graph, path or proto, to resolve
+            ONNX tensor names; defaults to ``<stem>.onnx`` next to an encodings file.
+
+    Returns:
+        The names of the quantizers that received an encoding.
+
+    Raises:
+        EncodingsError: the file is malformed or of an unknown version, or (strict) a name or
+            shape does not match, naming the key.
+    """
+    param_names = [n for n, _ in sim.model.named_parameters()]
+    file = enc_files.load(encodings, param_names=param_names)
+    label = str(encodings) if isinstance(encodings, (str, os.PathLike)) else "<dict>"
+    resolved, unmatched = _resolve(sim, file, encodings, onnx_model)
+    if unmatched:
+        message = (f"{label}: {len(unmatched)} encoding(s) match no quantizer of the sim: "
+                   f"{unmatched[:10]}")
+        if strict:
+            raise EncodingsError(message + " (load with strict=False to skip them)")
+        logger.warning("%s; skipped", message)
+    quantizers = dict(sim.named_quantizers())
+    loaded: List[str] = []
+    for qname, (key, enc) in resolved.items():
+        q = quantizers[qname]
+        if q.frozen:
+            logger.info("%s is frozen (allow_overwrite=False earlier); %r not applied", qname, key)
+            continue
+        if not _apply(q, qname, key, enc, strict, label):
+            continue
+        loaded.append(qname)
+        if requires_grad is not None and q.data_type == "int":
+            q.set_learnable(bool(requires_grad))
+        if not allow_overwrite:
+            q.frozen = True
+    if not partial:
+        done = set(loaded)
+        for qname, q in quantizers.items():
+            if qname not in done and not q.frozen and q.enabled:
+                q.enabled = False
+                logger.info("%s has no encoding in %s: disabled (partial=False)", qname, label)
+    return loaded
+
+
+def _apply(q: Any, qname: str, key: str, enc: Encoding, strict: bool, label: str) -> bool:
+    """Set ``enc`` on quantizer ``q``; False when skipped (non-strict mismatch)."""
+    where = f"{label}: {key!r} -> {qname}"
+    problem = None
+    if enc.is_float != (q.data_type == "float"):
+        problem = f"data type {enc.data_type} does not fit the {q.data_type} quantizer"
+    elif not enc.is_float and tuple(enc.scale.shape) != tuple(q.shape):
+        problem = (f"{enc.scale.numel()} scale(s) ({'per channel' if enc.per_channel else 'per tensor'}) "
+                   f"do not fit the quantizer's shape {tuple(q.shape) or '(per tensor)'}")
+    elif enc.bitwidth != q.bitwidth and strict:
+        problem = f"bitwidth {enc.bitwidth} != the quantizer's {q.bitwidth}"
+    if problem is not None:
+        if strict:
+            raise EncodingsError(f"{where}: {problem} (load with strict=False to skip it)")
+        logger.warning("%s: %s; skipped", where, problem)
+        return False
+    if not enc.is_float:
+        if enc.bitwidth != q.bitwidth:
+            logger.warning("%s: bitwidth %d adopted (was %d)", where, enc.bitwidth, q.bitwidth)
+            q.bitwidth = enc.bitwidth
+        enc = Encoding(enc.bitwidth, enc.scale, enc.offset, enc.symmetric, enc.strict,
+                       enc.unsigned, q.axis, "int")
+    try:
+        q.set_encoding(enc)
+    except QuantizationSettingError as exc:
+        raise EncodingsError(f"{where}: {exc}") from None
+    if not q.enabled:
+        q.enabled = True
+        logger.info("%s was disabled; enabled by the encoding %r", qname, key)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# name resolution
+# ----------------------------------------------------------------------------------------------
+def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
+             ) -> Tuple[Dict[str, Tuple[str, Encoding]], List[str]]:
+    """Quantizer name -> (file key, encoding), plus the keys that match nothing."""
+    quantizers = dict(sim.named_quantizers())
+    modules = qmodules(sim.model)
+    resolved: Dict[str, Tuple[str, Encoding]] = {}
+    unmatched: List[str] = []
+
+    def put(qname: str, key: str, enc: Encoding) -> None:
+        if qname in resolved and resolved[qname][1] != enc:
+            raise EncodingsError(f"{qname} gets two different encodings, from {resolved[qname][0]!r} "
+                                 f"and {key!r}")
+        resolved.setdefault(qname, (key, enc))
+
+    for key, enc in file.param.items():
+        module, _, pname = key.rpartition(".")
+        qname = f"{module}.param_quantizers.{pname}"
+        if qname in quantizers:
+            put(qname, key, enc)
+        else:
+            unmatched.append(key)
+    if file.bias:
+        logger.info("int32 bias entries are for the runtime only; skipped: %s", sorted(file.bias))
+    for module, slots in file.module_activation.items():
+        for slot, by_index in slots.items():
+            for idx, enc in by_index.items():
+                qname = f"{module}.{slot}_quantizers.{idx}"
+                if qname in quantizers:
+                    put(qname, f"{module}.{slot}.{idx}", enc)
+                else:
+                    unmatched.append(f"{module}.{slot}.{idx}")
+    if file.activation:
+        names = _name_resolver(sim, modules, source, onnx_model)
+        for key, enc in file.activation.items():
+            targets = names(key)
+            if targets is None:
+                unmatched.append(key)
+                continue
+            # a tensor can stand for several quantizers (an output and consumers' inputs): the
+            # enabled ones get the encoding; if none is enabled, the first (an output first)
+            enabled = [t for t in targets if quantizers[t].enabled]
+            for qname in enabled or targets[:1]:
+                put(qname, key, enc)
+    return resolved, unmatched
+
+
+def _name_resolver(sim, modules, source, onnx_model):
+    """A function ONNX tensor name -> quantizer names ([] for derived entries, None: unknown)."""
+    tmap = _graph_map(sim, source, onnx_model)
+    if tmap is not None:
+        derived = set(tmap.propagated) | set(tmap.intermediates)
+
+        def by_map(key: str) -> Optional[List[str]]:
+            if key in tmap.activations:
+                return list(tmap.activations[key])
+            return [] if key in derived else None
+        return by_map
+    return _rule_resolver(sim, modules)
+
+
+def _graph_map(sim, source, onnx_model) -> Optional[TensorMap]:
+    if onnx_model is None and isinstance(source, (str, os.PathLike)):
+        candidate = Path(source).with_suffix(".onnx")
+        if Path(source).suffix == ".encodings" and candidate.is_file():
+            onnx_model = candidate
+    if onnx_model is None:
+        return None
+    if not isinstance(onnx_model, onnx.ModelProto):
+        try:
+            onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+        except Exception as exc:
+            raise EncodingsError(f"cannot read the ONNX model {onnx_model}: {exc}") from None
+    stored = stored_quantizer_map(onnx_model)
+    return stored if stored is not None else tensor_map(sim, onnx_model)
+
+
+def _rule_resolver(sim, modules):
+    names = list(modules)
+    graph = getattr(sim, "graph", None)
+    single_in: List[str] = []
+    single_out: List[str] = []
+    if graph is not None:
+        consumers = [(c.name, i) for c in graph.calls for i, s in enumerate(c.inputs)
+                     if s is not None and s.kind == "model_input"]
+        single_in = sorted({f"{n}.input_quantizers.{i}" for n, i in consumers
+                            if i < len(modules[n].input_quantizers)}) if n_inputs(sim) == 1 else []
+        if len(graph.model_outputs) == 1:
+            producer, i = next(iter(graph.model_outputs))
+            if producer in modules and i < len(modules[producer].output_quantizers):
+                single_out = [f"{producer}.output_quantizers.{i}"]
+    input_names = {"input", "input.1", "input_0"} | set(_forward_args(sim.model))
+
+    def by_rule(key: str) -> Optional[List[str]]:
+        if key in input_names and single_in:
+            return single_in
+        if key in ("output", "output_0") and single_out:
+            return single_out
+        parsed = module_from_tensor_name(key, names)
+        if parsed is None:
+            return None
+        module, op = parsed
+        m = modules.get(module)
+        if m is not None and len(m.output_quantizers):
+            return [f"{module}.output_quantizers.0"]
+        if (m is not None and is_data_movement(m)) or op in DATA_MOVEMENT_OPS:
+            return []  # a data-movement output: carries its producer's encoding
+        return None
+    return by_rule
+
+
+def n_inputs(sim: Any) -> int:
+    """How many tensors the model's forward takes (by its signature, without self)."""
+    return max(1, len(_forward_args(sim.model)))
+
+
+def _forward_args(model: Any) -> List[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty]
+
+
+# ----------------------------------------------------------------------------------------------
+# module-keyed file
+# ----------------------------------------------------------------------------------------------
+def torch_encodings_file(sim: Any) -> EncodingsFile:
+    """The module-keyed (``_torch.encodings``) contents of the sim's enabled encodings."""
+    acts: Dict[str, Dict[str, Dict[int, Encoding]]] = {}
+    params: Dict[str, Encoding] = {}
+    for name, module in sim.named_qmodules():
+        for slot, qs in (("input", module.input_quantizers), ("output", module.output_quantizers)):
+            for i, q in enumerate(qs):
+                if q.enabled and q.is_initialized:
+                    acts.setdefault(name, {}).setdefault(slot, {})[i] = q.encoding
+        for pname, q in module.param_quantizers.items():
+            if q.enabled and q.is_initialized:
+                params[f"{name}.{pname}" if name else pname] = q.encoding
+    from quantsim.export import _excluded_layers, _quantizer_args  # shared with export
+    return EncodingsFile(module_activation=acts, param=params, excluded_layers=_excluded_layers(sim),
+                         quantizer_args=_quantizer_args(sim))
+
+
+def save_encodings_to_json(sim: Any, path: PathLike, filename_prefix: str) -> Path:
+    """Write the sim's encodings, module-keyed (``_torch.encodings`` layout), to
+    ``<path>/<filename_prefix>.json`` (atomic, schema-validated); ``path`` is created if missing.
+
+    Returns:
+        The written path.
+    """
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EncodingsError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    target = directory / f"{filename_prefix}.json"
+    enc_files.write_torch_encodings(target, torch_encodings_file(sim))
+    return target

@@ -1,0 +1,528 @@
+"""ONNX export of the float model with module-derived names, and the tensor -> quantizer map.
+
+torch 2.13's default exporter (``dynamo=True``) names nodes after aten ops (``node_conv2d``)
+and keeps the module path only in each node's ``metadata_props``; its default optimizer folds
+BatchNorm, transposes Linear weights and merges equal initializers. quantsim therefore exports
+with ``dynamo=True, optimize=False`` (every parameter keeps its PyTorch name as initializer name)
+and then renames, so every node maps back to its module:
+
+* **node**: ``/<module path, dots as slashes>/<OpType>``, e.g. ``/layer1/0/conv1/Conv``; nodes
+  of functional ops in a container get the container's path (``/layer1/0/Add``), those at the top
+  level just ``/<OpType>`` (``/Reshape``). Repeats get ``_1``, ``_2``, ... in graph order.
+* **tensor**: ``<node name>_output_<i>``, e.g. ``/relu1/Relu_output_0`` (the TorchScript
+  exporter's and AIMET's convention). Graph inputs keep their names (the forward's argument
+  names, or ``input_names``); graph outputs are ``output`` / ``output_<i>`` unless
+  ``output_names`` are given.
+* **initializer**: the PyTorch parameter / buffer name (``conv1.weight``), untouched.
+
+Each node also carries ``quantsim.module`` (the module path) in its ``metadata_props``, and the
+model carries ``quantsim.quantizers`` (JSON: tensor name -> quantizer names), so a later
+:func:`quantsim.export.load_encodings` resolves ONNX names without guessing.
+
+:func:`tensor_map` is the one place that decides which ONNX tensor a quantizer stands for:
+an output quantizer -> the module's output tensor (produced by its last node and used outside
+it); an input quantizer -> the tensor that enters the module's nodes; a parameter quantizer ->
+the initializer of the same name.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import onnx
+import torch
+from torch import nn
+
+from quantsim.errors import ExportError
+from quantsim.wrappers import QuantizationMixin
+
+
+#: opset of ``<prefix>.onnx`` unless ``onnx_export_args`` say otherwise (torch 2.13's default).
+DEFAULT_OPSET = 20
+#: keys ``onnx_export_args`` may hold.
+EXPORT_ARG_KEYS = ("opset_version", "input_names", "output_names", "dynamic_axes", "dynamic_shapes")
+#: model-level metadata key holding the tensor -> quantizer-names map (JSON).
+QUANTIZER_MAP_KEY = "quantsim.quantizers"
+#: node-level metadata key holding the module path.
+MODULE_KEY = "quantsim.module"
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_KEEP_METADATA = (_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy")
+
+#: ONNX ops whose output holds only values of their first input (moved, selected, or copied),
+#: so a quantized input stays on the same grid.
+DATA_MOVEMENT_OPS = frozenset({
+    "MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+    "Identity", "Dropout", "Slice", "Gather", "Split", "Expand", "Tile", "DepthToSpace",
+    "SpaceToDepth",
+})
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+# inputs that only contribute a shape or a type, never values
+_SHAPE_ONLY = {"Shape": None, "Size": None, "ConstantOfShape": None, "CastLike": {1}}
+
+
+# ----------------------------------------------------------------------------------------------
+# the clean export
+# ----------------------------------------------------------------------------------------------
+def normalize_export_args(onnx_export_args: Any) -> Dict[str, Any]:
+    """Turn ``onnx_export_args`` (None, a dict, or an object with those attributes, such as
+    AIMET's ``OnnxExportApiArgs``) into a dict of the allowed keys.
+
+    Raises:
+        ExportError: an unknown key.
+    """
+    if onnx_export_args is None:
+        return {}
+    if isinstance(onnx_export_args, dict):
+        args = dict(onnx_export_args)
+    else:
+        args = {k: getattr(onnx_export_args, k) for k in EXPORT_ARG_KEYS
+                if getattr(onnx_export_args, k, None) is not None}
+    unknown = sorted(set(args) - set(EXPORT_ARG_KEYS))
+    if unknown:
+        raise ExportError(f"onnx_export_args: unknown key(s) {unknown}; allowed: {list(EXPORT_ARG_KEYS)}")
+    opset = args.get("opset_version")
+    if opset is not None and not (isinstance(opset, int) and 13 <= opset <= 23):
+        raise ExportError(f"onnx_export_args: opset_version {opset!r}; allowed: 13..23")
+    return args
+
+
+def split_dummy_input(dummy_input: Any) -> Tuple[tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` as the sim calls the model: tuple -> args, dict -> kwargs, else one arg."""
+    if isinstance(dummy_input, tuple):
+        return dummy_input, {}
+    if isinstance(dummy_input, dict):
+        return (), dict(dummy_input)
+    return (dummy_input,), {}
+
+
+def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any]) -> onnx.ModelProto:
+    """Export ``model`` (float, eval) with torch's dynamo exporter and rename it (module docstring).
+
+    Raises:
+        ExportError: torch.onnx.export failed (its message chained), or a parameter lost its name.
+    """
+    args, kwargs = split_dummy_input(dummy_input)
+    opset = export_args.get("opset_version", DEFAULT_OPSET)
+    options = dict(dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                   input_names=export_args.get("input_names"),
+                   output_names=export_args.get("output_names"))
+    if export_args.get("dynamic_shapes") is not None:
+        options["dynamic_shapes"] = export_args["dynamic_shapes"]
+    elif export_args.get("dynamic_axes") is not None:
+        options["dynamic_axes"] = export_args["dynamic_axes"]
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _torchlib_cache():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, args, kwargs=kwargs or None, **options)
+    except Exception as exc:  # the exporter raises many types; report them as one
+        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    proto = program.model_proto
+    if export_args.get("output_names") is None:
+        outs = proto.graph.output
+        names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        _rename_tensors(proto.graph, {o.name: n for o, n in zip(outs, names)})
+    rename_by_module(proto)
+    return proto
+
+
+_REGISTRIES: Dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def _torchlib_cache():
+    """Reuse torch's ONNX op registry between exports (building it costs ~5 s per export).
+
+    torch 2.13 rebuilds the registry from onnxscript's torchlib on every ``torch.onnx.export``
+    call (parsing the source of ~500 functions). The registry is read-only during an export
+    without ``custom_translation_table``, so one per opset is kept. Private torch API: when it
+    is not there, exports run uncached.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, KeyError):
+        yield
+        return
+    build = original.__get__(None, _registration.ONNXRegistry)
+
+    def cached(*args, opset_version=None, **kwargs):
+        key = opset_version if opset_version is not None else -1
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build(**({"opset_version": opset_version} if opset_version else {}))
+        return _REGISTRIES[key]
+
+    _registration.ONNXRegistry.from_torchlib = cached
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
+
+
+def node_module(node: onnx.NodeProto) -> str:
+    """Module path of a node: our ``quantsim.module`` tag, else the dynamo exporter's name
+    scopes, else the node name (``/layer1/0/conv1/Conv`` or the TorchScript exporter's
+    ``/layer1/layer1.0/conv1/Conv``)."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if MODULE_KEY in meta:
+        return meta[MODULE_KEY]
+    scopes = meta.get(_SCOPES_KEY)
+    if scopes:
+        try:
+            parts = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            parts = []
+        # ['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d_1']: the last is the fx node
+        if isinstance(parts, list) and len(parts) >= 3:
+            return str(parts[-2])
+        return ""
+    if node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")[:-1]
+        dotted = [i for i, p in enumerate(parts) if "." in p]
+        return ".".join(parts[dotted[-1]:] if dotted else parts)
+    return ""
+
+
+def node_name_for(module: str, op_type: str) -> str:
+    """The documented naming rule: ``/layer1/0/conv1/Conv`` (``/Conv`` at the top level)."""
+    return "/" + "/".join(module.split(".") + [op_type]) if module else f"/{op_type}"
+
+
+def rename_by_module(model: onnx.ModelProto) -> None:
+    """Rename nodes and their output tensors after the module each node belongs to (in place).
+
+    Graph inputs, graph outputs and initializers keep their names. Node metadata is reduced to
+    the exporter's name scopes and class hierarchy (stack traces dropped) plus ``quantsim.module``.
+    """
+    graph = model.graph
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {
+        i.name for i in graph.initializer}
+    used: Dict[str, int] = {}
+    renames: Dict[str, str] = {}
+    for node in graph.node:
+        module = node_module(node)
+        base = node_name_for(module, node.op_type)
+        count = used.get(base, 0)
+        used[base] = count + 1
+        node.name = base if count == 0 else f"{base}_{count}"
+        meta = {p.key: p.value for p in node.metadata_props if p.key in _KEEP_METADATA}
+        meta[MODULE_KEY] = module
+        del node.metadata_props[:]
+        for key, value in meta.items():
+            node.metadata_props.add(key=key, value=value)
+        for i, out in enumerate(node.output):
+            if out and out not in keep:
+                renames[out] = f"{node.name}_output_{i}"
+    _rename_tensors(graph, renames)
+
+
+def _rename_tensors(graph: onnx.GraphProto, renames: Dict[str, str]) -> None:
+    if not renames:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+        for i, name in enumerate(node.output):
+            if name in renames:
+                node.output[i] = renames[name]
+    for vi in list(graph.value_info) + list(graph.output):
+        if vi.name in renames:
+            vi.name = renames[vi.name]
+
+
+# ----------------------------------------------------------------------------------------------
+# graph index
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GraphIndex:
+    """Producers, consumers and tensor kinds of one ONNX graph."""
+
+    graph: onnx.GraphProto
+    modules: List[str]                                  # per node
+    producer: Dict[str, int] = field(default_factory=dict)
+    consumers: Dict[str, List[Tuple[int, int]]] = field(default_factory=dict)
+    initializers: Set[str] = field(default_factory=set)
+    inputs: List[str] = field(default_factory=list)
+    outputs: List[str] = field(default_factory=list)
+    activations: Set[str] = field(default_factory=set)   # depend on a graph input
+    floats: Set[str] = field(default_factory=set)         # known float element type
+    typed: Set[str] = field(default_factory=set)          # known element type
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto) -> "GraphIndex":
+        """Index ``model.graph`` (top level only)."""
+        g = model.graph
+        idx = cls(g, [node_module(n) for n in g.node])
+        idx.initializers = {i.name for i in g.initializer}
+        idx.inputs = [i.name for i in g.input if i.name not in idx.initializers]
+        idx.outputs = [o.name for o in g.output]
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            if vi.type.tensor_type.elem_type:
+                idx.typed.add(vi.name)
+            if vi.type.tensor_type.elem_type in _FLOAT_TYPES:
+                idx.floats.add(vi.name)
+        for init in g.initializer:
+            if init.data_type in _FLOAT_TYPES:
+                idx.floats.add(init.name)
+        live = set(idx.inputs)
+        for n_i, node in enumerate(g.node):
+            for k, name in enumerate(node.input):
+                if name:
+                    idx.consumers.setdefault(name, []).append((n_i, k))
+            if any(name in live for name in node.input):
+                live.update(o for o in node.output if o)
+            for name in node.output:
+                if name:
+                    idx.producer[name] = n_i
+        idx.activations = live
+        return idx
+
+    def nodes_of(self, module: str) -> List[int]:
+        """Indices of the nodes of ``module`` and its submodules, in graph order."""
+        prefix = module + "."
+        return [i for i, m in enumerate(self.modules) if m == module or m.startswith(prefix)]
+
+    def module_io(self, module: str) -> Tuple[List[str], List[str], List[str]]:
+        """``(inputs, outputs, intermediates)`` float activation tensors of ``module``'s nodes.
+
+        inputs: entering from outside (first use order; shape/type-only uses ignored);
+        outputs: produced inside and used outside or graph outputs (production order);
+        intermediates: produced inside and used only inside.
+        """
+        nodes = self.nodes_of(module)
+        inside = set(nodes)
+        graph_outputs = set(self.outputs)
+        inputs: List[str] = []
+        outputs: List[str] = []
+        intermediates: List[str] = []
+        for n_i in nodes:
+            node = self.graph.node[n_i]
+            only_shape = _SHAPE_ONLY.get(node.op_type, ())
+            for k, name in enumerate(node.input):
+                if not name or name not in self.activations or self.producer.get(name) in inside:
+                    continue
+                if only_shape is None or k in only_shape:
+                    continue
+                if self._is_float(name) and name not in inputs:
+                    inputs.append(name)
+            if node.op_type == "Constant":
+                continue
+            for name in node.output:
+                if not name or not self._is_float(name):
+                    continue
+                used_outside = any(c not in inside for c, _ in self.consumers.get(name, []))
+                if used_outside or name in graph_outputs:
+                    outputs.append(name)  # constant-derived too (e.g. a position embedding)
+                elif self.consumers.get(name) and name in self.activations:
+                    intermediates.append(name)
+        return inputs, outputs, intermediates
+
+    def _is_float(self, name: str) -> bool:
+        # value_info is complete for dynamo exports; an unknown type counts as float
+        return name in self.floats or name not in self.typed
+
+    def data_movement_successors(self, tensor: str, stop: Set[str]) -> List[str]:
+        """Tensors that carry ``tensor``'s values through data-movement ops (transitively),
+        not passing tensors in ``stop`` (quantized by a quantizer of their own)."""
+        found: List[str] = []
+        todo = [tensor]
+        while todo:
+            t = todo.pop()
+            for n_i, k in self.consumers.get(t, []):
+                node = self.graph.node[n_i]
+                if k != 0 or node.op_type not in DATA_MOVEMENT_OPS:
+                    continue
+                for out in node.output:
+                    if out and out not in found and out not in stop and out not in self.initializers:
+                        found.append(out)
+                        todo.append(out)
+        return found
+
+
+# ----------------------------------------------------------------------------------------------
+# tensor -> quantizer map
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TensorMap:
+    """How the ONNX graph's tensors relate to the sim's quantizers.
+
+    Attributes:
+        activations: tensor -> quantizer names (output quantizers first, then input quantizers
+            of modules that consume it).
+        params: initializer name -> parameter quantizer name.
+        input_edges: input quantizer name -> (tensor, node indices of the module consuming it);
+            the QDQ model quantizes only those edges, as the sim does.
+        intermediates: tensor inside a multi-node module -> that module's output tensor
+            (``propagate_encodings``).
+        propagated: tensor downstream of data-movement ops -> the output-quantized tensor whose
+            values it carries.
+        module_inputs: module name -> its input tensors (all, quantized or not).
+        missing: quantizer names with no tensor in the graph (module vanished, or unused).
+    """
+
+    activations: Dict[str, List[str]] = field(default_factory=dict)
+    params: Dict[str, str] = field(default_factory=dict)
+    input_edges: Dict[str, Tuple[str, List[int]]] = field(default_factory=dict)
+    intermediates: Dict[str, str] = field(default_factory=dict)
+    propagated: Dict[str, str] = field(default_factory=dict)
+    module_inputs: Dict[str, List[str]] = field(default_factory=dict)
+    missing: List[str] = field(default_factory=list)
+
+    def quantizer_to_tensor(self) -> Dict[str, str]:
+        """Quantizer name -> the (first) tensor it stands for."""
+        out: Dict[str, str] = {}
+        for tensor, names in self.activations.items():
+            for n in names:
+                out.setdefault(n, tensor)
+        for tensor, n in self.params.items():
+            out.setdefault(n, tensor)
+        return out
+
+    def to_json(self) -> str:
+        """The ``quantsim.quantizers`` metadata value."""
+        doc = {"activations": self.activations, "params": self.params,
+               "intermediates": self.intermediates, "propagated": self.propagated}
+        return json.dumps(doc, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TensorMap":
+        """Inverse of :meth:`to_json` (edges and missing are not stored)."""
+        doc = json.loads(text)
+        return cls(activations={k: list(v) for k, v in doc.get("activations", {}).items()},
+                   params=dict(doc.get("params", {})),
+                   intermediates=dict(doc.get("intermediates", {})),
+                   propagated=dict(doc.get("propagated", {})))
+
+
+def qmodules(model: nn.Module) -> Dict[str, nn.Module]:
+    """Name -> quantized module of a sim's model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizationMixin)}
+
+
+def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
+    """Map every quantizer of ``sim`` to the ONNX tensor it quantizes in ``model``.
+
+    ``model`` is an export of ``sim``'s float model renamed by :func:`rename_by_module` (or
+    any graph whose nodes carry the exporter's name scopes). Disabled quantizers are mapped too,
+    so encodings written by a sim with another config still load.
+    """
+    index = GraphIndex.build(model)
+    tmap = TensorMap()
+    modules = qmodules(sim.model)
+    ios = {name: index.module_io(name) for name in modules}
+    for name, module in modules.items():
+        inputs, outputs, intermediates = ios[name]
+        tmap.module_inputs[name] = inputs
+        for i, _ in enumerate(module.output_quantizers):
+            qname = f"{name}.output_quantizers.{i}"
+            if i < len(outputs):
+                tmap.activations.setdefault(outputs[i], []).append(qname)
+            else:
+                tmap.missing.append(qname)
+        if outputs and intermediates:
+            for t in intermediates:
+                tmap.intermediates[t] = outputs[-1]
+        for pname in module.param_quantizers:
+            full = f"{name}.{pname}" if name else pname
+            if full in index.initializers:
+                tmap.params[full] = f"{name}.param_quantizers.{pname}"
+            else:
+                tmap.missing.append(f"{name}.param_quantizers.{pname}")
+    for name, module in modules.items():  # input quantizers after every output quantizer
+        inputs = ios[name][0]
+        nodes = index.nodes_of(name)
+        for i, _ in enumerate(module.input_quantizers):
+            qname = f"{name}.input_quantizers.{i}"
+            if i < len(inputs):
+                tmap.activations.setdefault(inputs[i], []).append(qname)
+                tmap.input_edges[qname] = (inputs[i], nodes)
+            else:
+                tmap.missing.append(qname)
+    # data movement carries the values of an enabled output quantizer; input quantizers
+    # quantize one edge only, the tensor itself stays float
+    quantizers = dict(sim.named_quantizers())
+    quantized = {t for t, names in tmap.activations.items()
+                 if any(".output_quantizers." in n and quantizers[n].enabled for n in names)}
+    for tensor in tmap.activations:
+        if tensor in quantized:
+            for moved in index.data_movement_successors(tensor, quantized):
+                tmap.propagated.setdefault(moved, tensor)
+    return tmap
+
+
+def graph_tensor_names(model: onnx.ModelProto) -> Set[str]:
+    """Every tensor name of the top-level graph (inputs, outputs, initializers, node outputs)."""
+    g = model.graph
+    names = {i.name for i in g.input} | {o.name for o in g.output} | {i.name for i in g.initializer}
+    for node in g.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def check_param_names(model: onnx.ModelProto, expected: Iterable[str]) -> None:
+    """Raise :class:`ExportError` when a parameter of a module that is in the graph is not an
+    initializer of the same name (exporter drift). Parameters of modules that left no node in
+    the graph (unused outputs, removed by the exporter) are not errors: their quantizers are
+    reported as missing by :func:`tensor_map`.
+    """
+    index = GraphIndex.build(model)
+    present = set(index.modules)
+    lost = []
+    for name in expected:
+        module = name.rpartition(".")[0]
+        in_graph = any(m == module or m.startswith(module + ".") for m in present) if module else True
+        if in_graph and name not in index.initializers:
+            lost.append(name)
+    if lost:
+        raise ExportError(
+            f"the ONNX export lost the names of {len(lost)} parameter(s): {sorted(lost)[:8]}; their "
+            "encodings could not be keyed. This is exporter drift (quantsim exports with "
+            "dynamo=True, optimize=False to keep names); report it with your torch version")
+
+
+def attach_quantizer_map(model: onnx.ModelProto, tmap: TensorMap) -> None:
+    """Store ``tmap`` in the model's ``metadata_props`` under :data:`QUANTIZER_MAP_KEY`."""
+    for prop in list(model.metadata_props):
+        if prop.key == QUANTIZER_MAP_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=QUANTIZER_MAP_KEY, value=tmap.to_json())
+
+
+def stored_quantizer_map(model: onnx.ModelProto) -> Optional[TensorMap]:
+    """The map stored by :func:`attach_quantizer_map`, or None."""
+    for prop in model.metadata_props:
+        if prop.key == QUANTIZER_MAP_KEY:
+            return TensorMap.from_json(prop.value)
+    return None
+
+
+_OUTPUT_SUFFIX = re.compile(r"_output_\d+$")
+
+
+def module_from_tensor_name(name: str, known: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """``(module, op_type)`` for a module-derived tensor name, else None.
+
+    Reads both quantsim's ``/layer1/0/conv1/Conv_output_0`` and the TorchScript exporter's
+    (AIMET's) ``/layer1/layer1.0/conv1/Conv_output_0``; ``known`` lists module names to accept.
+    """
+    if not name.startswith("/") or not _OUTPUT_SUFFIX.search(name):
+        return None
+    parts = _OUTPUT_SUFFIX.sub("", name).strip("/").split("/")
+    op = re.sub(r"_\d+$", "", parts[-1])
+    scopes = parts[:-1]
+    candidates = [".".join(scopes)]
+    dotted = [i for i, s in enumerate(scopes) if "." in s]
+    if dotted:
+        candidates.append(".".join(scopes[dotted[-1]:]))
+    for cand in candidates:
+        if cand in known:
+            return cand, op
+    return ("", op) if not scopes else (candidates[0], op)

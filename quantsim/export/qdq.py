@@ -1,0 +1,272 @@
+"""Insert QuantizeLinear / DequantizeLinear pairs into an exported float ONNX graph.
+
+Written with ``onnx.helper`` graph surgery, not by exporting torch fake-quant ops (those only
+export 8-bit ranges). Where each pair goes mirrors what the sim quantizes:
+
+===================  ======================================================================
+quantizer            QDQ
+===================  ======================================================================
+parameter            on the initializer (float weights kept, ``conv1.weight -> Q -> DQ``);
+                     per-axis with ``axis`` for per-channel encodings
+output               after the tensor, for every consumer; a graph output keeps its name
+                     (it becomes the DequantizeLinear output)
+input                only on the edges into that module's nodes (other consumers of the
+                     tensor see float, as in the sim)
+data movement        tensors that only move a quantized tensor's values (MaxPool, Reshape,
+                     Transpose, ...) get a pair with the same encoding; this changes no value
+                     (the values are on the grid already) and lets runtimes keep them integer
+fp16 (float)         Clip(+-65504) -> Cast(float16) -> Cast(float), exactly the sim's rounding
+===================  ======================================================================
+
+Zero points (FORMATS §4.4): the element type follows the encoding's grid: signed grids
+(symmetric) use ``intB`` with zero point 0, unsigned grids (asymmetric, unsigned symmetric) use
+``uintB`` with zero point ``-offset``. A grid narrower than the type (strict symmetric,
+``[-127, 127]``) gets a Clip after the DequantizeLinear, so saturation matches the sim.
+
+Opset: 8-bit graphs keep the float model's opset (default 20, which ORT loads at every
+optimisation level); 4- and 16-bit types need opset 21 (``TOOLCHAIN.md`` §4/§5; ORT 1.32's
+default optimisation level fails to load some opset-21 graphs with MaxPool, see ``docs/export.md``).
+Other bitwidths have no ONNX type and raise :class:`~quantsim.errors.ExportError`.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import onnx
+from onnx import TensorProto, helper
+
+from quantsim.encoding import Encoding
+from quantsim.errors import ExportError
+
+#: model metadata key: quantizer name -> the tensor holding its dequantized values.
+QDQ_MAP_KEY = "quantsim.qdq_outputs"
+_TYPES = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+          (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
+          (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16}
+_FP16_MAX = 65504.0
+
+
+@dataclass
+class QdqPlan:
+    """What to quantize, by tensor name (all names refer to the float graph).
+
+    Attributes:
+        params: initializer -> (quantizer name, encoding).
+        tensors: activation tensor -> (quantizer name or None for data movement, encoding);
+            quantized for all consumers.
+        edges: input quantizer name -> (tensor, consumer node indices, encoding).
+    """
+
+    params: Dict[str, Tuple[str, Encoding]] = field(default_factory=dict)
+    tensors: Dict[str, Tuple[Optional[str], Encoding]] = field(default_factory=dict)
+    edges: Dict[str, Tuple[str, List[int], Encoding]] = field(default_factory=dict)
+
+    def encodings(self):
+        """Every encoding in the plan."""
+        yield from (e for _, e in self.params.values())
+        yield from (e for _, e in self.tensors.values())
+        yield from (e for _, _, e in self.edges.values())
+
+
+def qdq_opset(plan: QdqPlan, base_opset: int) -> int:
+    """The opset the QDQ model needs: >= 13 (per-axis), >= 21 for 4/16-bit types.
+
+    Raises:
+        ExportError: a bitwidth without ONNX QuantizeLinear type.
+    """
+    opset = max(base_opset, 13)
+    for enc in plan.encodings():
+        if enc.is_float:
+            continue
+        if enc.bitwidth not in (4, 8, 16):
+            raise ExportError(
+                f"the QDQ model cannot hold a {enc.bitwidth}-bit encoding: ONNX QuantizeLinear "
+                "has int4/uint4, int8/uint8 and int16/uint16 only; use those bitwidths, or "
+                "skip the QDQ model (the .onnx and .encodings files do not need it)")
+        if enc.bitwidth != 8:
+            opset = max(opset, 21)
+    return opset
+
+
+def build_qdq_model(model: onnx.ModelProto, plan: QdqPlan, opset: int) -> onnx.ModelProto:
+    """A copy of ``model`` with the plan's QDQ pairs, at ``opset`` (see the module docstring).
+
+    The map quantizer name -> dequantized tensor is stored in ``metadata_props`` under
+    :data:`QDQ_MAP_KEY` (used by :func:`quantsim.export.verify`).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    builder = _Builder(g)
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    original_nodes = list(g.node)
+    dq_of: Dict[str, str] = {}
+    alias: Dict[str, str] = {}  # tensor -> the name its consumers read now
+
+    for init, (qname, enc) in plan.params.items():
+        dq = builder.qdq(init, enc, init)
+        _rewire(consumers.get(init, []), init, dq)
+        alias[init] = dq
+        dq_of[qname] = dq
+    graph_outputs = {o.name for o in g.output}
+    for tensor, (qname, enc) in plan.tensors.items():
+        users = consumers.get(tensor, [])
+        if tensor in graph_outputs:
+            source = f"{tensor}_float"
+            for node in g.node:
+                for i, name in enumerate(node.output):
+                    if name == tensor:
+                        node.output[i] = source
+            dq = builder.qdq(source, enc, tensor, final=tensor)
+            _rewire(users, tensor, dq)
+        else:
+            dq = builder.qdq(tensor, enc, tensor)
+            _rewire(users, tensor, dq)
+        alias[tensor] = dq
+        if qname is not None:
+            dq_of[qname] = dq
+    for qname, (tensor, nodes, enc) in plan.edges.items():
+        current = alias.get(tensor, tensor)
+        dq = builder.qdq(current, enc, f"{tensor}/{qname}")
+        targets = [original_nodes[i] for i in nodes]
+        _rewire(targets, current, dq)
+        dq_of[qname] = dq
+    g.node.extend(builder.nodes)
+    g.initializer.extend(builder.initializers)
+    _toposort(g)
+    _set_opset(out, opset)
+    for prop in list(out.metadata_props):
+        if prop.key == QDQ_MAP_KEY:
+            out.metadata_props.remove(prop)
+    out.metadata_props.add(key=QDQ_MAP_KEY, value=json.dumps(dq_of, sort_keys=True))
+    return out
+
+
+def _rewire(nodes: List[onnx.NodeProto], old: str, new: str) -> None:
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+class _Builder:
+    """Creates QDQ nodes and their scale / zero-point initializers with unique names."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.nodes: List[onnx.NodeProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self._taken = {i.name for i in graph.initializer} | {n.name for n in graph.node}
+        for node in graph.node:
+            self._taken.update(node.output)
+        self._taken.update(i.name for i in graph.input)
+
+    def _unique(self, name: str) -> str:
+        candidate, k = name, 1
+        while candidate in self._taken:
+            candidate, k = f"{name}_{k}", k + 1
+        self._taken.add(candidate)
+        return candidate
+
+    def qdq(self, source: str, enc: Encoding, base: str, final: Optional[str] = None) -> str:
+        """Append the pair (or the fp16 casts) reading ``source``; return the output name."""
+        if enc.is_float:
+            return self._fp16(source, base, final)
+        qmin, qmax = enc.qmin, enc.qmax
+        signed = qmin < 0
+        elem = _TYPES[(enc.bitwidth, signed)]
+        zp_values = [-int(v) for v in enc.offset.reshape(-1).tolist()]
+        scale_values = [float(v) for v in enc.scale.reshape(-1).tolist()]
+        dims = [len(scale_values)] if enc.per_channel else []
+        scale = self._unique(f"{base}_scale")
+        zp = self._unique(f"{base}_zero_point")
+        self.initializers.append(helper.make_tensor(scale, TensorProto.FLOAT, dims, scale_values))
+        self.initializers.append(helper.make_tensor(zp, elem, dims, zp_values))
+        axis = {"axis": int(enc.axis)} if enc.per_channel else {}
+        q_out = self._unique(f"{base}_quantized")
+        type_lo = -(2 ** (enc.bitwidth - 1)) if signed else 0
+        type_hi = 2 ** (enc.bitwidth - 1) - 1 if signed else 2 ** enc.bitwidth - 1
+        narrow = qmin > type_lo or qmax < type_hi
+        dq_out = final if final is not None and not narrow else self._unique(f"{base}_dequantized")
+        self.nodes.append(helper.make_node("QuantizeLinear", [source, scale, zp], [q_out],
+                                           name=self._unique(f"{base}_QuantizeLinear"), **axis))
+        self.nodes.append(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                                           name=self._unique(f"{base}_DequantizeLinear"), **axis))
+        if not narrow:
+            return dq_out
+        return self._clip(dq_out, enc, base, final)
+
+    def _clip(self, source: str, enc: Encoding, base: str, final: Optional[str]) -> str:
+        """Clip to the encoding's grid (narrower than the integer type)."""
+        if enc.per_channel:
+            raise ExportError(
+                f"{base}: a per-channel encoding on a grid narrower than its ONNX type "
+                f"([{enc.qmin}, {enc.qmax}] at {enc.bitwidth} bits, e.g. strict symmetric) has "
+                "no QDQ form; use the full grid for per-channel quantizers")
+        lo = self._unique(f"{base}_grid_min")
+        hi = self._unique(f"{base}_grid_max")
+        self.initializers.append(helper.make_tensor(lo, TensorProto.FLOAT, [], [float(enc.min)]))
+        self.initializers.append(helper.make_tensor(hi, TensorProto.FLOAT, [], [float(enc.max)]))
+        out = final if final is not None else self._unique(f"{base}_clipped")
+        self.nodes.append(helper.make_node("Clip", [source, lo, hi], [out],
+                                           name=self._unique(f"{base}_Clip")))
+        return out
+
+    def _fp16(self, source: str, base: str, final: Optional[str]) -> str:
+        lo = self._unique(f"{base}_fp16_min")
+        hi = self._unique(f"{base}_fp16_max")
+        self.initializers.append(helper.make_tensor(lo, TensorProto.FLOAT, [], [-_FP16_MAX]))
+        self.initializers.append(helper.make_tensor(hi, TensorProto.FLOAT, [], [_FP16_MAX]))
+        clipped = self._unique(f"{base}_fp16_clipped")
+        half = self._unique(f"{base}_fp16")
+        out = final if final is not None else self._unique(f"{base}_fp16_float")
+        self.nodes.append(helper.make_node("Clip", [source, lo, hi], [clipped],
+                                           name=self._unique(f"{base}_Clip")))
+        self.nodes.append(helper.make_node("Cast", [clipped], [half], to=TensorProto.FLOAT16,
+                                           name=self._unique(f"{base}_CastToFloat16")))
+        self.nodes.append(helper.make_node("Cast", [half], [out], to=TensorProto.FLOAT,
+                                           name=self._unique(f"{base}_CastToFloat")))
+        return out
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so every input is produced before use (stable: original order otherwise)."""
+    nodes = list(graph.node)
+    produced_by: Dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            produced_by[out] = i
+    deps = [{produced_by[n] for n in node.input if n in produced_by} for node in nodes]
+    users: Dict[int, List[int]] = {}
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(i)
+    remaining = [len(ds) for ds in deps]
+    ready = [i for i, r in enumerate(remaining) if r == 0]
+    heapq.heapify(ready)
+    order: List[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ExportError("QDQ insertion produced a cycle in the ONNX graph (internal error)")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def _set_opset(model: onnx.ModelProto, opset: int) -> None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = opset
+            return
+    model.opset_import.add(domain="", version=opset)
+

@@ -1,0 +1,320 @@
+"""Check an exported QDQ model against the sim: same input, ONNX Runtime vs simulated forward.
+
+:func:`verify` runs ``<prefix>_qdq.onnx`` on ONNX Runtime's CPU provider three ways:
+
+* **chained, optimizations disabled**: the model as a runtime would run it, with every
+  quantizer's dequantized tensor added as an extra output. ORT's QuantizeLinear rounds half to
+  even like the sim, so the only differences come from float arithmetic between quantizers
+  (summation order in MatMul / Conv, ``addmm`` vs MatMul + Add): a value within a rounding
+  error of a rounding boundary lands one step away. Downstream layers carry such a step on,
+  and LayerNorm can amplify it (a 1-step change of one input shifts the whole row);
+* **isolated, optimizations disabled**: every quantized tensor's consumers read the *sim's*
+  value instead of ORT's (the dequantized tensors become extra graph inputs), so each
+  quantizer is checked on exactly the sim's inputs. This is the per-quantizer agreement: an
+  exact export differs by at most 1 step, on few elements;
+* **chained, default session options** (what a user gets): ORT fuses QDQ groups into integer
+  kernels (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, QLinearSoftmax, ...) whose
+  requantization rounds once instead of twice, and at BASIC level fuses MatMul + Add into Gemm,
+  so differences of a few steps are expected (reported, not a defect of the export).
+
+Differences are reported in steps (LSBs) of the final output quantizer's scale, and per
+quantizer in steps of its own scale.
+
+Example:
+    >>> report = verify(sim, "out/model_qdq.onnx", x)      # doctest: +SKIP
+    >>> print(report)                                      # doctest: +SKIP
+    QDQ model vs sim (ORT CPU, output scale 0.1406): ...
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from quantsim.errors import ExportError
+from quantsim.export.onnx_export import stored_quantizer_map
+from quantsim.export.qdq import QDQ_MAP_KEY
+from quantsim.graph import run_forward
+
+
+@dataclass
+class QuantizerAgreement:
+    """How one quantizer's dequantized tensor compares (ORT, optimizations disabled, vs sim)."""
+
+    name: str
+    tensor: str
+    max_diff_lsb: float
+    differing: int
+    total: int
+
+    def __str__(self) -> str:
+        return (f"{self.name} ({self.tensor}): max {self.max_diff_lsb:.3g} LSB, "
+                f"{self.differing}/{self.total} elements differ")
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify` (module docstring for the three runs).
+
+    Attributes:
+        output_scale: scale of the final output quantizer (None: output not quantized, or per
+            channel); output differences are in its steps.
+        max_diff: max |ORT - sim| over the outputs, chained, optimizations disabled.
+        max_diff_lsb: the same in output steps (None without ``output_scale``).
+        differing: output elements more than half a step apart (chained, disabled).
+        isolated_max_diff: max |ORT - sim| of the outputs when every quantized tensor comes
+            from the sim (isolated run).
+        isolated_max_diff_lsb: the same in output steps.
+        max_diff_default: max |ORT - sim| with default session options (None if it failed).
+        max_diff_lsb_default: the same in output steps.
+        differing_default: output elements more than half a step apart (default options).
+        default_error: why the default session could not run, if it could not.
+        total: number of output elements.
+        quantizers: per-quantizer agreement in the isolated run, worst first.
+        first_divergence: the first quantizer (graph order) that differs in the chained run.
+    """
+
+    output_scale: Optional[float]
+    max_diff: float
+    max_diff_lsb: Optional[float]
+    differing: int = 0
+    isolated_max_diff: Optional[float] = None
+    isolated_max_diff_lsb: Optional[float] = None
+    max_diff_default: Optional[float] = None
+    max_diff_lsb_default: Optional[float] = None
+    differing_default: int = 0
+    default_error: Optional[str] = None
+    total: int = 0
+    quantizers: List[QuantizerAgreement] = field(default_factory=list)
+    first_divergence: Optional[QuantizerAgreement] = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the chained output (optimizations disabled) is within 1 step (exact
+        without an output scale)."""
+        if self.max_diff_lsb is not None:
+            return self.max_diff_lsb <= 1.001  # float32 fuzz of a 1-step difference
+        return self.max_diff <= 1e-5
+
+    def __str__(self) -> str:
+        def fmt(diff, lsb):
+            if diff is None:
+                return "not run"
+            return f"{lsb:.3g} LSB" if lsb is not None else f"{diff:.3g} (absolute)"
+        scale = f", output scale {self.output_scale:.6g}" if self.output_scale is not None else ""
+        lines = [f"QDQ model vs sim (ORT CPU{scale}), max |diff| of the outputs:",
+                 f"  optimizations disabled: {fmt(self.max_diff, self.max_diff_lsb)} "
+                 f"({self.differing}/{self.total} elements differ); isolated (each quantizer "
+                 f"fed the sim's inputs): {fmt(self.isolated_max_diff, self.isolated_max_diff_lsb)}",
+                 f"  default options:        {fmt(self.max_diff_default, self.max_diff_lsb_default)} "
+                 f"({self.differing_default}/{self.total} elements differ)"]
+        if self.default_error:
+            lines.append(f"  default options failed: {self.default_error}")
+        bad = [q for q in self.quantizers if q.differing]
+        lines.append(f"  quantizers (isolated): {len(self.quantizers) - len(bad)}/"
+                     f"{len(self.quantizers)} agree exactly")
+        lines.extend(f"    {q}" for q in bad[:10])
+        if self.first_divergence is not None:
+            lines.append(f"  first divergence (chained): {self.first_divergence}")
+        return "\n".join(lines)
+
+
+def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
+    """Run the QDQ model in ONNX Runtime and the sim on ``dummy_input``; compare (module docstring).
+
+    Args:
+        sim: the sim that was exported.
+        qdq_onnx_path: its ``<prefix>_qdq.onnx``.
+        dummy_input: input as the sim takes it (shapes the ONNX model accepts).
+
+    Raises:
+        ExportError: onnxruntime is missing, or the model is not a quantsim QDQ export.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("verify needs onnxruntime: pip install onnxruntime") from exc
+    model = onnx.load(str(qdq_onnx_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if QDQ_MAP_KEY not in meta:
+        raise ExportError(f"{qdq_onnx_path} has no {QDQ_MAP_KEY!r} metadata: not a quantsim QDQ export")
+    quantizers = dict(sim.named_quantizers())
+    dq_of = {q: t for q, t in json.loads(meta[QDQ_MAP_KEY]).items()
+             if q in quantizers and quantizers[q].enabled}
+    sim_outputs, captured = _run_sim(sim, dummy_input, dq_of)
+    feeds = _feeds(model, dummy_input)
+    output_names = [o.name for o in model.graph.output]
+    scale = _output_scale(model, quantizers, output_names)
+    disabled = ort.SessionOptions()
+    disabled.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    chained = _run(ort, _with_outputs(model, list(dq_of.values())), feeds, disabled)
+    max_diff, differing = _compare([chained[n] for n in output_names], sim_outputs, scale)
+    report = VerifyReport(scale, max_diff, _lsb(max_diff, scale), differing)
+    report.total = int(sum(np.asarray(o).size for o in sim_outputs))
+    order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    chained_q = [_agreement(q, t, chained[t], captured[q], quantizers[q])
+                 for q, t in dq_of.items() if q in captured and t in chained]
+    diverging = sorted((q for q in chained_q if q.differing), key=lambda q: order.get(q.tensor, -1))
+    report.first_divergence = diverging[0] if diverging else None
+
+    forced = _forced_inputs(sim, dq_of, captured)
+    isolated_model = _isolated(model, forced)
+    iso_feeds = dict(feeds, **{f"{t}{_SIM_SUFFIX}": captured[q] for q, t in forced.items()})
+    isolated = _run(ort, _with_outputs(isolated_model, list(dq_of.values())), iso_feeds, disabled)
+    iso_diff, _ = _compare([isolated[n] for n in output_names], sim_outputs, scale)
+    report.isolated_max_diff, report.isolated_max_diff_lsb = iso_diff, _lsb(iso_diff, scale)
+    report.quantizers = sorted((_agreement(q, t, isolated[t], captured[q], quantizers[q])
+                                for q, t in dq_of.items() if q in captured and t in isolated),
+                               key=lambda q: -q.max_diff_lsb)
+    try:
+        default = _run(ort, model, feeds, None)
+        report.max_diff_default, report.differing_default = _compare(
+            [default[n] for n in output_names], sim_outputs, scale)
+        report.max_diff_lsb_default = _lsb(report.max_diff_default, scale)
+    except Exception as exc:  # ORT raises its own exception types
+        report.default_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return report
+
+
+_SIM_SUFFIX = "__from_sim"
+
+
+def _run(ort, model: onnx.ModelProto, feeds, options) -> Dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in model.graph.output]
+    wanted = {i.name for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def _forced_inputs(sim, dq_of: Dict[str, str], captured) -> Dict[str, str]:
+    """Activation quantizers whose sim value can stand in for ORT's (called exactly once)."""
+    calls = getattr(getattr(sim, "graph", None), "call_counts", {})
+    out = {}
+    for qname, tensor in dq_of.items():
+        if ".param_quantizers." in qname or qname not in captured:
+            continue
+        module = qname.split(".input_quantizers.")[0].split(".output_quantizers.")[0]
+        if calls.get(module, 1) == 1:
+            out[qname] = tensor
+    return out
+
+
+def _isolated(model: onnx.ModelProto, forced: Dict[str, str]) -> onnx.ModelProto:
+    """Consumers of each forced tensor read a new graph input ``<tensor>__from_sim`` instead."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    replace = {t: f"{t}{_SIM_SUFFIX}" for t in forced.values()}
+    for node in out.graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    for name in replace.values():
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.ndarray]]:
+    quantizers = dict(sim.named_quantizers())
+    modules = dict(sim.model.named_modules())
+    captured: Dict[str, np.ndarray] = {}
+    handles = []
+    for qname in dq_of:
+        if ".param_quantizers." in qname:
+            continue
+
+        def hook(_module, _args, output, qname=qname):
+            captured[qname] = output.detach().float().cpu().numpy()
+        handles.append(quantizers[qname].register_forward_hook(hook))
+    modes = {m: m.training for m in sim.model.modules()}
+    sim.model.eval()
+    try:
+        with torch.no_grad():
+            out = run_forward(sim.model, dummy_input)
+            for qname in dq_of:
+                if ".param_quantizers." in qname:
+                    module_name, pname = qname.split(".param_quantizers.")
+                    param = modules[module_name]._parameters[pname]
+                    captured[qname] = quantizers[qname](param).detach().float().cpu().numpy()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    leaves = [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(out)
+              if isinstance(t, torch.Tensor)]
+    return leaves, captured
+
+
+def _feeds(model: onnx.ModelProto, dummy_input: Any) -> Dict[str, np.ndarray]:
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    leaves = [t for t in pytree.tree_leaves(dummy_input) if isinstance(t, torch.Tensor)]
+    if len(leaves) != len(names):
+        raise ExportError(f"dummy_input has {len(leaves)} tensor(s) but the model takes {names}")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: List[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in dict.fromkeys(t for t in tensors if t not in present):
+        out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def _output_scale(model: onnx.ModelProto, quantizers, output_names: List[str]) -> Optional[float]:
+    tmap = stored_quantizer_map(model)
+    if tmap is None:
+        return None
+    for name in output_names:
+        for qname in tmap.activations.get(name, []):
+            q = quantizers.get(qname)
+            if q is not None and q.enabled and ".output_quantizers." in qname:
+                enc = q.encoding
+                if enc is not None and not enc.is_float and not enc.per_channel:
+                    return float(enc.scale)
+    return None
+
+
+def _compare(ort_outputs, sim_outputs, scale: Optional[float] = None) -> Tuple[float, int]:
+    if len(ort_outputs) != len(sim_outputs):
+        raise ExportError(f"the QDQ model has {len(ort_outputs)} outputs, the sim {len(sim_outputs)}")
+    worst, differing = 0.0, 0
+    for a, b in zip(ort_outputs, sim_outputs):
+        diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+        if diff.size:
+            worst = max(worst, float(diff.max()))
+            tol = 0.5 * scale if scale else 1e-6
+            differing += int((diff > tol).sum())
+    return worst, differing
+
+
+def _lsb(diff: Optional[float], scale: Optional[float]) -> Optional[float]:
+    return None if diff is None or not scale else diff / scale
+
+
+def _agreement(qname: str, tensor: str, ort_value, sim_value, q) -> QuantizerAgreement:
+    a = np.asarray(ort_value, dtype=np.float64)
+    b = np.asarray(sim_value, dtype=np.float64)
+    if a.shape != b.shape:
+        return QuantizerAgreement(qname, tensor, float("inf"), a.size, a.size)
+    enc = q.encoding
+    if enc.is_float:
+        steps = np.abs(a - b) / np.maximum(np.abs(b), 1e-30) * 1024  # fp16: 10-bit mantissa
+    else:
+        s = enc.scale.numpy().astype(np.float64)
+        if enc.per_channel:
+            shape = [1] * a.ndim
+            shape[enc.axis] = -1
+            s = s.reshape(shape)
+        steps = np.abs(a - b) / s
+    worst = float(steps.max()) if steps.size else 0.0
+    return QuantizerAgreement(qname, tensor, worst, int((steps > 0.5).sum()), int(steps.size))
