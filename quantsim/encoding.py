@@ -210,11 +210,15 @@ def amin_amax(x: torch.Tensor, axis: Optional[int]) -> Tuple[torch.Tensor, torch
 # ----------------------------------------------------------------------------------------------
 # quantize / dequantize / fake-quantize
 # ----------------------------------------------------------------------------------------------
+#: Widest grid (qmax - qmin) computed in float32; wider grids use float64 (see _compute_dtype).
+FLOAT32_MAX_STEPS = 2**21
+
+
 def _compute_dtype(qmin: int, qmax: int) -> torch.dtype:
     # aimet-torch 2.x's stability rule: float32 only while eps32 <= 0.25 / (qmax - qmin), i.e.
     # grids of at most 2^21 steps (<= 21 bits); beyond, x / s has too few fractional bits in
     # float32 (qdq stops being idempotent at 23-24 bits), so wider grids compute in float64.
-    return torch.float32 if qmax - qmin <= 2**21 else torch.float64
+    return torch.float32 if qmax - qmin <= FLOAT32_MAX_STEPS else torch.float64
 
 
 def quantize(

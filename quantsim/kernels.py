@@ -99,6 +99,24 @@ def qdq(
     return _eager_nearest(x, s, lo, hi)
 
 
+def qdq_per_tensor(x: torch.Tensor, scale: float, lo: float, hi: float,
+                   tensors: tuple) -> torch.Tensor:
+    """Per-tensor nearest qdq in float32 from Python-float parameters (the eval hot path).
+
+    ``tensors`` holds the same values as 0-d float32 tensors ``(s, lo, hi)`` for the compiled
+    kernel. Dividing by a float32-valued Python scalar rounds exactly like dividing by the
+    float32 tensor, so both paths give identical results.
+    """
+    use_compiled = _backend == "compiled" or (
+        _backend == "auto" and x.numel() >= AUTO_MIN_ELEMENTS
+    )
+    if use_compiled and not _compile_failed:
+        return _run_compiled(x, *tensors)
+    v = torch.div(x, scale) if x.dtype == torch.float32 else torch.div(x.float(), scale)
+    v.round_().clamp_(lo, hi).mul_(scale)
+    return v.to(x.dtype)
+
+
 def _run_compiled(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     global _compile_failed
     shape = x.shape

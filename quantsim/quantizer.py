@@ -22,8 +22,10 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from quantsim import kernels
 from quantsim.analyzers import EncodingAnalyzer, create_analyzer
 from quantsim.encoding import (
+    FLOAT32_MAX_STEPS,
     Encoding,
     amin_amax,
     fake_quantize,
@@ -37,6 +39,15 @@ from quantsim.encoding import (
 from quantsim.errors import CalibrationError, FakeQuantStateError, QuantizationSettingError
 
 STATES = ("quantize", "calibrate", "observe", "qat")
+
+#: Bumped whenever any quantizer is enabled or disabled, so quantized modules can cache which
+#: of their quantizers are active instead of asking each one on every call.
+_ENABLED_GENERATION = [0]
+
+
+def enabled_generation() -> int:
+    """A counter that changes whenever any quantizer's ``enabled`` flag changes."""
+    return _ENABLED_GENERATION[0]
 
 
 class Quantizer(nn.Module):
@@ -89,7 +100,7 @@ class Quantizer(nn.Module):
             )
         self.shape = tuple(shape)
         self.axis = axis if len(shape) == 1 else None
-        self.enabled = True
+        self._enabled = True
         self.state = "quantize"
         self.frozen = False
         #: 'train' / 'eval': the module mode this quantizer's state requires (quantsim.states)
@@ -103,6 +114,7 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(self.shape))
         self.register_buffer("offset", torch.zeros(self.shape))
         self.register_buffer("initialized", torch.tensor(self.data_type == "float"))
+        self._fast_cache = None
         self.register_parameter("min", None)
         self.register_parameter("max", None)
         self.analyzer: EncodingAnalyzer = create_analyzer(scheme, axis=self.axis, name=name)
@@ -120,6 +132,16 @@ class Quantizer(nn.Module):
         if value != self._bitwidth and self.data_type == "int":
             self.initialized.fill_(False)
         self._bitwidth = value
+
+    @property
+    def enabled(self) -> bool:
+        """False makes the quantizer pass values through unchanged."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        _ENABLED_GENERATION[0] += 1
 
     @property
     def learnable(self) -> bool:
@@ -294,7 +316,7 @@ class Quantizer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Observe and/or fake-quantize ``x`` according to :attr:`state`."""
-        if not self.enabled or not x.is_floating_point():
+        if not self._enabled or not x.is_floating_point():
             return x
         if self.required_mode is not None:
             self._check_mode()
@@ -310,9 +332,33 @@ class Quantizer(nn.Module):
             raise CalibrationError(
                 f"{self.name or 'Quantizer'} has no encoding: run compute_encodings() (or "
                 "load_encodings()) first, or disable it with .enabled = False")
+        if not self.learnable and self.axis is None and self.rounding == "nearest" and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            fast = self._per_tensor_constants()
+            if fast is not None:
+                return kernels.qdq_per_tensor(x, *fast)
         scale, offset = self._scale_offset()
         qmin, qmax = self.qmin_qmax
         return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
+
+    def _per_tensor_constants(self):
+        """``(scale, lo, hi, tensors)`` as Python floats for the eval hot path, recomputed only
+        when the encoding changes (buffer version counters, settings); None for grids that
+        need float64 arithmetic."""
+        key = (self.scale._version, self.offset._version, self.scale.device, self._bitwidth,
+               self.symmetric, self.strict, self._unsigned)
+        cached = self._fast_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        qmin, qmax = self.qmin_qmax
+        value = None
+        if qmax - qmin <= FLOAT32_MAX_STEPS:
+            scale, offset = float(self.scale), float(self.offset)
+            tensors = (self.scale.reshape(()), (self.offset + qmin).reshape(()),
+                       (self.offset + qmax).reshape(()))
+            value = (scale, offset + qmin, offset + qmax, tensors)
+        self._fast_cache = (key, value)
+        return value
 
     def _check_mode(self) -> None:
         mode = "train" if self.training else "eval"

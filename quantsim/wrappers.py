@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from quantsim.quantizer import Quantizer
+from quantsim.quantizer import Quantizer, enabled_generation
 
 _PARAM_AXES: Dict[Type[nn.Module], Dict[str, int]] = {}
 _QUANTIZED_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}
@@ -74,53 +74,54 @@ class QuantizationMixin:
         nn.Module.__setattr__(self, "output_quantizers", nn.ModuleList())
         nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
         self._qparam_cache: Dict[str, Tuple[Any, torch.Tensor]] = {}
+        self._plan: Tuple[int, bool, bool, bool] = (-1, True, True, True)
+
+    def _active(self) -> Tuple[bool, bool, bool]:
+        """Whether any input / output / parameter quantizer is enabled (cached per generation)."""
+        plan = self._plan
+        if plan[0] != enabled_generation():
+            modules = self._modules
+            plan = (enabled_generation(),
+                    any(q.enabled for q in modules["input_quantizers"]),
+                    any(q.enabled for q in modules["output_quantizers"]),
+                    any(q.enabled for q in modules["param_quantizers"].values()))
+            self._plan = plan
+        return plan[1:]
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):  # noqa: D102 (documented in the module docstring)
-        if len(self.input_quantizers):
+        inputs_on, outputs_on, params_on = self._active()
+        if inputs_on:
             args = self._quantize_inputs(args)
-        patched = self._patch_params()
+        patched = self._patch_params() if params_on else ()
         try:
             out = super().forward(*args, **kwargs)
         finally:
             for name, param in patched:
                 self._parameters[name] = param
-        if len(self.output_quantizers):
+        if outputs_on:
             out = self._quantize_outputs(out)
         return out
 
     def _quantize_inputs(self, args: tuple) -> tuple:
-        quantizers = self.input_quantizers
+        quantizers = self._modules["input_quantizers"]
         if all(isinstance(a, torch.Tensor) for a in args):  # the common case, no pytree cost
+            n = len(quantizers)
             return tuple(
-                quantizers[i](a) if i < len(quantizers) and a.is_floating_point() else a
+                quantizers[i](a) if i < n and a.is_floating_point() else a
                 for i, a in enumerate(args))
-        leaves, spec = pytree.tree_flatten(args)
-        i = 0
-        for j, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                if i < len(quantizers):
-                    leaves[j] = quantizers[i](leaf)
-                i += 1
-        return pytree.tree_unflatten(leaves, spec)
+        return _map_float_leaves(args, quantizers)
 
     def _quantize_outputs(self, out: Any) -> Any:
-        quantizers = self.output_quantizers
+        quantizers = self._modules["output_quantizers"]
         if isinstance(out, torch.Tensor):
             return quantizers[0](out) if out.is_floating_point() else out
-        leaves, spec = pytree.tree_flatten(out)
-        i = 0
-        for j, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                if i < len(quantizers):
-                    leaves[j] = quantizers[i](leaf)
-                i += 1
-        return pytree.tree_unflatten(leaves, spec)
+        return _map_float_leaves(out, quantizers)
 
     def _patch_params(self):
         """Swap fake-quantized parameters in; return what to restore."""
         patched = []
-        for name, quantizer in self.param_quantizers.items():
+        for name, quantizer in self._modules["param_quantizers"].items():
             param = self._parameters.get(name)
             if param is None or not quantizer.enabled:
                 continue
@@ -143,6 +144,18 @@ class QuantizationMixin:
 
     def extra_repr(self) -> str:  # keeps the float module's own description
         return super().extra_repr()
+
+
+def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:
+    """Apply ``quantizers[i]`` to the i-th floating-point tensor leaf of ``tree``."""
+    leaves, spec = pytree.tree_flatten(tree)
+    i = 0
+    for j, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            if i < len(quantizers):
+                leaves[j] = quantizers[i](leaf)
+            i += 1
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def quantize_module(module: nn.Module) -> nn.Module:
