@@ -18,6 +18,8 @@ from quantsim.errors import (
 from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from quantsim.qat_convert import ConvertedQATModel, convert_qat_model
 from quantsim.quantizer import Quantizer
+from quantsim.retrain import (create_quant_retrain_config, create_quant_retrain_model,
+                              restore_quant_retrain_model, save_quant_retrain_model)
 from quantsim.sim import QuantizationDataType, QuantizationSimModel, QuantScheme
 from quantsim.export.verify import verify
 from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precision_output
@@ -28,7 +30,9 @@ __all__ = [
     "CalibrationError", "CheckpointError", "ConfigError", "ConvertedQATModel", "Encoding",
     "EncodingsError", "ExportError", "FakeQuantState", "QuantizationDataType",
     "QuantizationSettingError", "QuantizationSimModel", "QuantScheme", "QuantSimError",
-    "Quantizer", "UnsupportedModelError", "convert_qat_model", "load_checkpoint",
+    "Quantizer", "UnsupportedModelError", "convert_qat_model", "create_quant_retrain_config",
+    "create_quant_retrain_model", "load_checkpoint", "restore_quant_retrain_model",
+    "save_quant_retrain_model",
     "load_optimizer_state", "save_checkpoint", "set_fake_quantize", "set_high_precision_output",
     "verify",
 ]

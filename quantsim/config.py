@@ -154,8 +154,6 @@ class HardwareConfig:
     model_output: Optional[bool]
     supergroup_pass_list: List[str] = field(default_factory=list)
     source: str = field(default="<dict>", compare=False)
-    #: the validated JSON document it was built from (to save it in checkpoints); not compared
-    data: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any], HardwareConfig, None]
@@ -194,6 +192,12 @@ def load_config(source: ConfigSource = None) -> HardwareConfig:
         raise ConfigError("\n".join(problems))
     _warn_unknown_names(data, label)
     return _build(data, label)
+
+
+def read_config_document(source: ConfigSource = None) -> Dict[str, Any]:
+    """The JSON document of a config source as written (no validation, string booleans kept):
+    what a checkpoint stores so that :func:`load_config` can rebuild the same config."""
+    return _read(DEFAULT_CONFIG if source is None else source)[1]
 
 
 @lru_cache(maxsize=1)
@@ -439,7 +443,6 @@ def _build(data: Dict[str, Any], label: str) -> HardwareConfig:
         model_output=_flag(data["model_output"].get("is_output_quantized")),
         supergroup_pass_list=list(data.get("supergroup_pass_list", ())),
         source=label,
-        data=data,
     )
 
 

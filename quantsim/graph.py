@@ -98,6 +98,9 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
           forward: Callable[[nn.Module, Any], Any] = run_forward) -> ModelGraph:
     """Run ``model`` once on ``dummy_input`` with hooks on ``leaves`` and return the graph.
 
+    The pass runs in eval mode under ``no_grad`` (so BatchNorm statistics and the like are not
+    touched); every module's train/eval mode is restored afterwards.
+
     Raises:
         UnsupportedModelError: the forward pass with ``dummy_input`` failed (the cause chained).
     """
@@ -156,7 +159,9 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
     for name, module in leaves.items():
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()
         with torch.no_grad():
             output = forward(model, dummy_input)
     except Exception as exc:
@@ -167,6 +172,8 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     for t in float_leaves(output):
         src = source_of(t)
         if src.kind == "module":

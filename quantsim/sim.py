@@ -151,7 +151,7 @@ class QuantizationSimModel:
             default_data_type=self._data_type)
         self.config: config_mod.HardwareConfig = config_mod.load_config(
             config_mod.DEFAULT_CONFIG if config_file is None else config_file)
-        self.init_kwargs["config_file"] = self.config.data
+        self.init_kwargs["config_file"] = config_mod.read_config_document(config_file)
         self.model = model if in_place else copy.deepcopy(model)
         _replace_attention(self.model)
         leaves = leaf_modules(self.model, lambda m: _is_leaf(m) or is_registered(m))

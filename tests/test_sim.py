@@ -318,3 +318,13 @@ def test_exclude_layers_from_quantization(digits_cnn, digits):
     assert not any(q.enabled for n, q in sim.named_quantizers() if n.startswith(("fc.", "conv2.")))
     with pytest.raises(UnsupportedModelError, match="not a quantized module"):
         sim.exclude_layers_from_quantization(["nope"])
+
+
+def test_construction_leaves_batch_norm_statistics_and_modes(digits):
+    """Building a sim from a model in train() mode neither updates BatchNorm running
+    statistics nor changes any module's mode."""
+    model = DigitsCNN().train()
+    before = model.bn1.running_mean.clone()
+    sim = QuantizationSimModel(model, digits[0][:8], in_place=True)
+    assert torch.equal(model.bn1.running_mean, before)
+    assert all(m.training for m in sim.model.modules())
