@@ -124,7 +124,7 @@ def adjust_range(
     """Make an observed range encodable; the one place range adjustment is written.
 
     1. include zero (so 0.0 is exactly representable);
-    2. clamp infinities to the float32 range;
+    2. clamp infinities to half the float32 range each side (the scale stays finite);
     3. widen a range narrower than ``num_steps * MINIMUM_SCALE`` (aimet-torch 2.x rule);
     4. for symmetric grids, pick ``delta = max(max / pos, -min / neg)`` and return the
        grid-aligned ``(-neg * delta, pos * delta)`` with ``pos = floor(N/2)``, ``neg = ceil(N/2)``.
@@ -137,7 +137,8 @@ def adjust_range(
     Returns:
         ``(min, max)`` float32 tensors, same shape as the inputs.
     """
-    fmax = torch.finfo(torch.float32).max
+    # half the float32 range each side, so that max - min (hence the scale) stays finite
+    fmax = torch.finfo(torch.float32).max / 2
     min_val = torch.as_tensor(min_val, dtype=torch.float32).clamp(min=-fmax, max=0.0)
     max_val = torch.as_tensor(max_val, dtype=torch.float32).clamp(min=0.0, max=fmax)
     min_val = torch.nan_to_num(min_val, nan=0.0)
