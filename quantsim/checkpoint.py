@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -28,6 +27,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
+from quantsim.atomic import atomic_write
 from quantsim.errors import CheckpointError
 
 FORMAT = "quantsim-checkpoint"
@@ -68,18 +68,7 @@ def save_checkpoint(sim, file_path: PathLike, optimizer: Optional[torch.optim.Op
         "state_dict": sim.model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
     }
-    path = Path(file_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(file_path, lambda f: torch.save(payload, f))
 
 
 def _read(file_path: PathLike) -> Dict[str, Any]:

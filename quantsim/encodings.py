@@ -28,13 +28,11 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -42,6 +40,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from jsonschema import Draft202012Validator
 
+from quantsim.atomic import atomic_write_text
 from quantsim.encoding import INT_BITWIDTHS, Encoding
 from quantsim.errors import EncodingsError, QuantizationSettingError
 
@@ -653,39 +652,10 @@ def _dumps(doc: Dict[str, Any], sort: bool) -> str:
 
 
 def _atomic_write(path: PathLike, text: str) -> None:
-    """Temp file in the target directory, fsync, ``os.replace``; the temp file never survives."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
     try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else _default_mode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        atomic_write_text(path, text)
     except OSError as exc:
         raise EncodingsError(f"{path}: cannot write: {exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise EncodingsError(f"{path}: cannot write: {exc}") from None
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable (POSIX)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 # -- loading -----------------------------------------------------------------------------------

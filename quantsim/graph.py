@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -195,13 +195,3 @@ def leaf_modules(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Dict
 
     visit("", model)
     return found
-
-
-def iter_model_inputs(graph: ModelGraph) -> Iterable[Tuple[str, int]]:
-    """(consumer, input index) pairs fed directly by a model input."""
-    seen = set()
-    for call in graph.calls:
-        for i, src in enumerate(call.inputs):
-            if src is not None and src.kind == "model_input" and (call.name, i) not in seen:
-                seen.add((call.name, i))
-                yield call.name, i

@@ -56,6 +56,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from quantsim.atomic import atomic_write_text
 from quantsim.encodings import write_torch_encodings
 from quantsim.errors import (CalibrationError, CheckpointError, ConfigError, ExportError,
                              QuantizationSettingError, UnsupportedModelError)
@@ -256,7 +257,7 @@ class RetrainConfig:
 
     def write(self, path: PathLike) -> None:
         """Write the config atomically (indented JSON)."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _read_json(path: PathLike, what: str) -> Any:
@@ -267,22 +268,6 @@ def _read_json(path: PathLike, what: str) -> Any:
         raise ConfigError(f"{what} not found: {path}") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path}: not readable JSON: {exc}") from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temp file next to ``path``, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

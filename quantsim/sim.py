@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from quantsim import config as config_mod
-from quantsim.encoding import Encoding, validate_bitwidth, validate_data_type, validate_rounding
+from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
-from quantsim.graph import ModelGraph, leaf_modules, run_forward, trace
+from quantsim.graph import ModelGraph, leaf_modules, trace
 from quantsim.op_types import onnx_types_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -69,6 +68,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from quantsim.atomic import atomic_write_text
 from quantsim.errors import BalanceError, BalanceRecordError, CalibrationError
 from quantsim.graph import ModelGraph, leaf_modules, run_forward, trace
 from quantsim.nn.elementwise import MatMul
@@ -668,21 +668,8 @@ def _entry(layer: _Layer, method: str, factors: torch.Tensor, fold: Optional[_Fo
 
 
 def _write_record(path: Union[str, os.PathLike], record: Dict[str, Any]) -> None:
-    """Write ``record`` as JSON atomically (temp file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".balance-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``record`` as JSON atomically."""
+    atomic_write_text(path, json.dumps(record, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
