@@ -12,9 +12,10 @@ This works on any model that runs (no torch.fx restrictions), which is what plac
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -82,6 +83,19 @@ def _storage_key(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
     except RuntimeError:  # tensors without storage (e.g. some subclasses)
         return -1
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block; every module's own train/eval flag is restored
+    afterwards (not just the root's)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def run_forward(model: nn.Module, dummy_input: Any) -> Any:
@@ -159,10 +173,8 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
     for name, module in leaves.items():
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             output = forward(model, dummy_input)
     except Exception as exc:
         raise UnsupportedModelError(
@@ -172,8 +184,6 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     for t in float_leaves(output):
         src = source_of(t)
         if src.kind == "module":

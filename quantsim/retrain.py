@@ -731,16 +731,11 @@ def _build(config_file: PathLike, model: nn.Module, record_file: PathLike, input
     work = copy.deepcopy(_unwrap(model, where))
     scanned = _scan(work, input_data)
     _check_against_model(config, scanned, f"{where}: {config_file}")
-    modes = {m: m.training for m in work.modules()}
     g = config.global_settings
-    try:
-        work.eval()  # the sim's trace must not update BatchNorm statistics
-        sim = QuantizationSimModel(work, input_data, quant_scheme=g.quant_scheme,
-                                   default_output_bw=g.bitwidth, default_param_bw=g.bitwidth,
-                                   in_place=True, config_file=g.hardware_config)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    # the sim traces in eval mode, so BatchNorm statistics are not updated
+    sim = QuantizationSimModel(work, input_data, quant_scheme=g.quant_scheme,
+                               default_output_bw=g.bitwidth, default_param_bw=g.bitwidth,
+                               in_place=True, config_file=g.hardware_config)
     _apply_layers(sim, config)
     _warn_small_cin(config, scanned)
     return QuantRetrainSession(sim, config, record_file)

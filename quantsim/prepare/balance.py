@@ -70,7 +70,7 @@ from torch.utils import _pytree as pytree
 
 from quantsim.atomic import atomic_write_text
 from quantsim.errors import BalanceError, BalanceRecordError, CalibrationError
-from quantsim.graph import ModelGraph, leaf_modules, run_forward, trace
+from quantsim.graph import ModelGraph, eval_mode, leaf_modules, run_forward, trace
 from quantsim.nn.elementwise import MatMul
 from quantsim.op_types import register_op_type
 
@@ -380,15 +380,9 @@ class _Model:
             self.undo.pop()()
 
     def outputs(self) -> List[torch.Tensor]:
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return [t.detach().clone() for t in _tensors(run_forward(self.model,
-                                                                         self.dummy_input))]
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with eval_mode(self.model), torch.no_grad():
+            return [t.detach().clone() for t in _tensors(run_forward(self.model,
+                                                                     self.dummy_input))]
 
     def output_change(self) -> float:
         now = self.outputs()
@@ -754,13 +748,7 @@ def balance_activations(
     explicit = modules is not None
     names = _explicit(modules, model, leaves) if explicit else \
         [n for n, leaf in leaves.items() if isinstance(leaf, _CONSUMERS)]
-    modes = {mod: mod.training for mod in model.modules()}
-    model.eval()
-    try:
-        graph = trace(model, dummy_input, leaves)
-    finally:
-        for mod, mode in modes.items():
-            mod.training = mode
+    graph = trace(model, dummy_input, leaves)  # runs in eval mode, restores modes
     m = _Model(model, dummy_input)
     if not m.reference:
         raise BalanceError("the model's output for dummy_input holds no tensor: the float "

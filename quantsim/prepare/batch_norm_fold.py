@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from quantsim.errors import UnsupportedModelError
+from quantsim.graph import eval_mode
 from quantsim.nn.fused import check_foldable, fold_batch_norm_, fuse_conv_bn
 from quantsim.prepare._recording import RuntimeTrace, record_run
 
@@ -121,13 +122,8 @@ def find_conv_bn_pairs(model: nn.Module, input_shapes: Shapes = None,
     """
     if isinstance(model, nn.DataParallel):
         model = model.module
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         trace = record_run(model, _dummy(model, input_shapes, dummy_input), ops=True)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return _pairs_from_trace(model, trace)
 
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch  # noqa: F401  (used by the docstring example)
 from torch import nn
 
+from quantsim.graph import eval_mode
 from quantsim.op_types import onnx_types_of
 from quantsim.prepare._recording import RuntimeTrace, is_leaf_module, record_run
 from quantsim.prepare.functional import (
@@ -252,13 +253,8 @@ class ModelValidator:
                 "use torch.nn.parallel.DistributedDataParallel (one process per device), or "
                 "pass model.module"))
             model = model.module
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
+        with eval_mode(model):
             trace = record_run(model, model_input, examples=True, ops=True)
             for check in cls._checks:
                 findings.extend(check(model, model_input, trace))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         return ValidationResult(findings)
