@@ -191,9 +191,10 @@ class QuantizationSimModel:
                 shape = (param.shape[axis],) if axis is not None else ()
                 module.param_quantizers[pname] = self._new_quantizer(
                     f"{name}.param_quantizers.{pname}", setting, self._param_bw, shape, axis)
-        # a quantizer lives on the device of the module it belongs to
+        # a quantizer lives on the device of its module (or the model's, for parameterless ones)
+        model_ref = next(self.model.parameters(), None)
         for name, module in leaves.items():
-            ref = next(iter(module.parameters(recurse=False)), None)
+            ref = next(module.parameters(recurse=False), model_ref)
             if ref is not None:
                 for _, q in quantizer_items(module):
                     q.to(ref.device)

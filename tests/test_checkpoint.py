@@ -26,11 +26,13 @@ def _sim(scheme="range_learning_tf", seed=0):
     return sim, x
 
 
-def _train_steps(sim, opt, x, y, steps, seed):
-    torch.manual_seed(seed)
+def _train_steps(sim, opt, x, y, steps, seed=None):
+    """SGD steps on random batches; ``seed=None`` continues the current RNG stream."""
+    if seed is not None:
+        torch.manual_seed(seed)
     losses = []
     sim.model.train()
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (32,))
         opt.zero_grad()
         loss = nn.functional.cross_entropy(sim.model(x[idx]), y[idx])
@@ -75,15 +77,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     opt3 = torch.optim.SGD(resumed.model.parameters(), lr=0.05, momentum=0.9)
     load_optimizer_state(tmp_path / "mid.qsim", opt3)
     torch.set_rng_state(rng)
-    second = []
-    resumed.model.train()
-    for _ in range(3):
-        idx = torch.randint(0, len(x_train), (32,))
-        opt3.zero_grad()
-        loss = nn.functional.cross_entropy(resumed.model(x_train[idx]), y_train[idx])
-        loss.backward()
-        opt3.step()
-        second.append(loss.item())
+    second = _train_steps(resumed, opt3, x_train, y_train, 3)
     assert first + second == full
 
 
