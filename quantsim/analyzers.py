@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from quantsim.encoding import MINIMUM_SCALE, dequantize, quantize
+from quantsim.encoding import MINIMUM_SCALE, rounding_error_in_steps
 from quantsim.errors import CalibrationError, QuantizationSettingError
 
 Stats = Dict[str, torch.Tensor]
@@ -110,12 +110,19 @@ def _widen_degenerate(lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor,
     return torch.where(same, lo - pad, lo), torch.where(same, hi + pad, hi)
 
 
-def _bin_positions(lo: torch.Tensor, hi: torch.Tensor, num_bins: int,
-                   at: torch.Tensor) -> torch.Tensor:
-    """Positions ``lo + at * (hi - lo) / num_bins`` per row (0 for rows without data)."""
+def _bin_geometry(lo: torch.Tensor, hi: torch.Tensor,
+                  num_bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row: where bin 0 starts and how wide bins are (both 0 for rows without data)."""
     seen = lo <= hi
     origin = torch.where(seen, lo, torch.zeros_like(lo))
     width = torch.where(seen, (hi - lo) / num_bins, torch.zeros_like(lo))
+    return origin, width
+
+
+def _bin_positions(lo: torch.Tensor, hi: torch.Tensor, num_bins: int,
+                   at: torch.Tensor) -> torch.Tensor:
+    """Positions ``lo + at * (hi - lo) / num_bins`` per row (0 for rows without data)."""
+    origin, width = _bin_geometry(lo, hi, num_bins)
     return origin[:, None] + width[:, None] * at
 
 
@@ -144,6 +151,7 @@ class EncodingAnalyzer(ABC):
         self.axis = axis
         self.name = name
         self._stats: Optional[Stats] = None
+        self._generation = 0
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -151,9 +159,15 @@ class EncodingAnalyzer(ABC):
         """True once at least one finite value has been observed."""
         return self._stats is not None
 
+    @property
+    def generation(self) -> int:
+        """A counter that changes whenever the statistics change (observe, merge, reset)."""
+        return self._generation
+
     def reset(self) -> None:
         """Forget every statistic."""
         self._stats = None
+        self._generation += 1
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -175,6 +189,7 @@ class EncodingAnalyzer(ABC):
         if self._stats is None:
             self._stats = self._empty_stats(rows.shape[0], rows.device)
         self._stats = self._update(self._stats, rows, batch_min, batch_max, finite)
+        self._generation += 1
 
     @torch.no_grad()
     def compute_range(self, num_steps: int, symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +239,7 @@ class EncodingAnalyzer(ABC):
             return
         device = (self._stats or other._stats)["min"].device
         theirs = {k: v.to(device) for k, v in other._stats.items()}
+        self._generation += 1
         if self._stats is None:
             self._stats = {k: v.clone() for k, v in theirs.items()}
             return
@@ -248,6 +264,7 @@ class EncodingAnalyzer(ABC):
         if self._stats is None:
             self._stats = self._empty_stats(channels, device)
         self._stats = self._all_reduce(self._stats, group)
+        self._generation += 1
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -530,7 +547,7 @@ class SqnrAnalyzer(_HistogramAnalyzer):
             deltas, offsets = self._symmetric_candidates(lo, hi, num_steps)
         else:
             deltas, offsets = self._asymmetric_candidates(lo, hi, num_steps)
-        noise = self._noise(stats, deltas, offsets, num_steps)
+        noise = self._noise(stats, deltas, offsets, num_steps, shared_offset=symmetric)
         best = noise.argmin(dim=1, keepdim=True)
         delta, offset = deltas.gather(1, best).squeeze(1), offsets.gather(1, best).squeeze(1)
         return offset * delta, (offset + num_steps) * delta
@@ -561,31 +578,84 @@ class SqnrAnalyzer(_HistogramAnalyzer):
         deltas = deltas.clamp_(min=MINIMUM_SCALE)
         return deltas, torch.full_like(deltas, (-num_steps) // 2)
 
-    def _noise(self, stats: Stats, deltas, offsets, num_steps) -> torch.Tensor:
-        """``(C, K)`` weighted noise of every candidate, a cache-sized block of channels at once."""
-        mids = _bin_positions(stats["lo"], stats["hi"], self.num_bins,
-                              torch.arange(self.num_bins, device=deltas.device) + 0.5)
-        counts = stats["counts"].to(torch.float32)
-        step = max(1, _NOISE_ELEMENTS // (deltas.shape[1] * self.num_bins))
-        return torch.cat([
-            self._block_noise(mids[i:i + step], counts[i:i + step], deltas[i:i + step],
-                              offsets[i:i + step], num_steps)
-            for i in range(0, deltas.shape[0], step)])
+    def _noise(self, stats: Stats, deltas, offsets, num_steps, shared_offset: bool) -> torch.Tensor:
+        """``(C, K)`` weighted noise of every candidate ``(deltas[c, k], offsets[c, k])``.
 
-    def _block_noise(self, mids, counts, deltas, offsets, num_steps) -> torch.Tensor:
-        """Noise of candidates ``(deltas[c, k], offsets[c, k])`` on ``(mids[c], counts[c])``."""
-        channels, candidates = deltas.shape
-        x = mids[:, None, :].expand(-1, candidates, -1).reshape(channels * candidates, -1)
-        scale = deltas.reshape(-1)
-        offset = offsets.reshape(-1)
-        # quantize/dequantize are plain torch ops: no compile stall on the first calibration.
-        codes = quantize(x, scale, offset, 0, num_steps, axis=0)
-        sq = dequantize(codes, scale, offset, axis=0).sub_(x).square_()
+        The squared qdq error of every bin midpoint (clipped values included) is summed a
+        cache-sized block of channels at once; clipped bins then get their extra ``gamma - 1``
+        share in closed form from prefix sums (the clipped bins of a row are a prefix and a
+        suffix of its sorted midpoints). Only non-empty bins are evaluated: a weight row of a
+        few hundred values fills a small part of its 2048 bins. ``shared_offset``: every
+        candidate has the offset ``offsets[0, 0]`` (symmetric search)."""
+        mids, counts = _nonempty_bins(stats["lo"], stats["hi"], stats["counts"].to(torch.float32))
+        step = max(1, _NOISE_ELEMENTS // (deltas.shape[1] * mids.shape[1]))
+        offset = float(offsets[0, 0]) if shared_offset and offsets.numel() else None
+        noise = torch.cat([
+            _squared_error(mids[i:i + step], counts[i:i + step], deltas[i:i + step],
+                           offsets[i:i + step] if offset is None else offset, num_steps)
+            for i in range(0, deltas.shape[0], step)])
         if self.gamma != 1.0:
-            # Rounding moves a value by at most half a step; any larger error is clipping.
-            clipped = sq > (0.5 * scale[:, None]) ** 2
-            sq = torch.where(clipped, sq * self.gamma, sq)
-        return torch.bmm(sq.view(channels, candidates, -1), counts[:, :, None]).squeeze(2)
+            noise = noise + (self.gamma - 1.0) * _clipping_error(
+                mids, counts, deltas, offsets, num_steps).to(noise.dtype)
+        return noise
+
+
+def _squared_error(mids, counts, deltas, offsets, num_steps) -> torch.Tensor:
+    """``(c, K)``: ``sum_b counts[c, b] * (mids[c, b] - qdq_k(mids[c, b]))^2`` for the
+    candidates ``(deltas[c, k], offsets[c, k])`` (``offsets`` may be one number)."""
+    off = offsets[:, :, None] if isinstance(offsets, torch.Tensor) else offsets
+    errors = rounding_error_in_steps(mids[:, None, :] / deltas[:, :, None], off, 0, num_steps)
+    # mul_ + sum, not bmm: batched matrix-vector products are several times slower on CPU
+    return errors.square_().mul_(counts[:, None, :]).sum(dim=2) * deltas.square()
+
+
+def _clipping_error(mids, counts, deltas, offsets, num_steps) -> torch.Tensor:
+    """``(C, K)`` float64: the squared error of the clipped bins alone, per candidate.
+
+    A bin clips when its midpoint lies more than half a step outside the grid
+    ``[offset * delta, (offset + num_steps) * delta]``; its error is the distance to that end.
+    ``mids`` must ascend along each row. Sums of ``count``, ``count * m`` and
+    ``count * m^2`` over the clipped prefix and suffix give the error without a pass over
+    the bins per candidate."""
+    m, c = mids.to(torch.float64), counts.to(torch.float64)
+    zero = m.new_zeros(m.shape[0], 1)
+    prefix = [torch.cat([zero, p.cumsum(1)], dim=1) for p in (c, c * m, c * m * m)]
+    d, o = deltas.to(torch.float64), offsets.to(torch.float64)
+    low_end, high_end = o * d, (o + num_steps) * d
+    below = torch.searchsorted(m, low_end - 0.5 * d)  # bins with m < low_end - d / 2
+    above = torch.searchsorted(m, high_end + 0.5 * d, right=True)  # first m > high_end + d / 2
+
+    def error(ends: torch.Tensor, sums: list) -> torch.Tensor:
+        return (sums[2] - 2 * ends * sums[1] + ends * ends * sums[0]).clamp_(min=0)
+
+    low = error(low_end, [p.gather(1, below) for p in prefix])
+    high = error(high_end, [p[:, -1:] - p.gather(1, above) for p in prefix])
+    return low + high
+
+
+def _nonempty_bins(lo: torch.Tensor, hi: torch.Tensor,
+                   counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints and counts of the bins of each row that hold data, in order, cut to the
+    widest row's count.
+
+    Shorter rows are padded with zero-count bins at ``hi`` (past every midpoint), so rows
+    still ascend and the padding adds no error. Histograms that fill most of their bins are
+    returned whole (the compaction would not pay)."""
+    num_bins = counts.shape[1]
+    nonempty = counts > 0
+    filled = nonempty.sum(dim=1)
+    width = max(int(filled.max()) if counts.numel() else 0, 1)
+    if width > 0.75 * num_bins:
+        return _bin_positions(lo, hi, num_bins,
+                              torch.arange(num_bins, device=counts.device) + 0.5), counts
+    rows, cols = nonempty.nonzero(as_tuple=True)
+    slots = torch.arange(rows.numel(), device=counts.device) - (filled.cumsum(0) - filled)[rows]
+    origin, bin_width = _bin_geometry(lo, hi, num_bins)
+    mids = (origin + bin_width * num_bins)[:, None].repeat(1, width)
+    mids[rows, slots] = origin[rows] + bin_width[rows] * (cols.to(lo.dtype) + 0.5)
+    packed = counts.new_zeros(counts.shape[0], width)
+    packed[rows, slots] = counts[rows, cols]
+    return mids, packed
 
 
 # ----------------------------------------------------------------------------------------------

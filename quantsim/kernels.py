@@ -101,22 +101,26 @@ def qdq(
     return _eager_nearest(x, s, lo, hi)
 
 
-def qdq_per_tensor(x: torch.Tensor, scale: float, lo: float, hi: float,
+def qdq_per_tensor(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
                    tensors: tuple) -> torch.Tensor:
-    """Per-tensor nearest qdq in float32 from Python-float parameters (the eval hot path).
+    """Per-tensor nearest qdq in float32 (the eval hot path).
 
-    ``tensors`` holds the same values as 0-d float32 tensors ``(s, lo, hi)`` for the compiled
-    kernel. Dividing by a float32-valued Python scalar rounds exactly like dividing by the
-    float32 tensor, so both paths give identical results.
+    ``scale`` is a 0-d float32 tensor, ``lo`` / ``hi`` the clamp bounds ``o + qmin`` /
+    ``o + qmax`` as Python floats, ``tensors`` the three values as 0-d tensors for the
+    compiled kernel. The argument types are chosen for speed on small tensors (a Python float
+    costs a scalar wrap in ``div`` / ``mul_``, a tensor bound makes ``clamp_`` take a slow
+    broadcasting kernel); the arithmetic is that of :func:`qdq`, bit for bit.
     """
     use_compiled = _backend == "compiled" or (
         _backend == "auto" and x.numel() >= AUTO_MIN_ELEMENTS
     )
     if use_compiled and not _compile_failed:
         return _run_compiled(x, *tensors)
-    v = torch.div(x, scale) if x.dtype == torch.float32 else torch.div(x.float(), scale)
-    v.round_().clamp_(lo, hi).mul_(scale)
-    return v.to(x.dtype)
+    if x.dtype == torch.float32:
+        v = torch.div(x, scale)
+        return v.round_().clamp_(lo, hi).mul_(scale)
+    v = torch.div(x.float(), scale)
+    return v.round_().clamp_(lo, hi).mul_(scale).to(x.dtype)
 
 
 def _run_compiled(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

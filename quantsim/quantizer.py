@@ -153,11 +153,24 @@ class Quantizer(nn.Module):
         """The internal integer grid ``(qmin, qmax)``."""
         return integer_grid(self._bitwidth, self.symmetric, self.strict, self._unsigned)
 
+    def encoding_tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors the encoding is read from: ``(min, max)`` or ``(scale, offset)``, and
+        ``initialized``. A cache keyed by :meth:`version_key` must hold these to pin their ids."""
+        lo, buffers = self._parameters["min"], self._buffers
+        if lo is not None:
+            return lo, self._parameters["max"], buffers["initialized"]
+        return buffers["scale"], buffers["offset"], buffers["initialized"]
+
     def version_key(self) -> tuple:
-        """Changes whenever the fake-quant result for a fixed input may change (cache key)."""
-        tensors = (self.min, self.max) if self.learnable else (self.scale, self.offset)
-        return (tuple(t._version for t in tensors), self.enabled, self._bitwidth, self.symmetric,
-                self.strict, self._unsigned, self.rounding, self.state, bool(self.initialized))
+        """Changes whenever the fake-quant result for a fixed input may change (cache key).
+
+        Built from the identities and version counters of :meth:`encoding_tensors` (any
+        in-place change or replacement shows) and the settings, never from tensor values, so
+        it costs no device synchronisation: it runs on every eval forward."""
+        a, b, c = self.encoding_tensors()
+        return (id(a), a._version, id(b), b._version, id(c), c._version, self._enabled,
+                self._bitwidth, self.symmetric, self.strict, self._unsigned, self.rounding,
+                self.state, self.data_type, self.axis)
 
     def set_range_constraint(self, min_val: Optional[float], max_val: Optional[float]) -> None:
         """Pin the encoding range (config ``encoding_constraints``).
@@ -321,6 +334,11 @@ class Quantizer(nn.Module):
         if self.required_mode is not None:
             self._check_mode()
         state = self.state
+        if state == "quantize" and self.axis is None and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            fast = self._per_tensor_constants()  # the eval hot path
+            if fast is not None:
+                return kernels.qdq_per_tensor(x, *fast)
         if self.data_type == "float":
             return x if state == "observe" else fake_quantize_float(x)
         if state == "observe" or state == "calibrate":
@@ -332,32 +350,32 @@ class Quantizer(nn.Module):
             raise CalibrationError(
                 f"{self.name or 'Quantizer'} has no encoding: run compute_encodings() (or "
                 "load_encodings()) first, or disable it with .enabled = False")
-        if not self.learnable and self.axis is None and self.rounding == "nearest" and not (
-                x.requires_grad and torch.is_grad_enabled()):
-            fast = self._per_tensor_constants()
-            if fast is not None:
-                return kernels.qdq_per_tensor(x, *fast)
         scale, offset = self._scale_offset()
         qmin, qmax = self.qmin_qmax
         return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
 
     def _per_tensor_constants(self):
-        """``(scale, lo, hi, tensors)`` as Python floats for the eval hot path, recomputed only
-        when the encoding changes (buffer version counters, settings); None for grids that
-        need float64 arithmetic."""
-        key = (self.scale._version, self.offset._version, self.scale.device, self._bitwidth,
-               self.symmetric, self.strict, self._unsigned)
+        """``(scale, lo, hi, tensors)`` for the eval hot path, or None where it does not apply.
+
+        Applies to a calibrated, fixed-range, per-tensor, round-to-nearest integer quantizer
+        whose grid fits float32 arithmetic. The values are those
+        :func:`quantsim.kernels.qdq_per_tensor` takes, recomputed only when :meth:`version_key`
+        changes, so an eval forward neither re-derives the encoding nor synchronises with the
+        device."""
+        key = self.version_key()
         cached = self._fast_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        qmin, qmax = self.qmin_qmax
         value = None
-        if qmax - qmin <= FLOAT32_MAX_STEPS:
-            scale, offset = float(self.scale), float(self.offset)
-            tensors = (self.scale.reshape(()), (self.offset + qmin).reshape(()),
-                       (self.offset + qmax).reshape(()))
-            value = (scale, offset + qmin, offset + qmax, tensors)
-        self._fast_cache = (key, value)
+        if (self.rounding == "nearest" and self.data_type == "int" and not self.learnable
+                and self.is_initialized):
+            qmin, qmax = self.qmin_qmax
+            if qmax - qmin <= FLOAT32_MAX_STEPS:
+                scale, offset = self.scale.reshape(()), float(self.offset)
+                tensors = (scale, (self.offset + qmin).reshape(()),
+                           (self.offset + qmax).reshape(()))
+                value = (scale, offset + qmin, offset + qmax, tensors)
+        self._fast_cache = (key, value, self.encoding_tensors())  # pins the ids in key
         return value
 
     def _check_mode(self) -> None:
