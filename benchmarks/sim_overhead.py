@@ -11,7 +11,7 @@ Prints two tables and writes ``benchmarks/results/sim_overhead.json``:
   config, calibrated) on the same batch in one process, median of N alternating runs after
   warm-up, two threads, eval mode, under ``torch.no_grad()`` and under
   ``torch.inference_mode()``, with the ``auto`` kernel backend (the default: torch.compile for
-  tensors of >= 65536 elements) and ``eager`` for comparison. Models: the digits CNN at batch
+  tensors of >= 2^21 elements) and ``eager`` for comparison. Models: the digits CNN at batch
   64 (1x8x8), ResidualNet at batch 32 and 64 (3x32x32; peers were measured at 64) and
   all-MiniLM-L6-v2's ``BertModel`` at batch 32 x 16 tokens. Target sim/float <= 1.5x, goal
   1.3x; the peers column repeats TOOLCHAIN.md section 9 (W8A8, same batch, same process, CPU).

@@ -222,6 +222,15 @@ def _compute_dtype(qmin: int, qmax: int) -> torch.dtype:
     return torch.float32 if qmax - qmin <= FLOAT32_MAX_STEPS else torch.float64
 
 
+def grid_point(scale: torch.Tensor, offset: torch.Tensor, code: int,
+               grid: Tuple[int, int]) -> torch.Tensor:
+    """The float32 value ``scale * (offset + code)`` of an integer code of ``grid``, computed in
+    the precision fake-quantization uses for that grid, so it equals what qdq returns there
+    (in float32, ``offset + code`` rounds once grids pass 2^24 steps)."""
+    dtype = _compute_dtype(*grid)
+    return (scale.to(dtype) * (offset.to(dtype) + code)).to(scale.dtype)
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -469,12 +478,12 @@ class Encoding:
     @property
     def min(self) -> torch.Tensor:
         """Grid-aligned minimum ``scale * (offset + qmin)``."""
-        return self.scale * (self.offset + self.qmin)
+        return grid_point(self.scale, self.offset, self.qmin, self._grid)
 
     @property
     def max(self) -> torch.Tensor:
         """Grid-aligned maximum ``scale * (offset + qmax)``."""
-        return self.scale * (self.offset + self.qmax)
+        return grid_point(self.scale, self.offset, self.qmax, self._grid)
 
     @property
     def legacy_offset(self) -> torch.Tensor:

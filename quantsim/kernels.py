@@ -123,6 +123,17 @@ def qdq_per_tensor(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
     return v.round_().clamp_(lo, hi).mul_(scale).to(x.dtype)
 
 
+def qdq_per_tensor_(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
+                    tensors: tuple) -> torch.Tensor:
+    """:func:`qdq_per_tensor` that overwrites a float32 ``x`` (no new buffer, and the data is
+    still in cache from the op that produced it) where the eager backend runs; returns the
+    result, which is ``x`` itself in that case."""
+    if x.dtype != torch.float32 or _backend == "compiled" or (
+            _backend == "auto" and x.numel() >= AUTO_MIN_ELEMENTS and not _compile_failed):
+        return qdq_per_tensor(x, scale, lo, hi, tensors)
+    return x.div_(scale).round_().clamp_(lo, hi).mul_(scale)
+
+
 def _run_compiled(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     global _compile_failed
     shape = x.shape

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from quantsim import kernels
 from quantsim.analyzers import EncodingAnalyzer, create_analyzer
@@ -30,6 +31,7 @@ from quantsim.encoding import (
     amin_amax,
     fake_quantize,
     fake_quantize_float,
+    grid_point,
     integer_grid,
     scale_offset_from_range,
     validate_bitwidth,
@@ -215,14 +217,14 @@ class Quantizer(nn.Module):
         if not self.is_initialized or self.data_type == "float":
             return None
         scale, offset = self._scale_offset()
-        return scale * (offset + self.qmin_qmax[0])
+        return grid_point(scale, offset, self.qmin_qmax[0], self.qmin_qmax)
 
     def get_max(self) -> Optional[torch.Tensor]:
         """Grid-aligned maximum ``scale * (offset + qmax)`` (None before calibration)."""
         if not self.is_initialized or self.data_type == "float":
             return None
         scale, offset = self._scale_offset()
-        return scale * (offset + self.qmin_qmax[1])
+        return grid_point(scale, offset, self.qmin_qmax[1], self.qmin_qmax)
 
     @property
     def is_initialized(self) -> bool:
@@ -353,6 +355,22 @@ class Quantizer(nn.Module):
         scale, offset = self._scale_offset()
         qmin, qmax = self.qmin_qmax
         return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
+
+    def forward_owned(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for a tensor that nothing else references: may overwrite ``x``.
+
+        Wrappers call it for a module's fresh output; any case other than the eval hot path
+        (and a quantizer with hooks, which expect a module call) goes through ``self(x)``."""
+        if (self._enabled and self.state == "quantize" and self.axis is None
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and not (self._forward_hooks or self._forward_pre_hooks
+                         or _global_forward_hooks or _global_forward_pre_hooks)):
+            if self.required_mode is not None:
+                self._check_mode()
+            fast = self._per_tensor_constants()
+            if fast is not None:
+                return kernels.qdq_per_tensor_(x, *fast)
+        return self(x)
 
     def _per_tensor_constants(self):
         """``(scale, lo, hi, tensors)`` for the eval hot path, or None where it does not apply.

@@ -20,6 +20,7 @@ type. Types the registry does not know still get wrapped generically (the sim wa
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
@@ -115,7 +116,11 @@ class QuantizationMixin:
     def _quantize_outputs(self, out: Any) -> Any:
         quantizers = self._modules["output_quantizers"]
         if isinstance(out, torch.Tensor):
-            return quantizers[0](out) if out.is_floating_point() else out
+            if not out.is_floating_point():
+                return out
+            if _exclusively_owned(out):  # a fresh result nobody else holds: overwrite it
+                return quantizers[0].forward_owned(out)
+            return quantizers[0](out)
         return _map_float_leaves(out, quantizers)
 
     def _patch_params(self):
@@ -158,6 +163,38 @@ class QuantizationMixin:
 
     def extra_repr(self) -> str:  # keeps the float module's own description
         return super().extra_repr()
+
+
+def _exclusively_owned(t: torch.Tensor) -> bool:
+    """True when overwriting ``t`` can change nothing but the value being returned.
+
+    ``t`` must be a plain tensor, not a view, whose storage no other tensor shares and that
+    no other C++ or Python reference holds (the Python count is compared with that of a fresh
+    tensor passed down the same call chain, measured at import), and that autograd does not
+    track. Anything uncertain answers False (the caller then copies)."""
+    return (type(t) is torch.Tensor and t._base is None and not t.requires_grad
+            and sys.getrefcount(t) == _FRESH_REFCOUNT and t._use_count() == 1
+            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2  # + the probe's
+            and not (t.is_inference() and not torch.is_inference_mode_enabled()))
+
+
+def _fresh_refcount() -> int:
+    """``sys.getrefcount`` seen inside :func:`_exclusively_owned` for a tensor held only by a
+    local of the caller's caller, as ``QuantizationMixin.forward`` holds a module's output."""
+    def forward() -> int:
+        out = torch.empty(1)
+        return quantize_outputs(out)
+
+    def quantize_outputs(out: torch.Tensor) -> int:
+        return probe(out)
+
+    def probe(t: torch.Tensor) -> int:
+        return sys.getrefcount(t)
+
+    return forward()
+
+
+_FRESH_REFCOUNT = _fresh_refcount()
 
 
 def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:

@@ -314,6 +314,50 @@ def test_tf_enhanced_finds_the_brute_force_optimum(symmetric, seed):
     assert got == pytest.approx(best, rel=1e-4)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("gamma", [1.0, 3.0])
+def test_tf_enhanced_per_channel_sparse_histograms_find_the_brute_force_optimum(symmetric, gamma):
+    """Rows of a few dozen values fill few of their 512 bins (as weight rows fill their 2048):
+    the search evaluates only non-empty bins and adds the clipping weight in closed form, and
+    still picks, per channel, a candidate whose plain float64 noise is the minimum."""
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(n, generator=g) * s for n, s in ((9, 0.1), (40, 1.0), (300, 0.02))]
+    width = max(len(r) for r in rows)
+    data = torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])
+    data[1, :2] = torch.tensor([7.0, -5.0])  # outliers worth clipping in one row
+    a = SqnrAnalyzer(axis=0, num_bins=512, gamma=gamma)
+    a.observe(data)
+    stats = {k: v.double() for k, v in a.state_dict_stats().items()}
+    assert int((stats["counts"] > 0).sum(dim=1).max()) < 0.75 * 512  # the compacted path
+    got_lo, got_hi = a.compute_range(255, symmetric)
+    for c in range(3):
+        width = (stats["hi"][c] - stats["lo"][c]) / 512
+        mids = stats["lo"][c] + width * (torch.arange(512, dtype=torch.float64) + 0.5)
+        counts = stats["counts"][c]
+        lo, hi = min(float(stats["min"][c]), 0.0), max(float(stats["max"][c]), 0.0)
+        best = min(_oracle_noise(mids, counts, d, o, 255, gamma)
+                   for d, o in _oracle_candidates(lo, hi, 255, symmetric))
+        delta = (float(got_hi[c]) - float(got_lo[c])) / 255
+        got = _oracle_noise(mids, counts, delta, round(float(got_lo[c]) / delta), 255, gamma)
+        assert got == pytest.approx(best, rel=1e-4), c
+
+
+def test_generation_counts_changes_of_the_statistics():
+    """``generation`` moves on observe, merge and reset (caches key on it), not on reads."""
+    a, b = SqnrAnalyzer(num_bins=16), SqnrAnalyzer(num_bins=16)
+    seen = [a.generation]
+    a.observe(torch.randn(100))
+    seen.append(a.generation)
+    a.compute_range(255, False)
+    assert a.generation == seen[-1]
+    b.observe(torch.randn(100))
+    a.merge_(b)
+    seen.append(a.generation)
+    a.reset()
+    seen.append(a.generation)
+    assert len(set(seen)) == 4
+
+
 # ----------------------------------------------------------------------------------------------
 # percentile
 # ----------------------------------------------------------------------------------------------

@@ -162,13 +162,25 @@ def test_dequantize_of_quantize_equals_fake_quantize(case):
     assert torch.equal(enc.dequantize(enc.quantize(x)).to(torch.float32), enc.fake_quantize(x))
 
 
+def test_wide_grid_ends_equal_saturated_qdq():
+    """At 25 bits ``offset + qmax`` needs 25 significant bits: min/max must be computed in the
+    grid's float64 precision like qdq itself, not rounded in float32 (found by hypothesis)."""
+    enc = Encoding.from_range(torch.tensor([-9329.3, -881930.0]), torch.tensor([1166.1, 448761.7]),
+                              bitwidth=25, axis=0)
+    probe = torch.ones(2, 1)
+    assert torch.equal(enc.fake_quantize(probe * 1e30).reshape(2), enc.max)
+    assert torch.equal(enc.fake_quantize(probe * -1e30).reshape(2), enc.min)
+    float32_end = enc.scale * (enc.offset + enc.qmax)  # the old, rounded computation
+    assert not torch.equal(float32_end, enc.max)
+
+
 @PROPERTY
 @given(cases())
 def test_error_at_most_half_a_step_inside_the_grid(case):
     """Inside [min, max]: |x - qdq(x)| <= scale/2 + 4 * 2^-24 * |x| (float32 rounding, see
     the module docstring). Beyond the grid, qdq saturates: every input above it gives the
-    output of +1e30, which is enc.max (exactly up to 2^24 steps, where the float32 grid end is
-    exact; within 2 float32 ulps beyond), and likewise below."""
+    output of +1e30, which is exactly enc.max at every bitwidth (both are computed in the
+    grid's compute precision), and likewise below."""
     enc, x, axis, _ = case
     y = enc.fake_quantize(x)
     s = bview(enc.scale, x, axis).double()
@@ -184,11 +196,7 @@ def test_error_at_most_half_a_step_inside_the_grid(case):
     assert torch.equal(y[above], top.expand_as(y)[above])
     assert torch.equal(y[below], bottom.expand_as(y)[below])
     top, bottom = top.reshape(enc.max.shape), bottom.reshape(enc.min.shape)
-    if enc.qmax - enc.qmin < 2**24:
-        assert torch.equal(top, enc.max) and torch.equal(bottom, enc.min)
-    else:
-        for got, end in ((top, enc.max), (bottom, enc.min)):
-            assert bool(torch.all((got.double() - end.double()).abs() <= 2.0**-22 * end.abs()))
+    assert torch.equal(top, enc.max) and torch.equal(bottom, enc.min)
 
 
 @PROPERTY
