@@ -8,12 +8,16 @@ config); the W8A16 sim reuses the W8A8 sim's weight encodings (frozen), so only 
 are calibrated again.
 
 Measured (CPU, torch 2.13): cosine with the float embeddings, min / mean over the 64 sentences:
-W8A8 0.797 / 0.859, W8A16 0.993 / 0.998. W8A8 misses 0.99 because 8-bit per-tensor activations
-cannot hold BERT's residual stream (LayerNorm inputs and FFN outputs span about -16..23 with a
-few outlier channels, so typical values fall within one or two quantization steps); keeping just
-those quantizers at 16 bits brings W8A8 to about 0.987 / 0.994. An independent check (float
-model + forward hooks running ``torch.fake_quantize_per_tensor_affine`` with the sim's
-encodings) reproduces the W8A8 figure, so this is quantization, not a simulation error.
+W8A8 0.780 / 0.858, W8A16 0.993 / 0.998. W8A8 misses 0.99 because 8-bit per-tensor activations
+cannot hold BERT's residual stream: a few outlier channels stretch the FFN outputs and the
+LayerNorm inputs after them to -9..247 (layer 0), -19..190 (layer 2), -49..34 (layer 4), so the
+8-bit step there is 0.3 to 1 while typical values are below 1 (tf_enhanced keeps the outliers:
+clipping them costs more noise than it saves). Keeping just those quantizers at 16 bits brings
+W8A8 to about 0.987 / 0.994. An independent check (float model + forward hooks running
+``torch.fake_quantize_per_tensor_affine`` with the sim's encodings) reproduces the W8A8 figure,
+so this is quantization, not a simulation error. The W8A8 figure moves by about 0.02 with
+last-bit float differences (MKL's results depend on buffer alignment, and a few activations
+then land one step apart): 8-bit activations leave no margin here.
 """
 from __future__ import annotations
 
@@ -227,7 +231,7 @@ def test_w8a16_keeps_semantic_search(float_embeddings, w8a16):
 
 
 def test_w8a8_embeddings_stay_close_to_float(float_embeddings, w8a8):
-    """Regression floor for W8A8 (measured min 0.797, mean 0.859)."""
+    """Regression floor for W8A8 (measured min 0.780, mean 0.858)."""
     cos = _cosines(float_embeddings, w8a8[1])
     print(f"\nMiniLM W8A8 tf_enhanced cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
     assert float(cos.min()) >= 0.75 and float(cos.mean()) >= 0.82, cos
