@@ -50,17 +50,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from quantsim.atomic import atomic_write_text
 from quantsim.encodings import write_torch_encodings
-from quantsim.errors import (CalibrationError, CheckpointError, ConfigError, ExportError,
+from quantsim.errors import (CalibrationError, CheckpointError, ConfigError,
                              QuantizationSettingError, UnsupportedModelError)
 from quantsim.export.load import torch_encodings_file
+from quantsim.export.qdq import widen_4bit_pairs
 from quantsim.graph import run_forward
 from quantsim.nn.qat.config import DST_TYPES  # the same dst_type names as the QAT modules
 from quantsim.op_types import is_data_movement
@@ -850,89 +849,6 @@ def restore_quant_retrain_model(config_file: PathLike, model: nn.Module, record_
 # ----------------------------------------------------------------------------------------------
 # saving the ONNX models
 # ----------------------------------------------------------------------------------------------
-_WIDE = {TensorProto.INT4: (TensorProto.INT8, -8, 7), TensorProto.UINT4: (TensorProto.UINT8, 0, 15)}
-
-
-def _widen_4bit_qdq(model: onnx.ModelProto, opset: int = 20) -> int:
-    """Store the 4-bit Q/DQ pairs of a QDQ model in 8-bit containers, with the same values.
-
-    Each int4/uint4 zero point becomes int8/uint8; the 16-level range is kept by clamping:
-    a weight initializer is clamped to its (per-channel) grid range, an activation gets a
-    ``Clip`` before its ``QuantizeLinear``. ONNX Runtime 1.32 then loads the model at every
-    optimisation level, at ``opset`` when no other type needs 21.
-
-    Returns:
-        The number of pairs widened.
-    """
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
-
-    def unique(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
-    widened, clips, zero_points = 0, [], set()
-    for node in g.node:
-        zp = inits.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
-        if zp is None or zp.data_type not in _WIDE:
-            continue
-        _, qmin, qmax = _WIDE[zp.data_type]
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        zero = numpy_helper.to_array(zp).astype(np.float32)
-        lo, hi = scale * (qmin - zero), scale * (qmax - zero)
-        source = inits.get(node.input[0])
-        if source is not None:
-            w = numpy_helper.to_array(source)
-            if scale.ndim:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                lo, hi = lo.reshape(shape), hi.reshape(shape)
-            name = unique(f"{node.input[0]}_clamped")
-            g.initializer.append(numpy_helper.from_array(np.clip(w, lo, hi).astype(w.dtype), name))
-            node.input[0] = name
-        else:
-            if scale.size != 1:
-                raise ExportError(f"{node.name}: a per-channel 4-bit activation has no 8-bit form")
-            lo_n, hi_n, out = unique(f"{node.name}_min"), unique(f"{node.name}_max"), unique(
-                f"{node.input[0]}_clipped4")
-            g.initializer.extend([numpy_helper.from_array(np.float32(lo.reshape(())), lo_n),
-                                  numpy_helper.from_array(np.float32(hi.reshape(())), hi_n)])
-            clips.append(helper.make_node("Clip", [node.input[0], lo_n, hi_n], [out],
-                                          name=unique(f"{node.name}_Clip4")))
-            node.input[0] = out
-        zero_points.add(zp.name)
-        widened += 1
-    for name in zero_points:
-        old = inits[name]
-        wide = _WIDE[old.data_type][0]
-        values = numpy_helper.to_array(old).astype(np.int32)
-        new = helper.make_tensor(name, wide, list(old.dims), values.reshape(-1).tolist())
-        old.CopyFrom(new)
-    # Clips read tensors produced earlier; putting them right after their producers keeps order
-    nodes = list(g.node)
-    for clip in clips:
-        src = clip.input[0]
-        at = next((i + 1 for i, n in enumerate(nodes) if src in n.output), 0)
-        nodes.insert(at, clip)
-    del g.node[:]
-    g.node.extend(nodes)
-    quantized = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
-    stale = [v for v in g.value_info if v.name in quantized]
-    for v in stale:
-        g.value_info.remove(v)
-    wide_types = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16}
-    if widened and not any(t.data_type in wide_types for t in g.initializer):
-        for imp in model.opset_import:
-            if imp.domain in ("", "ai.onnx"):
-                imp.version = max(13, opset)
-    return widened
-
-
 def _dynamic_batch(input_data: Any) -> Any:
     """``dynamic_shapes`` with a dynamic axis 0 for every tensor input."""
     def spec(x: Any) -> Any:
@@ -997,7 +913,7 @@ def save_quant_retrain_model(config_file: PathLike, model: nn.Module, record_fil
         with tempfile.TemporaryDirectory(prefix=f".{prefix.name}.", dir=prefix.parent) as tmp:
             files = session.sim.export(tmp, "model", input_data, onnx_export_args=args)
             qdq_model = onnx.load(str(files.qdq_onnx))
-            _widen_4bit_qdq(qdq_model, args.get("opset_version", 20))
+            widen_4bit_pairs(qdq_model, args.get("opset_version", 20))
             staged = convert_qat_model(qdq_model, os.path.join(tmp, "out"),
                                        deploy_weight_dtype=deploy_weight_dtype)
             out = ConvertedQATModel(f"{prefix}{FAKE_QUANT_SUFFIX}", f"{prefix}{DEPLOY_SUFFIX}")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 from torch import nn
 
 from quantsim import op_types

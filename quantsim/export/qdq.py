@@ -35,8 +35,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from quantsim.encoding import Encoding
 from quantsim.errors import ExportError
@@ -155,23 +156,31 @@ def _rewire(nodes: List[onnx.NodeProto], old: str, new: str) -> None:
                 node.input[i] = new
 
 
+class _Names:
+    """Fresh names for a graph: none that an initializer, node, node output or graph input has."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._taken = {i.name for i in graph.initializer} | {n.name for n in graph.node}
+        for node in graph.node:
+            self._taken.update(node.output)
+        self._taken.update(i.name for i in graph.input)
+
+    def unique(self, name: str) -> str:
+        """``name``, or ``name_<k>`` with the first free ``k``; reserved from now on."""
+        candidate, k = name, 1
+        while candidate in self._taken:
+            candidate, k = f"{name}_{k}", k + 1
+        self._taken.add(candidate)
+        return candidate
+
+
 class _Builder:
     """Creates QDQ nodes and their scale / zero-point initializers with unique names."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.nodes: List[onnx.NodeProto] = []
         self.initializers: List[onnx.TensorProto] = []
-        self._taken = {i.name for i in graph.initializer} | {n.name for n in graph.node}
-        for node in graph.node:
-            self._taken.update(node.output)
-        self._taken.update(i.name for i in graph.input)
-
-    def _unique(self, name: str) -> str:
-        candidate, k = name, 1
-        while candidate in self._taken:
-            candidate, k = f"{name}_{k}", k + 1
-        self._taken.add(candidate)
-        return candidate
+        self._unique = _Names(graph).unique
 
     def qdq(self, source: str, enc: Encoding, base: str, final: Optional[str] = None) -> str:
         """Append the pair (or the fp16 casts) reading ``source``; return the output name."""
@@ -232,6 +241,71 @@ class _Builder:
         self.nodes.append(helper.make_node("Cast", [half], [out], to=TensorProto.FLOAT,
                                            name=self._unique(f"{base}_CastToFloat")))
         return out
+
+
+_WIDE = {TensorProto.INT4: (TensorProto.INT8, -8, 7), TensorProto.UINT4: (TensorProto.UINT8, 0, 15)}
+
+
+def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
+    """Store the 4-bit Q/DQ pairs of a QDQ model in 8-bit containers, with the same values.
+
+    Each int4/uint4 zero point becomes int8/uint8; the 16-level range is kept by clamping:
+    a weight initializer is clamped to its (per-channel) grid range, an activation gets a
+    ``Clip`` before its ``QuantizeLinear``. ONNX Runtime 1.32 then loads the model at every
+    optimisation level (it refuses a uint4 MaxPool input at opset 21), at ``opset`` when no
+    other type needs 21.
+
+    Returns:
+        The number of pairs widened.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    names = _Names(g)
+    widened, zero_points = 0, set()
+    for node in list(g.node):
+        zp = inits.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
+        if zp is None or zp.data_type not in _WIDE:
+            continue
+        _, qmin, qmax = _WIDE[zp.data_type]
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(zp).astype(np.float32)
+        lo, hi = scale * (qmin - zero), scale * (qmax - zero)
+        source = inits.get(node.input[0])
+        if source is not None:
+            w = numpy_helper.to_array(source)
+            if scale.ndim:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            name = names.unique(f"{node.input[0]}_clamped")
+            g.initializer.append(numpy_helper.from_array(np.clip(w, lo, hi).astype(w.dtype), name))
+            node.input[0] = name
+        else:
+            if scale.size != 1:
+                raise ExportError(f"{node.name}: a per-channel 4-bit activation has no 8-bit form")
+            lo_n, hi_n = names.unique(f"{node.name}_min"), names.unique(f"{node.name}_max")
+            out = names.unique(f"{node.input[0]}_clipped4")
+            g.initializer.extend([numpy_helper.from_array(np.float32(lo.reshape(())), lo_n),
+                                  numpy_helper.from_array(np.float32(hi.reshape(())), hi_n)])
+            g.node.append(helper.make_node("Clip", [node.input[0], lo_n, hi_n], [out],
+                                           name=names.unique(f"{node.name}_Clip4")))
+            node.input[0] = out
+        zero_points.add(zp.name)
+        widened += 1
+    for name in zero_points:
+        old = inits[name]
+        values = numpy_helper.to_array(old).astype(np.int32)
+        old.CopyFrom(helper.make_tensor(name, _WIDE[old.data_type][0], list(old.dims),
+                                        values.reshape(-1).tolist()))
+    _toposort(g)  # the Clips were appended; they must run before their QuantizeLinear
+    quantized = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
+    for v in [v for v in g.value_info if v.name in quantized]:
+        g.value_info.remove(v)
+    wide_types = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16}
+    if widened and not any(t.data_type in wide_types for t in g.initializer):
+        _set_opset(model, max(13, opset))
+    return widened
 
 
 def _toposort(graph: onnx.GraphProto) -> None:
