@@ -61,7 +61,7 @@ from quantsim.errors import (CalibrationError, CheckpointError, ConfigError,
 from quantsim.export.load import torch_encodings_file
 from quantsim.export.qdq import widen_4bit_pairs
 from quantsim.graph import run_forward
-from quantsim.nn.qat.config import DST_TYPES  # the same dst_type names as the QAT modules
+from quantsim.nn.qat.config import DST_TYPES, parse_bool  # the QAT modules' names and rules
 from quantsim.op_types import is_data_movement
 from quantsim.qat_convert import DEPLOY_SUFFIX, FAKE_QUANT_SUFFIX, ConvertedQATModel, convert_qat_model
 from quantsim.quantizer import Quantizer
@@ -88,14 +88,6 @@ _SESSION_ATTR = "_quantsim_retrain_session"
 # ----------------------------------------------------------------------------------------------
 # the config file
 # ----------------------------------------------------------------------------------------------
-def _bool(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise QuantizationSettingError(f"{where}: expected a bool (or 'True'/'False'), got {value!r}")
-
-
 def _choice(value: Any, allowed, where: str) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise QuantizationSettingError(f"{where}: {value!r} is not allowed; allowed: {list(allowed)}")
@@ -195,10 +187,10 @@ class RetrainLayerSettings:
         if note is not None and not isinstance(note, str):
             raise QuantizationSettingError(f"{where}.note: a string or null, got {note!r}")
         return cls(_choice(d["type"], SUPPORTED_TYPES, f"{where}.type"),
-                   _bool(d["skip"], f"{where}.skip"),
+                   parse_bool(d["skip"], f"{where}.skip"),
                    _bitwidth(d["weight_bitwidth"], f"{where}.weight_bitwidth"),
                    _bitwidth(d["activation_bitwidth"], f"{where}.activation_bitwidth"),
-                   _bool(d["channel_wise"], f"{where}.channel_wise"), note)
+                   parse_bool(d["channel_wise"], f"{where}.channel_wise"), note)
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON entry (``note`` only when set)."""
@@ -353,7 +345,7 @@ def _apply_definition(definition: Mapping[str, Any], scanned) -> RetrainConfig:
     bits = glob.bitwidth
     w_bits = _bitwidth(d.get("weight_bitwidth", bits), "config_definition.weight_bitwidth")
     a_bits = _bitwidth(d.get("activation_bitwidth", bits), "config_definition.activation_bitwidth")
-    cw = _bool(d.get("channel_wise", True), "config_definition.channel_wise")
+    cw = parse_bool(d.get("channel_wise", True), "config_definition.channel_wise")
     layers = {}
     for name, (module, reason) in scanned.items():
         entry = _default_layer(module, bits, cw, reason)

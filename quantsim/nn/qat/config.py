@@ -36,7 +36,12 @@ DATA_SECTION = "retrain_data_config"
 WEIGHT_SECTION = "retrain_weight_config"
 
 
-def _bool(value: Any, where: str) -> bool:
+def parse_bool(value: Any, where: str) -> bool:
+    """A bool from JSON ``true``/``false`` or AIMET's strings ``"True"``/``"False"`` (any case).
+
+    Raises:
+        QuantizationSettingError: anything else, naming ``where``.
+    """
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -113,7 +118,7 @@ class RetrainDataConfig:
             raise QuantizationSettingError(
                 f"{where}.batch_num: must be an integer >= 1, got {batch_num!r}"
             )
-        fixed_min = _bool(d["fixed_min"], f"{where}.fixed_min")
+        fixed_min = parse_bool(d["fixed_min"], f"{where}.fixed_min")
         clip_min = _optional_float(d["clip_min"], f"{where}.clip_min")
         clip_max = _optional_float(d["clip_max"], f"{where}.clip_max")
         if clip_min is not None and clip_min > 0:
@@ -177,7 +182,7 @@ class RetrainWeightConfig:
                 f"{list(WEIGHT_ALGOS)}"
             )
         return cls(_dst_type(d["dst_type"], f"{where}.dst_type"), algo,
-                   _bool(d["channel_wise"], f"{where}.channel_wise"))
+                   parse_bool(d["channel_wise"], f"{where}.channel_wise"))
 
 
 @dataclass(frozen=True)
