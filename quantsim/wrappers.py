@@ -168,13 +168,14 @@ class QuantizationMixin:
 def _exclusively_owned(t: torch.Tensor) -> bool:
     """True when overwriting ``t`` can change nothing but the value being returned.
 
-    ``t`` must be a plain tensor, not a view, whose storage no other tensor shares and that
-    no other C++ or Python reference holds (the Python count is compared with that of a fresh
+    ``t`` must be a plain tensor, not a view, without elements sharing memory, whose storage
+    no other tensor shares and that no other C++ or Python reference holds (the Python count is compared with that of a fresh
     tensor passed down the same call chain, measured at import), and that autograd does not
     track. Anything uncertain answers False (the caller then copies)."""
     return (type(t) is torch.Tensor and t._base is None and not t.requires_grad
             and sys.getrefcount(t) == _FRESH_REFCOUNT and t._use_count() == 1
             and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2  # + the probe's
+            and torch._debug_has_internal_overlap(t) == 0  # in-place ops refuse overlaps
             and not (t.is_inference() and not torch.is_inference_mode_enabled()))
 
 

@@ -100,6 +100,27 @@ def test_a_module_returning_its_input_leaves_the_input_alone():
     assert torch.equal(out, _output_quantizer(module)(before))
 
 
+class Broadcasts(nn.Module):
+    """Returns a fresh (not a view) tensor whose rows share memory (stride 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.empty_strided(x.shape, (0, 1)).fill_(0.3)
+
+
+def test_an_output_with_self_overlapping_memory_is_copied():
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = QuantizationSimModel(nn.Sequential(nn.Linear(8, 8), Broadcasts()), x,
+                                   quant_scheme="tf")
+    for _, q in sim.named_quantizers():
+        q.enabled = True
+    sim.compute_encodings(lambda m, _: m(x), None)
+    with torch.no_grad():
+        out = sim.model.eval()(x)
+    assert torch.equal(out, _output_quantizer(sim.model[1])(torch.full((4, 8), 0.3)))
+
+
 def _count_in_place(monkeypatch) -> list:
     """Record the tensors the in-place kernel overwrites (wrapping ``_exclusively_owned``
     instead would add a frame and change the reference count it measures)."""
