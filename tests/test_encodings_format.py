@@ -571,6 +571,12 @@ def test_failed_replace_removes_the_temp_file(tmp_path, monkeypatch):
 
 
 def test_docstring_examples_run():
-    """The examples in quantsim.encodings' docstrings run."""
-    result = doctest.testmod(encodings_module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
+    """The examples in the docstrings of quantsim.encodings and its submodules run."""
+    from quantsim.encodings import common, reader, writer
+
+    attempted = 0
+    for module in (encodings_module, common, reader, writer):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 12  # 5 in the package docstring, 5 in common, 2 in writer

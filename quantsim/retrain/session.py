@@ -1,0 +1,279 @@
+"""The sim behind a retrain model: quantizers set up from the config, and the forward hooks of
+:class:`QuantRetrainSession` that drive calibration, range training and the record file.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from quantsim.encodings import write_torch_encodings
+from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
+from quantsim.export.load import torch_encodings_file
+from quantsim.op_types import is_data_movement
+from quantsim.quantizer import Quantizer
+from quantsim.retrain.config import PathLike, RetrainConfig
+from quantsim.sim import QuantizationSimModel, QuantScheme
+from quantsim.states import all_reduce_statistics
+from quantsim.wrappers import param_axis
+
+#: Conv layers with at most this many input channels get an accuracy warning.
+SMALL_CIN = 16
+_SESSION_ATTR = "_quantsim_retrain_session"
+
+
+def _unwrap(model: nn.Module, where: str) -> nn.Module:
+    if isinstance(model, nn.DataParallel):
+        raise UnsupportedModelError(
+            f"{where}: torch.nn.DataParallel is not supported; pass the model itself and, for "
+            "multi-GPU training, wrap the returned model in "
+            "torch.nn.parallel.DistributedDataParallel instead")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _data_quantizer(sim: QuantizationSimModel, qmodules: Dict[str, nn.Module],
+                    layer: str) -> Optional[str]:
+    """Name of the enabled quantizer whose encoding the data entering ``layer`` has: its own
+    input quantizer, else the output quantizer upstream (through data-movement modules)."""
+    module = qmodules[layer]
+    if module.input_quantizers and module.input_quantizers[0].enabled:
+        return f"{layer}.input_quantizers.0"
+    call = sim.graph.first_call(layer)
+    source = call.inputs[0] if call is not None and call.inputs else None
+    for _ in range(64):
+        if source is None or source.kind != "module" or source.producer not in qmodules:
+            return None
+        name, producer = source.producer, qmodules[source.producer]
+        outs = producer.output_quantizers
+        if source.output_index < len(outs) and outs[source.output_index].enabled:
+            return f"{name}.output_quantizers.{source.output_index}"
+        if not is_data_movement(producer):
+            return None
+        if producer.input_quantizers and producer.input_quantizers[0].enabled:
+            return f"{name}.input_quantizers.0"
+        call = sim.graph.first_call(name)
+        source = call.inputs[0] if call is not None and call.inputs else None
+    return None
+
+
+def _set_channel_wise(module: nn.Module, channel_wise: bool) -> None:
+    """Replace the weight quantizer by a per-channel / per-tensor one with the same settings."""
+    old = module.param_quantizers["weight"]
+    if (old.axis is not None) == channel_wise or old.data_type != "int":
+        return
+    weight = module._parameters["weight"]
+    axis = param_axis(module, "weight") if channel_wise else None
+    new = Quantizer(bitwidth=old.bitwidth, symmetric=old.symmetric,
+                    shape=(weight.shape[axis],) if channel_wise else (), axis=axis,
+                    rounding=old.rounding, data_type=old.data_type, strict=old.strict,
+                    unsigned_symmetric=old.unsigned_symmetric, scheme=old.scheme, name=old.name)
+    new.enabled = old.enabled
+    if old.range_constraint != (None, None):
+        new.set_range_constraint(*old.range_constraint)
+    module.param_quantizers["weight"] = new.to(weight.device)
+
+
+def _apply_layers(sim: QuantizationSimModel, config: RetrainConfig) -> None:
+    qmodules = dict(sim.named_qmodules())
+    quantizers = dict(sim.named_quantizers())
+    skipped = [n for n, s in config.layers.items() if s.skip and n in qmodules]
+    if skipped:
+        sim.exclude_layers_from_quantization(skipped)
+    data_bits: Dict[str, Tuple[str, int]] = {}
+    for name, s in config.layers.items():
+        if s.skip or name not in qmodules:
+            continue
+        module = qmodules[name]
+        if "weight" in module.param_quantizers:
+            _set_channel_wise(module, s.channel_wise)
+            module.param_quantizers["weight"].bitwidth = s.weight_bitwidth
+        qname = _data_quantizer(sim, qmodules, name)
+        if qname is None:
+            continue
+        other = data_bits.get(qname)
+        if other is not None and other[1] != s.activation_bitwidth:
+            raise QuantizationSettingError(
+                f"layers {other[0]!r} and {name!r} read the same quantized tensor ({qname}) but "
+                f"ask for activation_bitwidth {other[1]} and {s.activation_bitwidth}; give them "
+                "the same value")
+        data_bits[qname] = (name, s.activation_bitwidth)
+        quantizers[qname].bitwidth = s.activation_bitwidth
+
+
+def _warn_small_cin(config: RetrainConfig, scanned) -> None:
+    small = [f"{n} (Cin={scanned[n][0].in_channels})" for n, s in config.layers.items()
+             if not s.skip and isinstance(scanned[n][0], (nn.Conv2d, nn.ConvTranspose2d))
+             and scanned[n][0].in_channels <= SMALL_CIN]
+    if small:
+        warnings.warn(
+            f"convolutions with at most {SMALL_CIN} input channels may lose accuracy on "
+            f"integer hardware: {small}; check their accuracy, or skip them in the config",
+            UserWarning, stacklevel=4)
+
+
+class QuantRetrainSession:
+    """The sim behind a retrain model, and the forward hooks that drive its phases.
+
+    Attributes:
+        sim: the :class:`~quantsim.QuantizationSimModel`; ``sim.model`` is the retrain model.
+        config: the :class:`RetrainConfig` it was built from.
+        record_file: where eval forwards write the encodings.
+        batches_seen: training-mode forwards so far (calibration ends at ``batch_num``).
+
+    Example:
+        >>> session = get_retrain_session(qmodel)                 # doctest: +SKIP
+        >>> session.calibrated, session.sim.model is qmodel       # doctest: +SKIP
+        (True, True)
+    """
+
+    def __init__(self, sim: QuantizationSimModel, config: RetrainConfig, record_file: PathLike):
+        self.sim = sim
+        self.config = config
+        self.record_file = Path(record_file)
+        self.batches_seen = 0
+        self._phase: Optional[str] = None
+        self._zero_hooks: list = []
+        self.learns_ranges = QuantScheme.parse(config.global_settings.quant_scheme).learns_ranges
+        if self.learns_ranges:  # trainable min/max exist from the start, for the optimizer
+            for _, q in self._calibrated_quantizers():
+                q.initialized.fill_(True)
+                q.set_learnable(True)
+                q.initialized.fill_(False)
+        self._hooks: list = []
+        self.attach()
+
+    @property
+    def batch_num(self) -> int:
+        """Training forwards that calibrate."""
+        return self.config.global_settings.batch_num
+
+    @property
+    def calibrated(self) -> bool:
+        """True once ``batch_num`` training forwards ran (or a restore loaded encodings)."""
+        return self.batches_seen >= self.batch_num
+
+    def attach(self) -> None:
+        """Put the session and its forward hooks on ``sim.model``."""
+        if not self._hooks:
+            self._hooks = [self.sim.model.register_forward_pre_hook(self._before),
+                           self.sim.model.register_forward_hook(self._after)]
+        setattr(self.sim.model, _SESSION_ATTR, self)
+
+    def detach(self) -> None:
+        """Take the session and its hooks off ``sim.model`` (export pickles the model)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.sim.model.__dict__.pop(_SESSION_ATTR, None)
+
+    def _calibrated_quantizers(self) -> List[Tuple[str, Quantizer]]:
+        return [(n, q) for n, q in self.sim.named_quantizers()
+                if q.enabled and q.data_type == "int" and not q.frozen and not q.has_fixed_range]
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _before(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            self._enter("train" if self.calibrated else "calibrate")
+        elif not self.calibrated:
+            raise CalibrationError(
+                f"the retrain model is still calibrating: {self.batches_seen} of batch_num="
+                f"{self.batch_num} training-mode forwards have run; run more training batches "
+                "(model.train()) before evaluating it")
+        else:
+            if self._phase != "eval":
+                self._enter("eval")
+                self.write_record()
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not module.training:
+            return
+        self.batches_seen += 1
+        if self.batches_seen == self.batch_num:
+            self._finish_calibration()
+
+    def _enter(self, phase: str) -> None:
+        if phase == self._phase:
+            return
+        for h in self._zero_hooks:
+            h.remove()
+        self._zero_hooks = []
+        if phase == "calibrate":
+            for _, q in self._calibrated_quantizers():
+                if self.batches_seen == 0:
+                    q.reset_statistics()
+                q.state = "calibrate"
+                if q.learnable:  # a zero gradient: DDP sees every parameter used
+                    self._zero_hooks.append(q.register_forward_hook(_touch_range))
+        else:
+            for name, q in self.sim.named_quantizers():
+                if q.enabled:
+                    q.state = "quantize"
+            if phase == "train" and not self.learns_ranges:  # quantsim.states' QAT rule
+                for name, q in self._calibrated_quantizers():
+                    q.state = "qat"
+                    if ".param_quantizers." in name:
+                        q.averaging_constant = 1.0  # weights: follow the current weights
+        self._phase = phase
+
+    def _finish_calibration(self) -> None:
+        params = {id(q) for m in self.sim.qmodules() for q in m.param_quantizers.values()}
+        active = self._calibrated_quantizers()
+        acts = [(n, q) for n, q in active if id(q) not in params]
+        all_reduce_statistics([q for _, q in acts])
+        missing = [n for n, q in acts if not q.analyzer.has_stats]
+        if missing:
+            self.batches_seen = self.batch_num - 1  # not calibrated: saving stays refused
+            raise CalibrationError(
+                f"{len(missing)} enabled quantizer(s) saw no data in the {self.batch_num} "
+                f"calibration batches: {missing[:10]}; skip their layers in the config")
+        for _, module in self.sim.named_qmodules():
+            for pname, q in module.param_quantizers.items():
+                if q.enabled and q.data_type == "int" and not q.frozen and not q.has_fixed_range:
+                    q.reset_statistics()
+                    q.analyzer.observe(module._parameters[pname].detach())
+        for _, q in active:
+            q.compute_encoding()
+        self._phase = None
+
+    # -- records --------------------------------------------------------------------------------
+    def write_record(self, path: Optional[PathLike] = None) -> Path:
+        """Write the current encodings (module-keyed ``_torch.encodings`` layout) atomically to
+        ``path`` (default :attr:`record_file`); under torch.distributed only rank 0 writes."""
+        target = Path(path) if path is not None else self.record_file
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() != 0:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_torch_encodings(target, torch_encodings_file(self.sim))
+        return target
+
+    def mark_calibrated(self) -> None:
+        """Treat calibration as done (the encodings were loaded)."""
+        self.batches_seen = max(self.batches_seen, self.batch_num)
+        self._phase = None
+
+
+def _touch_range(q: Quantizer, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return output
+    return output + 0.0 * (q.min.sum() + q.max.sum()).to(output.dtype)
+
+
+def get_retrain_session(model: nn.Module, where: str = "get_retrain_session"
+                        ) -> QuantRetrainSession:
+    """The :class:`QuantRetrainSession` of a model returned by create/restore (DDP unwrapped).
+
+    Raises:
+        UnsupportedModelError: ``model`` did not come from create/restore_quant_retrain_model.
+    """
+    session = getattr(_unwrap(model, where), _SESSION_ATTR, None)
+    if session is None:
+        raise UnsupportedModelError(
+            f"{where}: this model did not come from create_quant_retrain_model or "
+            "restore_quant_retrain_model; pass the model they returned")
+    return session
