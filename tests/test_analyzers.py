@@ -16,9 +16,9 @@ from quantsim.analyzers import (
     NonFiniteWarning,
     PercentileAnalyzer,
     SqnrAnalyzer,
-    _rebin,
     create_analyzer,
 )
+from quantsim.analyzers.histograms import _rebin
 from quantsim.encoding import Encoding
 from quantsim.errors import CalibrationError, QuantizationSettingError
 
