@@ -169,9 +169,9 @@ def _exclusively_owned(t: torch.Tensor) -> bool:
     """True when overwriting ``t`` can change nothing but the value being returned.
 
     ``t`` must be a plain tensor, not a view, without elements sharing memory, whose storage
-    no other tensor shares and that no other C++ or Python reference holds (the Python count is compared with that of a fresh
-    tensor passed down the same call chain, measured at import), and that autograd does not
-    track. Anything uncertain answers False (the caller then copies)."""
+    no other tensor shares, that no other C++ or Python reference holds (the Python count is
+    compared with that of a fresh tensor passed down the same call chain, measured at import)
+    and that autograd does not track. Anything uncertain answers False (the caller copies)."""
     return (type(t) is torch.Tensor and t._base is None and not t.requires_grad
             and sys.getrefcount(t) == _FRESH_REFCOUNT and t._use_count() == 1
             and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2  # + the probe's
