@@ -299,8 +299,12 @@ class Quantizer(nn.Module):
             return
         if not self.analyzer.has_stats:
             raise CalibrationError(f"{self.name or 'Quantizer'}: saw no data during calibration")
-        qmin, qmax = integer_grid(self._bitwidth, self.symmetric, self.strict, False)
-        lo, hi = self.analyzer.compute_range(qmax - qmin, self.symmetric)
+        # Symmetric encodings of non-negative data use the unsigned grid when allowed; the
+        # range search must then look at [0, hi] ranges, not at signed ones (tf_enhanced).
+        unsigned = self.symmetric and self.unsigned_symmetric and bool(
+            torch.all(self.analyzer.observed_range()[0] >= 0))
+        qmin, qmax = integer_grid(self._bitwidth, self.symmetric, self.strict, unsigned)
+        lo, hi = self.analyzer.compute_range(qmax - qmin, self.symmetric and not unsigned)
         fixed_lo, fixed_hi = self.range_constraint
         lo = lo if fixed_lo is None else torch.full_like(lo, fixed_lo)
         hi = hi if fixed_hi is None else torch.full_like(hi, fixed_hi)

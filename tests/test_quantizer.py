@@ -396,3 +396,29 @@ def test_cuda_learnable_gradients():
     x = torch.randn(64, device="cuda")
     ((q(x * 2) - x) ** 2).sum().backward()
     assert bool(torch.isfinite(q.min.grad).all()) and bool(torch.isfinite(q.max.grad).all())
+
+
+@pytest.mark.parametrize("scheme", ["tf", "tf_enhanced", "percentile"])
+def test_unsigned_symmetric_applies_to_non_negative_data_with_every_scheme(scheme):
+    """A symmetric quantizer of ReLU-like data with unsigned_symmetric uses [0, 255] (half the
+    step of the signed grid) whatever the scheme; tf_enhanced searches [0, hi] ranges for it."""
+    x = torch.relu(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    noise = {}
+    for unsigned_symmetric in (True, False):
+        q = Quantizer(bitwidth=8, symmetric=True, unsigned_symmetric=unsigned_symmetric,
+                      scheme=scheme)
+        q.state = "observe"
+        q(x)
+        q.compute_encoding()
+        q.state = "quantize"
+        enc = q.encoding
+        assert enc.unsigned == unsigned_symmetric
+        if unsigned_symmetric:
+            assert float(enc.min) == 0.0 and enc.qmax - enc.qmin == 255
+        noise[unsigned_symmetric] = float((q(x) - x).pow(2).mean())
+    assert noise[True] < 0.5 * noise[False]
+    q = Quantizer(bitwidth=8, symmetric=True, unsigned_symmetric=True, scheme=scheme)
+    q.state = "observe"
+    q(x - 0.01)  # a little negative data: the signed grid again
+    q.compute_encoding()
+    assert not q.encoding.unsigned

@@ -55,6 +55,11 @@ class EncodingAnalyzer(ABC):
         """A counter that changes whenever the statistics change (observe, merge, reset)."""
         return self._generation
 
+    def observed_range(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The finite ``(min, max)`` seen so far, ``(C,)`` each (1 per tensor); None before any
+        data. Channels without finite data hold ``(+inf, -inf)``."""
+        return None if self._stats is None else (self._stats["min"], self._stats["max"])
+
     def reset(self) -> None:
         """Forget every statistic."""
         self._stats = None
