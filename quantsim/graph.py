@@ -86,16 +86,24 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block; every module's own train/eval flag is restored
-    afterwards (not just the root's)."""
+def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's own train/eval flag (not just the root's) after the block,
+    whatever the block, or a user callback it runs, sets."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
         yield model
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block; every module's own train/eval flag is restored
+    afterwards (not just the root's)."""
+    with preserved_modes(model):
+        model.eval()
+        yield model
 
 
 def run_forward(model: nn.Module, dummy_input: Any) -> Any:

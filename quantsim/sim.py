@@ -21,7 +21,7 @@ from torch import nn
 from quantsim import config as config_mod
 from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
-from quantsim.graph import ModelGraph, leaf_modules, trace
+from quantsim.graph import ModelGraph, leaf_modules, preserved_modes, trace
 from quantsim.op_types import onnx_types_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer
@@ -295,9 +295,8 @@ class QuantizationSimModel:
         for _, q in activations:
             q.reset_statistics()
             q.state = "calibrate"
-        modes = {m: m.training for m in self.model.modules()}
         try:
-            with torch.no_grad():
+            with preserved_modes(self.model), torch.no_grad():
                 forward_pass_callback(self.model, forward_pass_callback_args)
         except Exception as exc:
             raise CalibrationError(
@@ -306,8 +305,6 @@ class QuantizationSimModel:
         finally:
             for _, q in activations:
                 q.state = "quantize"
-            for m, training in modes.items():
-                m.training = training
         all_reduce_statistics([q for _, q in activations])
         missing = []
         for name, q in activations:

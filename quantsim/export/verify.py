@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from quantsim.errors import ExportError
 from quantsim.export.onnx_export import stored_quantizer_map
 from quantsim.export.qdq import QDQ_MAP_KEY
-from quantsim.graph import run_forward
+from quantsim.graph import eval_mode, run_forward
 
 
 @dataclass
@@ -232,10 +232,8 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.nd
         def hook(_module, _args, output, qname=qname):
             captured[qname] = output.detach().float().cpu().numpy()
         handles.append(quantizers[qname].register_forward_hook(hook))
-    modes = {m: m.training for m in sim.model.modules()}
-    sim.model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(sim.model), torch.no_grad():
             out = run_forward(sim.model, dummy_input)
             for qname in dq_of:
                 if ".param_quantizers." in qname:
@@ -245,8 +243,6 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.nd
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     leaves = [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(out)
               if isinstance(t, torch.Tensor)]
     return leaves, captured

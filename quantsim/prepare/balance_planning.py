@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quantsim.errors import CalibrationError
-from quantsim.graph import ModelGraph
+from quantsim.graph import ModelGraph, preserved_modes
 from quantsim.nn.elementwise import MatMul
 from quantsim.prepare.balance_scaling import (_channel_max, _in_layout, _input_axis, _Model,
                                               _producer_axis, _producer_channels,
@@ -72,9 +72,8 @@ def _calibrate(consumers: Dict[str, nn.Module], callback, args, model: nn.Module
 
     handles = [m.register_forward_pre_hook(hook(n, m), with_kwargs=True)
                for n, m in consumers.items()]
-    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad():
+        with preserved_modes(model), torch.no_grad():
             callback(model, args)
     except Exception as exc:
         raise CalibrationError(
@@ -83,8 +82,6 @@ def _calibrate(consumers: Dict[str, nn.Module], callback, args, model: nn.Module
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return stats
 
 

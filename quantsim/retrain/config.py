@@ -14,7 +14,7 @@ from torch import nn
 
 from quantsim.atomic import atomic_write_text
 from quantsim.errors import ConfigError, QuantizationSettingError, UnsupportedModelError
-from quantsim.graph import run_forward
+from quantsim.graph import eval_mode, run_forward
 from quantsim.nn.qat.config import DST_TYPES, parse_bool  # the QAT modules' names and rules
 
 PathLike = Union[str, os.PathLike]
@@ -216,10 +216,8 @@ def _scan(model: nn.Module, input_data: Any) -> Dict[str, Tuple[nn.Module, Optio
     hooks = [m.register_forward_pre_hook(
         lambda _m, args, n=n: ranks[n].append(args[0].dim() if args and torch.is_tensor(args[0])
                                               else -1)) for n, m in layers.items()]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             run_forward(model, input_data)
     except Exception as exc:
         raise UnsupportedModelError(
@@ -229,8 +227,6 @@ def _scan(model: nn.Module, input_data: Any) -> Dict[str, Tuple[nn.Module, Optio
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     out = {}
     for name, module in layers.items():
         reason = None
