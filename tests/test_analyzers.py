@@ -19,6 +19,7 @@ from quantsim.analyzers import (
     create_analyzer,
 )
 from quantsim.analyzers.histograms import _rebin
+from conftest import requires_cuda
 from quantsim.encoding import Encoding
 from quantsim.errors import CalibrationError, QuantizationSettingError
 
@@ -477,7 +478,7 @@ def test_all_reduce_without_distributed_is_a_no_op():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_cuda_matches_cpu(scheme):
     """On CUDA every scheme gives the CPU range (per tensor and per channel), also with NaNs."""

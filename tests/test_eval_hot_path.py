@@ -12,9 +12,16 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import requires_cuda
 from quantsim import FakeQuantState, kernels, set_fake_quantize, wrappers
 from quantsim.encoding import Encoding
 from quantsim.sim import QuantizationSimModel
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same data whatever ran before it."""
+    torch.manual_seed(1234)
 
 
 class PassThrough(nn.Module):
@@ -28,7 +35,7 @@ class KeepsAView(nn.Module):
     """A user module whose output has a view stored elsewhere."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        y = x * 1.37
+        y = torch.sin(3 * x)  # nonlinear: not on any grid the input was on
         self.first_row = y[:1]
         return y
 
@@ -70,7 +77,7 @@ def _output_quantizer(module: nn.Module):
 
 
 def test_outputs_that_something_else_holds_are_not_overwritten():
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     model = _chain_sim(x)
     with torch.no_grad():
         model(x)
@@ -80,7 +87,7 @@ def test_outputs_that_something_else_holds_are_not_overwritten():
         float_kept = model.keep.last.clone()
         q_view, q_keep = _output_quantizer(model.view), _output_quantizer(model.keep)
         quantized_view_input = model.identity(model.linear(x))
-        expected_view = (quantized_view_input * 1.37)[:1]
+        expected_view = torch.sin(3 * quantized_view_input)[:1]
         assert torch.equal(float_view, expected_view)
         assert not torch.equal(float_view, q_view(float_view))  # quantizing would change it
         assert torch.equal(float_kept, model.keep.last)
@@ -143,6 +150,20 @@ def test_in_place_and_copying_paths_agree_bit_for_bit(monkeypatch, context):
     with context():
         plain = model(x)
     assert len(in_place) == 2 and torch.equal(fast, plain)
+
+
+@requires_cuda
+def test_in_place_and_copying_paths_agree_on_cuda(monkeypatch):
+    x = torch.randn(16, 8, device="cuda")
+    model = _chain_sim(x.cpu()).cuda()
+    model.eval()
+    in_place = _count_in_place(monkeypatch)
+    with torch.no_grad():
+        fast = model(x)
+    assert len(in_place) == 2 and all(t.is_cuda for t in in_place)
+    monkeypatch.setattr(wrappers, "_exclusively_owned", lambda t: False)
+    with torch.no_grad():
+        assert torch.equal(fast, model(x))
 
 
 def test_no_in_place_while_autograd_records(monkeypatch):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_cuda
 from quantsim import kernels
 from quantsim.encoding import Encoding
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SHAPE = (4, 3, 5, 6)  # per channel along axis 1 -> canonical (4, 3, 30)
 

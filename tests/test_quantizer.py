@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from quantsim.encoding import MINIMUM_SCALE, Encoding
+from conftest import requires_cuda
 from quantsim.errors import CalibrationError
 from quantsim.quantizer import Quantizer
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def calibrated(x: torch.Tensor, **kwargs) -> Quantizer:
