@@ -12,6 +12,7 @@
 state          mode        quantizers
 =============  ==========  ============================================================
 CALIBRATION    eval()      observe with the scheme's analyzer; values pass unchanged
+                           (a weight is observed once, again only if it changes)
 QAT            train()     activations: moving average of min/max (``averaging_constant``,
                            default 0.01) and fake-quant; weights: the current weight's range
                            every step; learnable ranges (range-learning schemes) just train
