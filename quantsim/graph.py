@@ -106,14 +106,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-def run_forward(model: nn.Module, dummy_input: Any) -> Any:
-    """Call ``model`` with ``dummy_input`` as the sim does: a tuple is unpacked, a dict is passed
-    as keyword arguments, anything else is the single positional argument."""
+def split_dummy_input(dummy_input: Any) -> Tuple[tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` of a ``dummy_input``: a tuple is the positional arguments, a dict the
+    keyword arguments, anything else the single positional argument."""
     if isinstance(dummy_input, tuple):
-        return model(*dummy_input)
+        return dummy_input, {}
     if isinstance(dummy_input, dict):
-        return model(**dummy_input)
-    return model(dummy_input)
+        return (), dict(dummy_input)
+    return (dummy_input,), {}
+
+
+def run_forward(model: nn.Module, dummy_input: Any) -> Any:
+    """Call ``model`` with ``dummy_input`` as the sim does (see :func:`split_dummy_input`)."""
+    args, kwargs = split_dummy_input(dummy_input)
+    return model(*args, **kwargs)
 
 
 def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],

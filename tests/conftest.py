@@ -5,6 +5,7 @@ start-up per process; ``tests/test_kernels.py`` checks that the compiled kernel 
 bit-identical results, and ``benchmarks/`` measure the compiled default.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,3 +14,17 @@ os.environ.setdefault("QUANTSIM_KERNEL", "eager")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+#: the repository root, and AIMET's example config / encodings files kept beside it
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT.parent / "shared" / "reference" / "examples"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one intra-op thread; use it per module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 from torch import nn
 
+from conftest import EXAMPLES, ROOT
 from quantsim import op_types
 from quantsim.config import (
     BUILTIN_CONFIGS,
@@ -27,9 +28,6 @@ from quantsim.config import (
 )
 from quantsim.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-# AIMET's example configs, kept next to the repository (skipped where absent)
-EXAMPLES = ROOT.parent / "shared" / "reference" / "examples"
 EXAMPLE_FILES = {
     "default": EXAMPLES / "default_config.json",
     "per_channel": EXAMPLES / "default_config_per_channel.json",

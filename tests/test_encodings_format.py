@@ -7,7 +7,6 @@ import copy
 import doctest
 import json
 import os
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -15,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import EXAMPLES
 import quantsim.encodings as encodings_module
 from quantsim.encoding import Encoding
 from quantsim.encodings import (
@@ -34,8 +34,6 @@ from quantsim.encodings import (
 )
 from quantsim.errors import EncodingsError
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT.parent / "shared" / "reference" / "examples"
 V1_FILE = EXAMPLES / "example_encodings.json"
 V2_FILE = EXAMPLES / "example_encodings_v2.0.0.json"
 needs_examples = pytest.mark.skipif(

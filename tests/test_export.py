@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import EXAMPLES
 from models import (DigitsCNN, ResidualNet, digits_data, randomize_batch_norms, train,
                     transformer_block)
 from quantsim import EncodingsError, ExportError
@@ -24,7 +25,6 @@ from quantsim.export.onnx_export import MODULE_KEY, graph_tensor_names, node_nam
 from quantsim.graph import run_forward
 from quantsim.sim import QuantizationSimModel
 
-EXAMPLES = Path("/work/shared/reference/examples")
 TESTS = Path(__file__).parent
 
 

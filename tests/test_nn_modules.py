@@ -12,13 +12,7 @@ from quantsim.errors import UnsupportedModelError
 from quantsim.op_types import is_data_movement, onnx_types_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run faster on one thread (and the CI box is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 # --- elementwise -------------------------------------------------------------------------

@@ -20,12 +20,7 @@ from quantsim.prepare import (
 from quantsim.prepare.rewrite import tensor_kind
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 # --- models ------------------------------------------------------------------------------

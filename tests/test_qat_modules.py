@@ -39,6 +39,9 @@ from quantsim.nn.qat import (
 )
 from quantsim.qat_convert import _cpu_lacks_vnni, convert_qat_model
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
+
 DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 ENABLE_ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # ORT's default
 
@@ -52,15 +55,6 @@ RELU_LINEAR_CFG = {"retrain_data_config": {"batch_num": 10, "fixed_min": True}}
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one intra-op thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """load_digits as (N, 1, 8, 8) floats in [0, 1]; a stratified 1437 / 360 split."""

@@ -25,17 +25,9 @@ from quantsim.retrain import (RetrainConfig, create_quant_retrain_config,
                               create_quant_retrain_model, get_retrain_session,
                               restore_quant_retrain_model, save_quant_retrain_model)
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.filterwarnings(
     "ignore:convolutions with at most 16 input channels", "ignore:convert_qat_model. this CPU",
-    "ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    "ignore::DeprecationWarning", "ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from quantsim.errors import ExportError
+from quantsim.graph import split_dummy_input
 from quantsim.wrappers import QuantizationMixin
 
 
@@ -91,15 +92,6 @@ def normalize_export_args(onnx_export_args: Any) -> Dict[str, Any]:
     if opset is not None and not (isinstance(opset, int) and 13 <= opset <= 23):
         raise ExportError(f"onnx_export_args: opset_version {opset!r}; allowed: 13..23")
     return args
-
-
-def split_dummy_input(dummy_input: Any) -> Tuple[tuple, Dict[str, Any]]:
-    """``(args, kwargs)`` as the sim calls the model: tuple -> args, dict -> kwargs, else one arg."""
-    if isinstance(dummy_input, tuple):
-        return dummy_input, {}
-    if isinstance(dummy_input, dict):
-        return (), dict(dummy_input)
-    return (dummy_input,), {}
 
 
 def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any]) -> onnx.ModelProto:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from quantsim.errors import ExportError
-from quantsim.export.onnx_export import MODULE_KEY, split_dummy_input
+from quantsim.export.onnx_export import MODULE_KEY
+from quantsim.graph import split_dummy_input
 from quantsim.wrappers import QuantizationMixin, original_module
 
 

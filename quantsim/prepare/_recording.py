@@ -21,8 +21,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from quantsim.graph import run_forward
+
 __all__ = ["ModuleCall", "OpCall", "RuntimeTrace", "record_run", "is_leaf_module",
-           "call_model", "tensors_in"]
+           "tensors_in"]
 
 # frames from these files are skipped when looking for the line of user code that ran an op
 _INTERNAL_FILES = ("/torch/", "/quantsim/prepare/", "/quantsim/nn/")
@@ -37,16 +39,6 @@ def is_leaf_module(module: nn.Module) -> bool:
 def tensors_in(obj: Any) -> List[torch.Tensor]:
     """The tensors of a (nested) structure, in pytree order."""
     return [t for t in pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
-
-
-def call_model(model: nn.Module, dummy_input: Any) -> Any:
-    """Call ``model`` as aimet does: a tuple is spread over the positional arguments, a dict
-    is passed as keyword arguments, anything else is the single argument."""
-    if isinstance(dummy_input, dict):
-        return model(**dummy_input)
-    if isinstance(dummy_input, (tuple, list)):
-        return model(*dummy_input)
-    return model(dummy_input)
 
 
 def user_location(skip: Tuple[str, ...] = _INTERNAL_FILES) -> str:
@@ -183,7 +175,7 @@ def record_run(model: nn.Module, dummy_input: Any, *, examples: bool = False,
             stack_ctx.enter_context(module.register_forward_hook(post_hook, with_kwargs=True))
         if ops:
             stack_ctx.enter_context(_OpRecorder(trace, stack))
-        output = call_model(model, dummy_input)
+        output = run_forward(model, dummy_input)
     trace.outputs = tensors_in(output)
     return trace
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -22,6 +21,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from quantsim.nn.attention import graph_function
+from quantsim.prepare._recording import user_location
 
 __all__ = ["PrepareTracer", "ConcreteTracer", "ReloadTracer", "VALUE", "DATA",
            "check_fixed_argument", "guard_fixed_arguments", "FX_FILES"]
@@ -46,16 +46,6 @@ _COMPOSITE_TORCH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 FX_FILES = ("/torch/fx/", "/quantsim/prepare/tracing.py", "/quantsim/prepare/tracers.py",
             "/torch/nn/modules/module.py", "/torch/_tensor.py", "/torch/overrides.py",
             "/torch/utils/_pytree.py")
-
-
-def _caller_location() -> str:
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename.replace("\\", "/")
-        if not any(part in name for part in FX_FILES):
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "<unknown>"
 
 
 def _unrebuildable(out: Any) -> Optional[str]:
@@ -189,7 +179,7 @@ class ConcreteTracer(PrepareTracer):
         return proxy.node.meta.get(VALUE, _MISSING)
 
     def note(self, what: str) -> None:
-        self.specializations.append(f"{_caller_location()}: {what}")
+        self.specializations.append(f"{user_location(FX_FILES)}: {what}")
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
@@ -246,7 +236,7 @@ class ConcreteTracer(PrepareTracer):
     def _refuse_data(self, obj: fx.Proxy, what: str) -> None:
         if obj.node.meta.get(DATA, False):
             raise fx.proxy.TraceError(
-                f"{what} depends on tensor values (at {_caller_location()}); a traced graph "
+                f"{what} depends on tensor values (at {user_location(FX_FILES)}); a traced graph "
                 "can only follow one branch")
 
     def to_bool(self, obj: fx.Proxy) -> bool:
