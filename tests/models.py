@@ -98,16 +98,21 @@ class ResidualNet(nn.Module):
 
 
 def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters."""
+    """Give every BatchNorm (``model`` itself included) clearly non-trivial statistics and
+    affine parameters: means and biases in [-1, 1], variances in [0.2, 3], scales in [0.5, 2]."""
     g = torch.Generator().manual_seed(seed)
+
+    def uniform(n: int, lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=g) * (hi - lo) + lo
+
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             with torch.no_grad():
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(uniform(n, -1, 1))
+                m.running_var.copy_(uniform(n, 0.2, 3))
+                m.weight.copy_(uniform(n, 0.5, 2))
+                m.bias.copy_(uniform(n, -1, 1))
     return model
 
 

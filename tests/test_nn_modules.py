@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import quantsim.nn as qnn
+from models import randomize_batch_norms
 from quantsim.errors import UnsupportedModelError
 from quantsim.op_types import is_data_movement, onnx_types_of
 
@@ -226,15 +227,6 @@ def test_replace_bare_module_returns_converted():
 
 # --- fused conv-bn -----------------------------------------------------------------------
 
-def _random_bn(bn):
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return bn
-
-
 @pytest.mark.parametrize("layer,bn,shape", [
     (nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), (2, 3, 6, 6)),
     (nn.Conv1d(3, 4, 3, groups=1), nn.BatchNorm1d(4), (2, 3, 7)),
@@ -245,7 +237,7 @@ def test_fused_module_trains_bn_statistics_and_folds(layer, bn, shape):
     """Train mode: same output and same running-stat updates as layer -> bn; eval mode and
     .fold() give the folded layer's numbers."""
     torch.manual_seed(0)
-    bn = _random_bn(bn)
+    bn = randomize_batch_norms(bn)
     ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
     fused = qnn.fuse_conv_bn(layer, bn, nn.ReLU()).train()
     x = torch.randn(*shape)
@@ -266,7 +258,7 @@ def test_fused_module_trains_bn_statistics_and_folds(layer, bn, shape):
 def test_fused_module_gradients_and_weight_hook():
     """Gradients reach the layer and the BN affine parameters; weight_fake_quant sees the
     folded weight."""
-    conv, bn = nn.Conv2d(2, 3, 1), _random_bn(nn.BatchNorm2d(3))
+    conv, bn = nn.Conv2d(2, 3, 1), randomize_batch_norms(nn.BatchNorm2d(3))
     fused = qnn.ConvBn(conv, bn)
     seen = []
     fused.weight_fake_quant = lambda w: seen.append(w) or w

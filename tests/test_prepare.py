@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import quantsim.nn as qnn
+from models import randomize_batch_norms
 from quantsim.errors import UnsupportedModelError
 from quantsim.prepare import (
     ModelValidator,
@@ -375,18 +376,6 @@ def test_validator_clean_after_prepare():
 
 # --- BatchNorm folding -------------------------------------------------------------------
 
-def _randomize_bns(model):
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.2, 3)
-                m.weight.uniform_(0.5, 2)
-                m.bias.uniform_(-1, 1)
-    return model
-
-
 class FoldNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -414,7 +403,7 @@ class FoldNet(nn.Module):
 def test_fold_all_batch_norms_exact_on_random_statistics():
     """Foldable BNs are folded (module pairs returned, BN -> Identity); the reused-output and
     grouped-transpose BNs stay; eval outputs change by <= 1e-5 relative."""
-    net = _randomize_bns(FoldNet()).eval()
+    net = randomize_batch_norms(FoldNet()).eval()
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         before = net(x)
@@ -433,7 +422,7 @@ def test_fold_all_batch_norms_exact_on_random_statistics():
 
 def test_fold_after_prepare():
     """Folding works on a prepared GraphModule (BN outputs feeding Add modules)."""
-    net = _randomize_bns(ResNet()).eval()
+    net = randomize_batch_norms(ResNet()).eval()
     x = torch.randn(2, 3, 8, 8)
     prepared = prepare_model(net)
     assert len(fold_all_batch_norms(prepared, None, dummy_input=x)) == 4
@@ -443,7 +432,7 @@ def test_fold_after_prepare():
 
 def test_fold_accepts_dummy_input_and_refuses_without_inputs():
     """dummy_input works instead of shapes; neither given is a typed error."""
-    net = _randomize_bns(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
+    net = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
     assert len(fold_all_batch_norms(nn.DataParallel(net), None,
                                     dummy_input=torch.randn(1, 3, 4, 4))) == 1
     with pytest.raises(UnsupportedModelError, match="input_shapes"):
@@ -454,7 +443,7 @@ def test_fuse_all_conv_bn_for_qat():
     """conv-bn-relu chains become fused modules that keep learning BN statistics and fold
     back to an equivalent conv."""
     torch.manual_seed(0)
-    net = _randomize_bns(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(),
+    net = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(),
                                        nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5)))
     reference = copy.deepcopy(net).train()
     pairs = fuse_all_conv_bn(net, (4, 3, 5, 5))
