@@ -15,9 +15,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-#: the repository root, and AIMET's example config / encodings files kept beside it
+#: the repository root, and AIMET's example config / encodings files (tests/data/aimet/README.md)
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT.parent / "shared" / "reference" / "examples"
+EXAMPLES = ROOT / "tests" / "data" / "aimet"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Property tests (hypothesis) cover every encoding kind (asymmetric, symmetric, strict symmetric,
 unsigned symmetric), bitwidths 4..31, per tensor and per channel along a random axis. Golden
-vectors come from real aimet-torch 2.x files (``shared/reference/FORMATS.md`` §2.3/§2.4), and the
+vectors come from real aimet-torch 2.x files (``tests/data/aimet``; the format's §2.3/§2.4), and the
 ``nearest`` rounding is checked against ONNX Runtime's QuantizeLinear/DequantizeLinear.
 
 Float32 rounding bound used below (``ERR_ULPS``): inside the grid, ``|x - qdq(x)|`` is at most

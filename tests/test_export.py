@@ -429,7 +429,7 @@ def test_save_encodings_to_json(digits, tmp_path):
 
 
 class _PeerCNN(nn.Module):
-    """The layer names of the peer files in shared/reference/examples."""
+    """The layer names of the peer files in tests/data/aimet."""
 
     def __init__(self) -> None:
         super().__init__()

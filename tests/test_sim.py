@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import EXAMPLES
 from models import (DigitsCNN, ResidualNet, accuracy, digits_data, randomize_batch_norms, train,
                     transformer_block)
 from quantsim import CalibrationError, ConfigError, QuantizationSettingError, UnsupportedModelError
@@ -107,11 +108,9 @@ def test_precedence_op_type_over_defaults_and_params():
 
 
 def test_example_configs_build_sims(digits_cnn, digits):
-    """Every example config in shared/reference/examples loads and builds a sim."""
-    import pathlib
-    examples = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "examples"
-    configs = [p for p in examples.glob("*.json") if "config" in p.name]
-    assert configs, "example configs not found"
+    """Every AIMET example config (tests/data/aimet) loads and builds a sim."""
+    configs = [p for p in EXAMPLES.glob("*.json") if "config" in p.name]
+    assert len(configs) == 3, "example configs not found"
     for path in configs:
         sim = QuantizationSimModel(digits_cnn, digits[0][:8], config_file=str(path))
         assert any(q.enabled for q in sim.quantizers())
