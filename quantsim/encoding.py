@@ -174,6 +174,60 @@ def scale_offset_from_range(
     return scale, offset.clamp(_float32_toward_zero(-qmax), _float32_toward_zero(-qmin))
 
 
+#: Largest |int32 bias code| allowed when widening weight scales: 2^31 less a margin of 2^15 for
+#: the float rounding of ``bias / (input_scale * weight_scale)`` (aimet-torch 2.x's margin).
+INT32_BIAS_STEPS = 2**31 - 2**15
+
+#: Smallest requantization scale ``input_scale * weight_scale / output_scale`` kept: runtimes
+#: that store it as a float exponent misread scales at or below 2^-24 (aimet-torch 2.x's floor).
+MIN_REQUANT_SCALE = 2.0 ** -23.5
+
+
+def int32_bias_weight_scale(
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor,
+    input_scale: torch.Tensor,
+    output_scale: Optional[torch.Tensor] = None,
+    output_offset: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The weight scale widened (never narrowed) so that a runtime's int32 arithmetic holds.
+
+    A layer ``y = x W + b`` runs on integer hardware as ``round((xW + b_q) * s')`` with the
+    bias stored as int32 codes ``b_q = round(b / (s_x s_w))`` and requantization scale
+    ``s' = s_x s_w / s_y``. With a tiny weight scale (a channel of near-zero weights and a
+    sizeable bias) those codes overflow. The scale per channel is raised to the least value
+    that keeps, in turn:
+
+    1. ``|b| / (s_x s_w) <= INT32_BIAS_STEPS`` (the bias fits int32);
+    2. ``s_x s_w / s_y >= MIN_REQUANT_SCALE`` (the requantization scale stays representable),
+       when the output has an encoding;
+    3. the accumulator bias with the output offset folded in,
+       ``round(b / (s_x s_w)) + round(o_y s_y / (s_x s_w))``, fits int32 as in 1.
+
+    Args:
+        weight_scale: per tensor (0-d) or per output channel (``(C,)``).
+        bias: the float bias (``(C,)``); a per-tensor weight scale uses its largest magnitude.
+        input_scale: the scale of the layer's (per-tensor) input encoding.
+        output_scale, output_offset: the output encoding, if the output is quantized.
+
+    Returns:
+        The adjusted weight scale, shape and dtype of ``weight_scale`` (computed in float64).
+    """
+    s_w = weight_scale.detach().to(torch.float64)
+    s_x = input_scale.detach().to(torch.float64).reshape(())
+    b = bias.detach().to(torch.float64)
+    b = b.abs().amax() if s_w.dim() == 0 else b.reshape(s_w.shape)
+    s_w = torch.maximum(s_w, b.abs() / (INT32_BIAS_STEPS * s_x))
+    if output_scale is not None and output_offset is not None:
+        s_y = output_scale.detach().to(torch.float64).reshape(())
+        o_y = output_offset.detach().to(torch.float64).reshape(())
+        s_w = torch.maximum(s_w, MIN_REQUANT_SCALE * s_y / s_x)
+        bias_scale = s_x * s_w
+        accumulator = torch.round(b / bias_scale) + torch.round(o_y * s_y / bias_scale)
+        s_w = torch.maximum(s_w, (accumulator * bias_scale).abs() / (INT32_BIAS_STEPS * s_x))
+    return s_w.to(weight_scale.dtype).reshape(weight_scale.shape)
+
+
 def _float32_toward_zero(v: int) -> int:
     """``v`` with its low bits cleared so float32 holds it exactly (rounded toward zero).
 

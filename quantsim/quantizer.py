@@ -5,9 +5,8 @@ depends on its *state*:
 
 =============  ==================================================================
 ``quantize``   fake-quantize with the stored encoding (simulation, validation)
-``calibrate``  observe statistics; pass values on fake-quantized with this batch's own min/max
-               range (as aimet-torch 2.x does), so downstream quantizers see quantized inputs
-``observe``    observe statistics; pass values on unchanged
+``observe``    observe statistics; pass values on unchanged (how activation quantizers
+               calibrate, as in aimet-torch 2.x: see :mod:`quantsim.calibration`)
 ``qat``        observe a moving average of min/max and fake-quantize (fine-tuning)
 =============  ==================================================================
 
@@ -40,7 +39,7 @@ from quantsim.encoding import (
 )
 from quantsim.errors import CalibrationError, FakeQuantStateError, QuantizationSettingError
 
-STATES = ("quantize", "calibrate", "observe", "qat")
+STATES = ("quantize", "observe", "qat")
 
 #: Bumped whenever any quantizer is enabled or disabled, so quantized modules can cache which
 #: of their quantizers are active instead of asking each one on every call.
@@ -311,17 +310,6 @@ class Quantizer(nn.Module):
         self.set_encoding(Encoding.from_range(
             lo, hi, self._bitwidth, self.symmetric, self.strict, self.unsigned_symmetric, self.axis))
 
-    def _dynamic_qdq(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with its own min/max range (tf rule), used while calibrating.
-
-        Non-finite values do not stretch the range (the analyzers ignore them too).
-        """
-        finite = torch.nan_to_num(x.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = amin_amax(finite, self.axis)
-        encoding = Encoding.from_range(lo, hi, self._bitwidth, self.symmetric, self.strict,
-                                       self.unsigned_symmetric, self.axis)
-        return encoding.fake_quantize(x, self.rounding)
-
     def _observe_moving_average(self, x: torch.Tensor) -> None:
         """QAT observer: exponential moving average of min/max into the encoding."""
         lo, hi = amin_amax(x.detach().float(), self.axis)
@@ -347,9 +335,9 @@ class Quantizer(nn.Module):
                 return kernels.qdq_per_tensor(x, *fast)
         if self.data_type == "float":
             return x if state == "observe" else fake_quantize_float(x)
-        if state == "observe" or state == "calibrate":
+        if state == "observe":
             self.analyzer.observe(x.detach())
-            return x if state == "observe" else self._dynamic_qdq(x)
+            return x
         if state == "qat" and not self.learnable and not self.frozen:
             self._observe_moving_average(x)
         elif not self.is_initialized:

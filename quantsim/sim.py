@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from quantsim import config as config_mod
+from quantsim.calibration import Calibration
 from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
-from quantsim.graph import ModelGraph, leaf_modules, preserved_modes, trace
+from quantsim.graph import ModelGraph, eval_mode, leaf_modules, trace
 from quantsim.op_types import onnx_types_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer
-from quantsim.states import all_reduce_statistics
 from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
                                quantizer_items, unwrap_class)
 
@@ -274,44 +274,28 @@ class QuantizationSimModel:
         """Calibrate: run ``forward_pass_callback(sim.model, args)`` while quantizers observe,
         then compute every enabled quantizer's encoding with the scheme.
 
-        Parameter encodings come from the weights themselves. While the callback runs, each
-        activation quantizer passes its values on quantized with that batch's own range (as
-        aimet-torch 2.x does), so statistics downstream reflect upstream quantization. The
-        callback runs under ``torch.no_grad()``; train/eval modes are restored afterwards.
+        aimet-torch 2.x's semantics (:mod:`quantsim.calibration`): parameter encodings come
+        from the weights, which are fake-quantized with them while the callback runs; every
+        input and output quantizer observes its tensor and hands the float values on
+        unchanged. Afterwards weight scales are widened where a layer's int32 bias codes would
+        overflow. The callback runs in eval mode under ``torch.no_grad()``; every module's
+        train/eval mode is restored afterwards.
 
         Raises:
-            CalibrationError: the callback raised (the sim stays usable), or enabled quantizers
-                saw no data (listed by name).
+            CalibrationError: the callback raised (every encoding is put back as it was), or
+                enabled quantizers saw no data (listed by name).
         """
-        params = [(m, n, q) for _, m in self.named_qmodules()
-                  for n, q in m.param_quantizers.items() if q.enabled and not q.frozen]
-        for module, pname, q in params:
-            q.reset_statistics()
-            q.analyzer.observe(module._parameters[pname].detach())
-            q.compute_encoding()
-        activations = [(n, q) for n, q in self.named_quantizers()
-                       if ".param_quantizers." not in n and q.enabled and not q.frozen
-                       and q.data_type == "int" and not q.has_fixed_range]
-        for _, q in activations:
-            q.reset_statistics()
-            q.state = "calibrate"
+        calibration = Calibration(self.model, self.graph)
+        calibration.begin()
         try:
-            with preserved_modes(self.model), torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 forward_pass_callback(self.model, forward_pass_callback_args)
         except Exception as exc:
+            calibration.abort()
             raise CalibrationError(
                 f"forward_pass_callback raised {type(exc).__name__}: {exc}; no encodings were "
                 "computed and the sim is unchanged") from exc
-        finally:
-            for _, q in activations:
-                q.state = "quantize"
-        all_reduce_statistics([q for _, q in activations])
-        missing = []
-        for name, q in activations:
-            if q.analyzer.has_stats:
-                q.compute_encoding()
-            else:
-                missing.append(name)
+        missing = calibration.finish()
         if missing:
             raise CalibrationError(
                 f"{len(missing)} enabled quantizer(s) saw no data during calibration: {missing}. "

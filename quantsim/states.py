@@ -11,15 +11,17 @@
 =============  ==========  ============================================================
 state          mode        quantizers
 =============  ==========  ============================================================
-CALIBRATION    eval()      observe with the scheme's analyzer; values pass unchanged
-                           (a weight is observed once, again only if it changes)
+CALIBRATION    eval()      weights: encodings computed from them on entry, then
+                           fake-quantized; activations: observe with the scheme's analyzer
+                           and pass the float values on unchanged (quantsim.calibration)
 QAT            train()     activations: moving average of min/max (``averaging_constant``,
                            default 0.01) and fake-quant; weights: the current weight's range
                            every step; learnable ranges (range-learning schemes) just train
 VALIDATION     eval()      fake-quant with the frozen encodings
 =============  ==========  ============================================================
 
-Leaving CALIBRATION computes the encodings from what was observed. Each state checks the module
+Leaving CALIBRATION computes the encodings from what was observed, exactly as
+``compute_encodings`` does. Each state checks the module
 mode on every forward: a model evaluated in QAT state, or calibrated in train mode, raises
 :class:`~quantsim.errors.FakeQuantStateError` instead of silently producing scales stuck at
 their initial value.
@@ -27,11 +29,11 @@ their initial value.
 from __future__ import annotations
 
 import enum
-from typing import Iterable, List, Union
+from typing import List, Union
 
-import torch
 from torch import nn
 
+from quantsim.calibration import Calibration, quantized_modules
 from quantsim.errors import FakeQuantStateError, UnsupportedModelError
 from quantsim.quantizer import Quantizer
 
@@ -80,41 +82,23 @@ def set_fake_quantize(model_or_sim: Union[nn.Module, object], state: FakeQuantSt
             f"set_fake_quantize({state.name}) needs model.{_REQUIRED_MODE[state]}() first; the "
             f"model is in {mode}() mode")
     quantizers = [q for q in _quantizers(model) if q.enabled]
+    graph = getattr(model_or_sim, "graph", None)
     if state is FakeQuantState.CALIBRATION:
-        for q in quantizers:
-            q.reset_statistics()
-            q.state = "observe"
+        Calibration(model, graph).begin()
     else:
-        finish_calibration(quantizers)
+        Calibration(model, graph).finish()  # computes what a CALIBRATION phase observed
+        params = {id(q) for m in quantized_modules(model).values()
+                  for q in m.param_quantizers.values()}
         for q in quantizers:
-            is_param = ".param_quantizers." in q.name
             if state is FakeQuantState.QAT and not q.learnable:
                 q.state = "qat"
-                if is_param:
+                if id(q) in params:
                     q.averaging_constant = 1.0  # weights: follow the current weights
             else:
                 q.state = "quantize"
     for q in quantizers:
         q.required_mode = _REQUIRED_MODE[state]
         q.fake_quant_state = state.name
-
-
-def all_reduce_statistics(quantizers: Iterable[Quantizer]) -> None:
-    """With an initialized process group, make every rank's statistics the merged ones, so
-    every rank computes identical encodings (no-op otherwise)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    for q in quantizers:
-        q.analyzer.all_reduce_()
-
-
-def finish_calibration(quantizers: Iterable[Quantizer]) -> None:
-    """Compute encodings for quantizers that observed data (merging ranks when distributed)."""
-    observing = [q for q in quantizers if q.state == "observe"]
-    all_reduce_statistics(observing)
-    for q in observing:
-        if q.analyzer.has_stats:
-            q.compute_encoding()
 
 
 def set_high_precision_output(model_or_sim, *module_names: str) -> None:

@@ -137,28 +137,15 @@ class QuantizationMixin:
     def _quantized_param(self, name: str, param: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
         if torch.is_grad_enabled() and (param.requires_grad or quantizer.learnable):
             return quantizer(param)
-        if quantizer.state in ("calibrate", "observe"):
-            # A parameter shows the same values in every calibration batch: it is observed
-            # once (again only when it or the statistics change). Repeating identical data
-            # scales every histogram count alike, which changes no scheme's range.
-            analyzer = quantizer.analyzer
-            key = (param._version, id(param), quantizer.version_key(), id(analyzer))
-            cached = self._qparam_cache.get(name)
-            if cached is not None and cached[0] == key and cached[1] == analyzer.generation:
-                return cached[2]
-            value = quantizer(param)
-            self._qparam_cache[name] = (key, analyzer.generation, value, param, analyzer,
-                                        quantizer.encoding_tensors())
-            return value
         if quantizer.state != "quantize" or quantizer.rounding != "nearest":
             return quantizer(param)
         key = (param._version, id(param), quantizer.version_key())
         cached = self._qparam_cache.get(name)
         if cached is not None and cached[0] == key:
-            return cached[2]
+            return cached[1]
         value = quantizer(param)
         # entries hold the objects whose ids are in the key, so no id can be reused
-        self._qparam_cache[name] = (key, None, value, param, quantizer.encoding_tensors())
+        self._qparam_cache[name] = (key, value, param, quantizer.encoding_tensors())
         return value
 
     def extra_repr(self) -> str:  # keeps the float module's own description

@@ -343,25 +343,6 @@ def test_tf_enhanced_per_channel_sparse_histograms_find_the_brute_force_optimum(
         assert got == pytest.approx(best, rel=1e-4), c
 
 
-def test_generation_counts_changes_of_the_statistics():
-    """``generation`` moves on observe, merge and reset (caches key on it), not on reads."""
-    a, b = SqnrAnalyzer(num_bins=16), SqnrAnalyzer(num_bins=16)
-    seen = [a.generation]
-    a.observe(torch.randn(100))
-    seen.append(a.generation)
-    a.compute_range(255, False)
-    assert a.generation == seen[-1]
-    b.observe(torch.randn(100))
-    a.merge_(b)
-    seen.append(a.generation)
-    a.reset()
-    seen.append(a.generation)
-    assert len(set(seen)) == 4
-
-
-# ----------------------------------------------------------------------------------------------
-# percentile
-# ----------------------------------------------------------------------------------------------
 def test_percentile_clips_where_asked():
     """p = 99 on an even grid over [0, 1] gives (0.01, 0.99) to within a bin; p = 100 is min/max."""
     x = torch.linspace(0, 1, 100_001)

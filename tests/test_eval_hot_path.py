@@ -15,6 +15,7 @@ from torch import nn
 from conftest import requires_cuda
 from quantsim import FakeQuantState, kernels, set_fake_quantize, wrappers
 from quantsim.encoding import Encoding
+from quantsim.quantizer import Quantizer
 from quantsim.sim import QuantizationSimModel
 
 
@@ -235,43 +236,48 @@ def _observe_counter(quantizer) -> list:
 
 
 @pytest.mark.parametrize("scheme", ["tf", "tf_enhanced", "percentile"])
-def test_parameters_are_observed_once_per_calibration(scheme):
-    """set_fake_quantize(CALIBRATION) puts parameter quantizers in the observe state: the
-    weights are observed once, and the encoding equals that of one batch."""
+def test_weights_are_encoded_once_per_calibration(scheme):
+    """set_fake_quantize(CALIBRATION) encodes each weight once, on entry (quantsim.calibration):
+    the calibration forwards fake-quantize it without observing it again, whatever their
+    number, and the encoding is that of the weight alone."""
     batches = [torch.randn(4, 8) for _ in range(5)]
-    encodings = []
-    for use in (batches, batches[:1]):
-        torch.manual_seed(0)
-        sim = QuantizationSimModel(nn.Sequential(nn.Linear(8, 8)), batches[0],
-                                   quant_scheme=scheme)
-        sim.model.eval()
-        wq = sim.model[0].param_quantizers["weight"]
-        set_fake_quantize(sim, FakeQuantState.CALIBRATION)
-        calls = _observe_counter(wq)
-        with torch.no_grad():
-            for b in use:
-                sim.model(b)
-        set_fake_quantize(sim, FakeQuantState.VALIDATION)
-        assert len(calls) == 1
-        encodings.append(wq.encoding)
-    assert torch.equal(encodings[0].scale, encodings[1].scale)
+    torch.manual_seed(0)
+    sim = QuantizationSimModel(nn.Sequential(nn.Linear(8, 8)), batches[0], quant_scheme=scheme)
+    sim.model.eval()
+    wq = sim.model[0].param_quantizers["weight"]
+    calls = _observe_counter(wq)
+    set_fake_quantize(sim, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for b in batches:
+            sim.model(b)
+    set_fake_quantize(sim, FakeQuantState.VALIDATION)
+    assert len(calls) == 1 and torch.equal(calls[0], sim.model[0].weight)
+    alone = Quantizer(8, symmetric=True, shape=(8,), axis=0, scheme=scheme)
+    alone.state = "observe"
+    alone(sim.model[0].weight.detach())
+    alone.compute_encoding()
+    assert torch.equal(wq.get_scale(), alone.get_scale())
 
 
-def test_a_parameter_that_changes_during_calibration_is_observed_again():
+def test_a_weight_that_changes_during_calibration_is_encoded_again():
+    """Leaving CALIBRATION re-encodes a weight that changed since entry, and only then."""
     torch.manual_seed(0)
     sim = QuantizationSimModel(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8), quant_scheme="tf")
     sim.model.eval()
     lin = sim.model[0]
-    set_fake_quantize(sim, FakeQuantState.CALIBRATION)
     calls = _observe_counter(lin.param_quantizers["weight"])
+    set_fake_quantize(sim, FakeQuantState.CALIBRATION)
     with torch.no_grad():
         sim.model(torch.randn(2, 8))
         lin.weight.mul_(3.0)
         sim.model(torch.randn(2, 8))
-        lin.param_quantizers["weight"].reset_statistics()
-        sim.model(torch.randn(2, 8))
-    assert len(calls) == 3
-    assert torch.equal(calls[1], calls[0] * 3.0) and torch.equal(calls[2], calls[1])
+    set_fake_quantize(sim, FakeQuantState.VALIDATION)
+    set_fake_quantize(sim, FakeQuantState.VALIDATION)   # nothing calibrating: nothing encoded
+    assert len(calls) == 2
+    assert torch.equal(calls[1], calls[0] * 3.0)
+    assert torch.equal(lin.param_quantizers["weight"].get_max(),
+                       Encoding.from_range(*torch.aminmax(lin.weight.detach(), dim=1), 8, True,
+                                           axis=0).max)
 
 
 def test_kernel_in_place_variant_matches_the_copying_one():

@@ -71,30 +71,18 @@ def test_peer_vector_through_the_quantizer():
     assert float(q.get_scale()) == 0.003159431740641594 and int(q.get_offset()) == -98
 
 
-def test_calibrate_quantizes_with_the_batch_range():
-    """'calibrate' collects statistics and returns the batch fake-quantized with its own
-    min/max range (aimet-torch 2.x), for every batch."""
+def test_observe_passes_values_unchanged_and_merges_batches():
+    """'observe' (how activations calibrate, as in aimet-torch 2.x) returns each batch as it is
+    and the encoding covers every batch seen."""
     torch.manual_seed(1)
     q = Quantizer(8, scheme="tf")
-    q.state = "calibrate"
+    q.state = "observe"
     batches = [torch.randn(40), torch.randn(40) * 3]
     for x in batches:
-        y = q(x)
-        assert torch.equal(y, Encoding.from_range(x.min(), x.max(), 8).fake_quantize(x))
+        assert q(x) is x
     q.compute_encoding()
     all_x = torch.cat(batches)
     assert q.encoding == Encoding.from_range(all_x.min(), all_x.max(), 8)
-
-
-def test_calibrate_per_channel_uses_each_channel_range():
-    """'calibrate' per channel quantizes each slice with that slice's own range."""
-    torch.manual_seed(2)
-    w = torch.randn(4, 3, 2) * torch.tensor([0.1, 1.0, 10.0, 0.0]).reshape(4, 1, 1)
-    q = Quantizer(8, symmetric=True, shape=(4,), axis=0, scheme="tf")
-    q.state = "calibrate"
-    lo, hi = _channel_range(w, 0)
-    expected = Encoding.from_range(lo, hi, 8, symmetric=True, axis=0).fake_quantize(w)
-    assert torch.equal(q(w), expected)
 
 
 def test_qat_moving_average():
@@ -246,7 +234,7 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     torch.manual_seed(6)
     x = (torch.randn(64) * 2).to(dtype)
     q = Quantizer(8, scheme="tf")
-    for state in ("observe", "calibrate", "qat"):
+    for state in ("observe", "qat"):
         q.state = state
         assert q(x).dtype == dtype
     q.compute_encoding()

@@ -255,8 +255,9 @@ def test_save_or_eval_before_batch_num_is_an_error(tmp_path, data, float_model):
 
 
 def test_calibration_then_learned_ranges(tmp_path, data, float_model):
-    """Forwards 1..batch_num calibrate (ranges appear after the last one, min/max get no
-    gradient before); then the optimizer moves min/max."""
+    """Forwards 1..batch_num calibrate (ranges appear once the last one has run: before the next
+    forward, or when the session is asked; min/max get no gradient before); then the optimizer
+    moves min/max."""
     x, y, _, _ = data
     cfg, rec, q = _setup(tmp_path, float_model, x, {"batch_num": 3})
     oq = q.relu1.output_quantizers[0]
@@ -264,7 +265,7 @@ def test_calibration_then_learned_ranges(tmp_path, data, float_model):
     _steps(q, opt, x, y, _batches(2))
     assert not oq.is_initialized and not oq.max.grad.abs().sum()
     _steps(q, opt, x, y, _batches(1, seed=5))
-    assert oq.is_initialized
+    assert get_retrain_session(q).calibrated and oq.is_initialized
     before = oq.max.detach().clone()
     _steps(q, opt, x, y, _batches(2, seed=6))
     assert not torch.equal(before, oq.max.detach())
@@ -277,6 +278,7 @@ def test_tf_scheme_follows_the_data(tmp_path, data, float_model):
     cfg, rec, q = _setup(tmp_path, float_model, x, {"batch_num": 2, "quant_scheme": "tf"})
     assert not any(".min" in n or ".max" in n for n, _ in q.named_parameters())
     _steps(q, torch.optim.SGD(q.parameters(), lr=1e-2), x, y, _batches(2))
+    assert get_retrain_session(q).calibrated
     oq = q.relu2.output_quantizers[0]
     scale = oq.get_scale().clone()
     _steps(q, torch.optim.SGD(q.parameters(), lr=1e-2), x, y, _batches(1, seed=9))

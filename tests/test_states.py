@@ -1,6 +1,8 @@
 """Calibration / QAT / validation states and range-learning QAT."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -24,7 +26,8 @@ def trained(digits):
 
 
 def test_state_cycle_and_mode_checks(trained, digits):
-    """CALIBRATION needs eval and observes without changing values; leaving it computes
+    """CALIBRATION needs eval, quantizes the weights and observes activations without changing
+    them (quantsim.calibration); leaving it computes
     encodings; QAT needs train; a model evaluated in QAT state raises instead of silently
     leaving scales stuck."""
     x = digits[0][:128]
@@ -34,8 +37,14 @@ def test_state_cycle_and_mode_checks(trained, digits):
         set_fake_quantize(sim, FakeQuantState.CALIBRATION)
     sim.model.eval()
     set_fake_quantize(sim, FakeQuantState.CALIBRATION)
+    reference = copy.deepcopy(trained)                   # quantized weights, float activations
     with torch.no_grad():
-        assert torch.equal(sim.model(x), trained(x))     # observe only
+        for name, module in sim.named_qmodules():
+            for pname, pq in module.param_quantizers.items():
+                if pq.enabled:
+                    p = reference.get_parameter(f"{name}.{pname}")
+                    p.copy_(pq.encoding.fake_quantize(p))
+        assert torch.equal(sim.model(x), reference(x))
     with pytest.raises(FakeQuantStateError, match="train"):
         set_fake_quantize(sim, FakeQuantState.QAT)
     sim.model.train()

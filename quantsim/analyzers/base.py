@@ -42,18 +42,12 @@ class EncodingAnalyzer(ABC):
         self.axis = axis
         self.name = name
         self._stats: Optional[Stats] = None
-        self._generation = 0
 
     # -- public API ---------------------------------------------------------------------------
     @property
     def has_stats(self) -> bool:
         """True once at least one finite value has been observed."""
         return self._stats is not None
-
-    @property
-    def generation(self) -> int:
-        """A counter that changes whenever the statistics change (observe, merge, reset)."""
-        return self._generation
 
     def observed_range(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """The finite ``(min, max)`` seen so far, ``(C,)`` each (1 per tensor); None before any
@@ -63,7 +57,6 @@ class EncodingAnalyzer(ABC):
     def reset(self) -> None:
         """Forget every statistic."""
         self._stats = None
-        self._generation += 1
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -85,7 +78,6 @@ class EncodingAnalyzer(ABC):
         if self._stats is None:
             self._stats = self._empty_stats(rows.shape[0], rows.device)
         self._stats = self._update(self._stats, rows, batch_min, batch_max, finite)
-        self._generation += 1
 
     @torch.no_grad()
     def compute_range(self, num_steps: int, symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +127,6 @@ class EncodingAnalyzer(ABC):
             return
         device = (self._stats or other._stats)["min"].device
         theirs = {k: v.to(device) for k, v in other._stats.items()}
-        self._generation += 1
         if self._stats is None:
             self._stats = {k: v.clone() for k, v in theirs.items()}
             return
@@ -160,7 +151,6 @@ class EncodingAnalyzer(ABC):
         if self._stats is None:
             self._stats = self._empty_stats(channels, device)
         self._stats = self._all_reduce(self._stats, group)
-        self._generation += 1
 
     # -- helpers ------------------------------------------------------------------------------
     @property

@@ -10,14 +10,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from quantsim.calibration import Calibration, calibrates, data_quantizer
 from quantsim.encodings import write_torch_encodings
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
 from quantsim.export.load import torch_encodings_file
-from quantsim.op_types import is_data_movement
 from quantsim.quantizer import Quantizer
 from quantsim.retrain.config import PathLike, RetrainConfig
 from quantsim.sim import QuantizationSimModel, QuantScheme
-from quantsim.states import all_reduce_statistics
 from quantsim.wrappers import param_axis
 
 #: Conv layers with at most this many input channels get an accuracy warning.
@@ -34,31 +33,6 @@ def _unwrap(model: nn.Module, where: str) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
     return model
-
-
-def _data_quantizer(sim: QuantizationSimModel, qmodules: Dict[str, nn.Module],
-                    layer: str) -> Optional[str]:
-    """Name of the enabled quantizer whose encoding the data entering ``layer`` has: its own
-    input quantizer, else the output quantizer upstream (through data-movement modules)."""
-    module = qmodules[layer]
-    if module.input_quantizers and module.input_quantizers[0].enabled:
-        return f"{layer}.input_quantizers.0"
-    call = sim.graph.first_call(layer)
-    source = call.inputs[0] if call is not None and call.inputs else None
-    for _ in range(64):
-        if source is None or source.kind != "module" or source.producer not in qmodules:
-            return None
-        name, producer = source.producer, qmodules[source.producer]
-        outs = producer.output_quantizers
-        if source.output_index < len(outs) and outs[source.output_index].enabled:
-            return f"{name}.output_quantizers.{source.output_index}"
-        if not is_data_movement(producer):
-            return None
-        if producer.input_quantizers and producer.input_quantizers[0].enabled:
-            return f"{name}.input_quantizers.0"
-        call = sim.graph.first_call(name)
-        source = call.inputs[0] if call is not None and call.inputs else None
-    return None
 
 
 def _set_channel_wise(module: nn.Module, channel_wise: bool) -> None:
@@ -92,7 +66,7 @@ def _apply_layers(sim: QuantizationSimModel, config: RetrainConfig) -> None:
         if "weight" in module.param_quantizers:
             _set_channel_wise(module, s.channel_wise)
             module.param_quantizers["weight"].bitwidth = s.weight_bitwidth
-        qname = _data_quantizer(sim, qmodules, name)
+        qname = data_quantizer(qmodules, sim.graph, name)
         if qname is None:
             continue
         other = data_bits.get(qname)
@@ -138,6 +112,7 @@ class QuantRetrainSession:
         self.batches_seen = 0
         self._phase: Optional[str] = None
         self._zero_hooks: list = []
+        self._calibration: Optional[Calibration] = None
         self.learns_ranges = QuantScheme.parse(config.global_settings.quant_scheme).learns_ranges
         if self.learns_ranges:  # trainable min/max exist from the start, for the optimizer
             for _, q in self._calibrated_quantizers():
@@ -154,8 +129,24 @@ class QuantRetrainSession:
 
     @property
     def calibrated(self) -> bool:
-        """True once ``batch_num`` training forwards ran (or a restore loaded encodings)."""
-        return self.batches_seen >= self.batch_num
+        """True once ``batch_num`` training forwards ran and their encodings were computed (or
+        a restore loaded encodings); asking completes a calibration that is due."""
+        self.complete_calibration()
+        return self.batches_seen >= self.batch_num and self._calibration is None
+
+    def complete_calibration(self) -> None:
+        """Compute the encodings once ``batch_num`` calibration forwards ran.
+
+        This runs before the next forward (or when :attr:`calibrated` is asked), not inside the
+        last calibration forward: that forward's backward still needs the weight encodings it
+        used, which finishing may change in place.
+
+        Raises:
+            CalibrationError: quantizers saw no data; calibration starts again with the next
+                training forward.
+        """
+        if self._calibration is not None and self.batches_seen >= self.batch_num:
+            self._finish_calibration()
 
     def attach(self) -> None:
         """Put the session and its forward hooks on ``sim.model``."""
@@ -172,11 +163,11 @@ class QuantRetrainSession:
         self.sim.model.__dict__.pop(_SESSION_ATTR, None)
 
     def _calibrated_quantizers(self) -> List[Tuple[str, Quantizer]]:
-        return [(n, q) for n, q in self.sim.named_quantizers()
-                if q.enabled and q.data_type == "int" and not q.frozen and not q.has_fixed_range]
+        return [(n, q) for n, q in self.sim.named_quantizers() if _retrain_calibrates(q)]
 
     # -- hooks ----------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: Any) -> None:
+        self.complete_calibration()
         if module.training:
             self._enter("train" if self.calibrated else "calibrate")
         elif not self.calibrated:
@@ -193,8 +184,6 @@ class QuantRetrainSession:
         if not module.training:
             return
         self.batches_seen += 1
-        if self.batches_seen == self.batch_num:
-            self._finish_calibration()
 
     def _enter(self, phase: str) -> None:
         if phase == self._phase:
@@ -203,10 +192,11 @@ class QuantRetrainSession:
             h.remove()
         self._zero_hooks = []
         if phase == "calibrate":
+            if self._calibration is None:
+                self._calibration = Calibration(self.sim.model, self.sim.graph,
+                                                _retrain_calibrates)
+                self._calibration.begin()
             for _, q in self._calibrated_quantizers():
-                if self.batches_seen == 0:
-                    q.reset_statistics()
-                q.state = "calibrate"
                 if q.learnable:  # a zero gradient: DDP sees every parameter used
                     self._zero_hooks.append(q.register_forward_hook(_touch_range))
         else:
@@ -221,24 +211,14 @@ class QuantRetrainSession:
         self._phase = phase
 
     def _finish_calibration(self) -> None:
-        params = {id(q) for m in self.sim.qmodules() for q in m.param_quantizers.values()}
-        active = self._calibrated_quantizers()
-        acts = [(n, q) for n, q in active if id(q) not in params]
-        all_reduce_statistics([q for _, q in acts])
-        missing = [n for n, q in acts if not q.analyzer.has_stats]
+        missing = self._calibration.finish()
+        self._calibration = None
+        self._phase = None
         if missing:
-            self.batches_seen = self.batch_num - 1  # not calibrated: saving stays refused
+            self.batches_seen = 0  # not calibrated: saving stays refused until a new calibration
             raise CalibrationError(
                 f"{len(missing)} enabled quantizer(s) saw no data in the {self.batch_num} "
                 f"calibration batches: {missing[:10]}; skip their layers in the config")
-        for _, module in self.sim.named_qmodules():
-            for pname, q in module.param_quantizers.items():
-                if q.enabled and q.data_type == "int" and not q.frozen and not q.has_fixed_range:
-                    q.reset_statistics()
-                    q.analyzer.observe(module._parameters[pname].detach())
-        for _, q in active:
-            q.compute_encoding()
-        self._phase = None
 
     # -- records --------------------------------------------------------------------------------
     def write_record(self, path: Optional[PathLike] = None) -> Path:
@@ -255,7 +235,13 @@ class QuantRetrainSession:
     def mark_calibrated(self) -> None:
         """Treat calibration as done (the encodings were loaded)."""
         self.batches_seen = max(self.batches_seen, self.batch_num)
+        self._calibration = None
         self._phase = None
+
+
+def _retrain_calibrates(q: Quantizer) -> bool:
+    """The retrain workflow calibrates integer quantizers only (fp16 ones need no encoding)."""
+    return calibrates(q) and q.data_type == "int"
 
 
 def _touch_range(q: Quantizer, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
