@@ -2,6 +2,8 @@
 #   make demo   -- build the local venv and run the demo
 #   make test   -- build the local venv and run the test suite
 PYTHON ?= python3
+# Optional: the package index to take torch from (e.g. PyTorch's CPU-only wheel index).
+TORCH_INDEX_URL ?=
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
@@ -12,7 +14,7 @@ STAMP   = $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
