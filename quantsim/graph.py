@@ -49,7 +49,7 @@ class ModelGraph:
     """What one traced forward pass showed."""
 
     calls: List[ModuleCall] = field(default_factory=list)
-    #: (producer, output index) -> [(consumer, input index), ...]
+    #: (producer, output index) -> [(consumer, input index), ...], one entry per use in any call
     consumers: Dict[Tuple[str, int], List[Tuple[str, int]]] = field(
         default_factory=lambda: defaultdict(list))
     #: (producer, output index) that are (views of) model outputs
@@ -65,7 +65,8 @@ class ModelGraph:
         return None
 
     def sole_consumer(self, name: str) -> Optional[str]:
-        """The one module that consumes ``name``'s only output, if exactly one does directly."""
+        """The module that reads ``name``'s only output, if it is read exactly once per forward
+        (by one input of one call; every call of a module called more than once counts)."""
         uses = self.consumers.get((name, 0), [])
         if len(uses) != 1 or (name, 0) in self.model_outputs:
             return None
@@ -175,10 +176,9 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
             index = graph.call_counts[name]
             graph.call_counts[name] += 1
             graph.calls.append(ModuleCall(name, module, sources, len(outs)))
-            if index == 0:
-                for i, src in enumerate(sources):
-                    if src is not None and src.kind == "module":
-                        graph.consumers[(src.producer, src.output_index)].append((name, i))
+            for i, src in enumerate(sources):
+                if src is not None and src.kind == "module":
+                    graph.consumers[(src.producer, src.output_index)].append((name, i))
             for i, t in enumerate(outs):
                 remember(t, Source("module", name, i))
         return hook

@@ -16,6 +16,14 @@ Then placement follows what a target runtime executes:
 * an input that arrives unquantized (from a functional op such as ``x + y``, a constant, or a
   data-movement chain that started unquantized) gets an input quantizer, when activations are
   quantized at all.
+
+The fold rule, supergroups and arrivals are matched per *call*, because the exported graph has
+one node per call and a runtime fuses node chains. A module called more than once (one
+``nn.ReLU`` after several convs) has one set of quantizers, so a setting that depends on the call
+changes only where every call agrees: ``conv2 -> relu`` (the relu's second call) fuses, turning
+conv2's output quantizer off, while the shared relu keeps its output quantizer, which then
+quantizes every call's output with one encoding. A module called more than once can end a chain
+but not start or continue one (which of its calls produced a tensor is not traced).
 """
 from __future__ import annotations
 
@@ -131,8 +139,8 @@ def resolve(
         settings[name] = s
     placement = Placement(settings, _set(config.defaults.strict_symmetric, False),
                           _set(config.defaults.unsigned_symmetric, False))
-    _apply_fold_rule(graph, modules, types, placement)
-    _apply_supergroups(config, graph, types, placement)
+    folds = _apply_fold_rule(graph, modules, types, placement)
+    _apply_supergroups(config, graph, types, placement, folds)
     if config.model_input:
         for consumer, index in _model_input_consumers(graph):
             if consumer in settings and index < len(settings[consumer].inputs):
@@ -154,84 +162,121 @@ def _model_input_consumers(graph: ModelGraph):
                 yield call.name, i
 
 
-def _direct_successor(graph: ModelGraph, name: str) -> Optional[str]:
-    """The only consumer of ``name``'s output, fed directly (no view, single call each)."""
+def _calls_of(graph: ModelGraph) -> Dict[str, List[int]]:
+    """Module name -> indices of its calls in ``graph.calls``."""
+    calls: Dict[str, List[int]] = {}
+    for index, call in enumerate(graph.calls):
+        calls.setdefault(call.name, []).append(index)
+    return calls
+
+
+def _fusable_successor(graph: ModelGraph, name: str) -> Optional[int]:
+    """The call (index in ``graph.calls``) a runtime can fuse after ``name``: ``name`` runs once
+    and its only output is read once per forward, directly (no view), as input 0 of that call,
+    and is no model output. The reader may run several times; only this call of it qualifies."""
     consumer = graph.sole_consumer(name)
     if consumer is None or graph.call_counts.get(name, 0) != 1:
         return None
-    call = graph.first_call(consumer)
-    src = call.inputs[0] if call and call.inputs else None
-    if src is None or src.kind != "module" or src.producer != name or src.is_view:
-        return None
-    return consumer
+    for index, call in enumerate(graph.calls):
+        src = call.inputs[0] if call.name == consumer and call.inputs else None
+        if src is not None and src.kind == "module" and src.producer == name \
+                and src.output_index == 0 and not src.is_view:
+            return index
+    return None
 
 
-def _apply_fold_rule(graph, modules, types, placement: Placement) -> None:
-    """Conv/ConvTranspose/Linear -> BatchNorm: the BN is treated as folded into its producer."""
+def _apply_fold_rule(graph, modules, types, placement: Placement) -> Dict[int, int]:
+    """Conv/ConvTranspose/Linear -> BatchNorm: the BN is treated as folded into its producer.
+
+    Returns producer call -> BN call. The producer's output quantizer moves to the BN; the BN's
+    input and parameter quantizers go off only when every call of the BN is folded (a BN that
+    also runs unfolded still needs them there).
+    """
     settings = placement.modules
+    calls = _calls_of(graph)
+    folds: Dict[int, int] = {}
+    carried: Dict[str, bool] = {}  # BN -> whether a producer folded into it quantized its output
     for name in list(settings):
         if not any(t in _FOLDABLE_INTO for t in types[name]):
             continue
         module = modules[name]
         if "ConvTranspose" in types[name] and getattr(module, "groups", 1) != 1:
             continue
-        bn = _direct_successor(graph, name)
-        if bn is None or "BatchNormalization" not in types.get(bn, ()):
+        bn_call = _fusable_successor(graph, name)
+        bn = graph.calls[bn_call].name if bn_call is not None else None
+        if bn not in settings or "BatchNormalization" not in types.get(bn, ()):
             continue
-        producer, folded = settings[name], settings[bn]
-        for s in folded.inputs:
-            s.enabled = False
-        for s in folded.params.values():
-            s.enabled = False
-        if producer.outputs and folded.outputs:
-            folded.outputs[0].enabled = producer.outputs[0].enabled
-            producer.outputs[0].enabled = False
+        producer = settings[name]
+        if not (producer.outputs and settings[bn].outputs):
+            continue
+        folds[calls[name][0]] = bn_call
+        carried[bn] = carried.get(bn, False) or producer.outputs[0].enabled
+        producer.outputs[0].enabled = False
         placement.folded.append((name, bn))
+    folded_calls = set(folds.values())
+    for bn, on in carried.items():
+        folded = settings[bn]
+        if all(c in folded_calls for c in calls[bn]):
+            for s in folded.inputs:
+                s.enabled = False
+            for s in folded.params.values():
+                s.enabled = False
+            folded.outputs[0].enabled = on
+        else:
+            folded.outputs[0].enabled = folded.outputs[0].enabled or on
+    return folds
 
 
-def _apply_supergroups(config, graph, types, placement: Placement) -> None:
-    """Straight chains matching a supergroup keep only the last op's output quantizer."""
+def _apply_supergroups(config, graph, types, placement: Placement, folds: Dict[int, int]) -> None:
+    """Chains of calls matching a supergroup keep only the last op's output quantizer; a module's
+    quantizer goes off only when the chains cover every call of it."""
     settings = placement.modules
-    fold_end = {p: bn for p, bn in placement.folded}
-    folded_bns = set(fold_end.values())
+    folded_calls = set(folds.values())
+    fused_output: Set[int] = set()  # calls whose output stays inside a chain
+    fused_input: Set[int] = set()   # calls whose input comes from inside a chain
 
-    def next_node(name: str) -> Optional[str]:
-        succ = _direct_successor(graph, fold_end.get(name, name))
-        return succ if succ in settings and succ not in folded_bns else None
+    def next_call(index: int) -> Optional[int]:
+        nxt = _fusable_successor(graph, graph.calls[folds.get(index, index)].name)
+        if nxt is None or nxt in folded_calls or graph.calls[nxt].name not in settings:
+            return None
+        return nxt
 
     for pattern in config.supergroups:
-        for start in settings:
-            if start in folded_bns or pattern[0] not in types[start]:
+        for start, call in enumerate(graph.calls):
+            if start in folded_calls or call.name not in settings or \
+                    pattern[0] not in types[call.name]:
                 continue
             chain = [start]
             for op in pattern[1:]:
-                nxt = next_node(chain[-1])
-                if nxt is None or op not in types[nxt]:
+                nxt = next_call(chain[-1])
+                if nxt is None or op not in types[graph.calls[nxt].name]:
                     break
                 chain.append(nxt)
             if len(chain) != len(pattern):
                 continue
-            placement.supergroups.append(tuple(chain))
-            for i, member in enumerate(chain):
-                s = settings[fold_end.get(member, member)] if i < len(chain) - 1 else settings[member]
-                if i < len(chain) - 1:
-                    for q in s.outputs:
-                        q.enabled = False
-                if i > 0:
-                    for q in settings[member].inputs:
-                        q.enabled = False
+            placement.supergroups.append(tuple(graph.calls[c].name for c in chain))
+            fused_output.update(folds.get(c, c) for c in chain[:-1])
+            fused_input.update(chain[1:])
+    for name, indices in _calls_of(graph).items():
+        if name not in settings:
+            continue
+        if all(c in fused_output for c in indices):
+            for q in settings[name].outputs:
+                q.enabled = False
+        if all(c in fused_input for c in indices):
+            for q in settings[name].inputs:
+                q.enabled = False
 
 
 def _place_for_runtime(config, graph: ModelGraph, modules, placement: Placement) -> None:
-    """No requantization after data movement; quantize inputs that arrive unquantized."""
+    """No requantization after data movement; quantize inputs that arrive unquantized in any
+    call (a shared module's input quantizer then applies to all its calls)."""
     settings = placement.modules
     activations_on = _set(config.defaults.ops.is_output_quantized, False)
     quantized_out: Dict[Tuple[str, int], bool] = {}
-    seen: Set[str] = set()
     for call in graph.calls:
-        if call.name in seen or call.name not in settings:
+        if call.name not in settings:
             continue
-        seen.add(call.name)
         s = settings[call.name]
         arrives = []
         for i, src in enumerate(call.inputs):
