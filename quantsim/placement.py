@@ -13,9 +13,9 @@ Then placement follows what a target runtime executes:
 
 * ops that only move or select values (MaxPool, Flatten, Dropout, ...) get no quantizer: their
   output is as quantized as their input;
-* an input that arrives unquantized (from a functional op such as ``x + y``, a constant, or a
-  data-movement chain that started unquantized) gets an input quantizer, when activations are
-  quantized at all.
+* an input that arrives unquantized (from a functional op such as ``x + y``, a constant or a
+  buffer) gets an input quantizer, when activations are quantized at all; a data-movement op
+  fed that way so passes on quantized values.
 
 The fold rule, supergroups and arrivals are matched per *call*, because the exported graph has
 one node per call and a runtime fuses node chains. A module called more than once (one
@@ -269,33 +269,21 @@ def _apply_supergroups(config, graph, types, placement: Placement, folds: Dict[i
 
 
 def _place_for_runtime(config, graph: ModelGraph, modules, placement: Placement) -> None:
-    """No requantization after data movement; quantize inputs that arrive unquantized in any
-    call (a shared module's input quantizer then applies to all its calls)."""
+    """No requantization after data movement; an input that arrives unquantized in any call
+    gets an input quantizer (a shared module's then applies to all its calls)."""
     settings = placement.modules
     activations_on = _set(config.defaults.ops.is_output_quantized, False)
-    quantized_out: Dict[Tuple[str, int], bool] = {}
     for call in graph.calls:
         if call.name not in settings:
             continue
         s = settings[call.name]
-        arrives = []
         for i, src in enumerate(call.inputs):
-            if src is None or i >= len(s.inputs):
-                arrives.append(True)
-                continue
-            if src.kind == "other":
-                ok = False
-            elif src.kind == "module":
-                ok = quantized_out.get((src.producer, src.output_index), True)
-            else:
-                ok = True  # model inputs follow the model_input rule
-            if not ok and activations_on and not s.inputs[i].enabled:
+            # module outputs are quantized by their producer (or inside its supergroup), data
+            # movement passes that on, and model inputs follow the model_input rule
+            if activations_on and src is not None and src.kind == "other" \
+                    and i < len(s.inputs) and not s.inputs[i].enabled:
                 s.inputs[i].enabled = True
-                if src.kind == "other":
-                    placement.unquantized_arrivals.append((call.name, i))
-            arrives.append(ok or s.inputs[i].enabled)
+                placement.unquantized_arrivals.append((call.name, i))
         if is_data_movement(modules[call.name]):
             for q in s.outputs:
                 q.enabled = False
-            for j in range(len(s.outputs)):
-                quantized_out[(call.name, j)] = all(arrives) if arrives else True
