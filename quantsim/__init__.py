@@ -9,12 +9,14 @@ from quantsim.errors import (
     CalibrationError,
     CheckpointError,
     ConfigError,
+    DummyInputError,
     EncodingsError,
     ExportError,
     QuantizationSettingError,
     QuantSimError,
     UnsupportedModelError,
 )
+from quantsim.graph import KeywordInputs
 from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from quantsim.qat_convert import ConvertedQATModel, convert_qat_model
 from quantsim.quantizer import Quantizer
@@ -27,8 +29,9 @@ from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precisio
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationError", "CheckpointError", "ConfigError", "ConvertedQATModel", "Encoding",
-    "EncodingsError", "ExportError", "FakeQuantState", "QuantizationDataType",
+    "CalibrationError", "CheckpointError", "ConfigError", "ConvertedQATModel", "DummyInputError",
+    "Encoding", "EncodingsError", "ExportError", "FakeQuantState", "KeywordInputs",
+    "QuantizationDataType",
     "QuantizationSettingError", "QuantizationSimModel", "QuantScheme", "QuantSimError",
     "Quantizer", "UnsupportedModelError", "convert_qat_model", "create_quant_retrain_config",
     "create_quant_retrain_model", "load_checkpoint", "restore_quant_retrain_model",

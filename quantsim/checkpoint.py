@@ -29,6 +29,7 @@ from torch import nn
 
 from quantsim.atomic import atomic_write
 from quantsim.errors import CheckpointError
+from quantsim.graph import KeywordInputs
 
 FORMAT = "quantsim-checkpoint"
 FORMAT_VERSION = 1
@@ -59,11 +60,15 @@ def save_checkpoint(sim, file_path: PathLike, optimizer: Optional[torch.optim.Op
         file_path: destination; an existing file is replaced only once writing succeeded.
         optimizer: optional optimizer whose state resumes with the sim.
     """
+    keywords = isinstance(sim.dummy_input, KeywordInputs)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "init_kwargs": dict(sim.init_kwargs),
-        "dummy_input": sim.dummy_input,
+        # a KeywordInputs is saved as a plain dict and a flag: weights_only loading takes
+        # plain containers only
+        "dummy_input": dict(sim.dummy_input) if keywords else sim.dummy_input,
+        "dummy_input_keywords": keywords,
         "quantizers": _quantizer_settings(sim),
         "state_dict": sim.model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -105,8 +110,10 @@ def load_checkpoint(file_path: PathLike, model: Optional[nn.Module] = None):
         raise CheckpointError(
             f"{file_path}: pass model= (a float instance of the saved architecture); quantsim "
             "checkpoints carry no code, so the architecture must come from your program")
-    sim = QuantizationSimModel(model, payload["dummy_input"], in_place=True,
-                               **payload["init_kwargs"])
+    dummy_input = payload["dummy_input"]
+    if payload.get("dummy_input_keywords", False):
+        dummy_input = KeywordInputs(dummy_input)
+    sim = QuantizationSimModel(model, dummy_input, in_place=True, **payload["init_kwargs"])
     _apply_settings(sim, payload["quantizers"], file_path)
     try:
         sim.model.load_state_dict(payload["state_dict"], strict=True)

@@ -34,6 +34,10 @@ class UnsupportedModelError(QuantSimError):
     """The model (or one of its modules) cannot be simulated as given."""
 
 
+class DummyInputError(UnsupportedModelError, ValueError):
+    """A dict ``dummy_input`` that the model's ``forward`` signature reads two ways, or none."""
+
+
 class CheckpointError(QuantSimError):
     """A checkpoint file is truncated, foreign, or belongs to another architecture."""
 

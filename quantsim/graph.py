@@ -13,6 +13,7 @@ This works on any model that runs (no torch.fx restrictions), which is what plac
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from quantsim.errors import UnsupportedModelError
+from quantsim.errors import DummyInputError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -107,32 +108,125 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-def split_dummy_input(dummy_input: Any) -> Tuple[tuple, Dict[str, Any]]:
-    """``(args, kwargs)`` of a ``dummy_input``: a tuple is the positional arguments, a dict the
-    keyword arguments, anything else the single positional argument."""
+class KeywordInputs(dict):
+    """A ``dummy_input`` that is always passed as keyword arguments: ``forward(**inputs)``.
+
+    Only needed where :func:`split_dummy_input` finds a plain dict ambiguous (a ``forward`` that
+    takes ``*args, **kwargs``, or keys only ``**kwargs`` would take); a one-element tuple
+    ``(inputs,)`` is the positional choice.
+
+    Example:
+        >>> KeywordInputs(input_ids=torch.ones(1, 4, dtype=torch.long))
+        KeywordInputs({'input_ids': tensor([[1, 1, 1, 1]])})
+    """
+
+    def __repr__(self) -> str:
+        return f"KeywordInputs({dict.__repr__(self)})"
+
+
+def forward_signature(model: nn.Module) -> Optional[inspect.Signature]:
+    """The signature of ``model.forward`` without ``self`` (None if it cannot be read).
+
+    A ``forward`` that takes only ``*args, **kwargs`` and sits in front of a base class's own
+    ``forward`` (a mixin handing its arguments to ``super().forward``, as quantsim's
+    quantized-module wrapper does) is looked through to that base class's signature.
+    """
+    try:
+        own = inspect.signature(model.forward)
+        if "forward" in vars(model) or not _takes_anything(own):
+            return own
+        for cls in type(model).__mro__:
+            fn = cls.__dict__.get("forward")
+            if fn is not None and cls is not nn.Module:
+                sig = inspect.signature(fn.__get__(model, cls))
+                if not _takes_anything(sig):
+                    return sig
+        return own
+    except (TypeError, ValueError):  # builtins and C extensions without signature metadata
+        return None
+
+
+def _takes_anything(sig: inspect.Signature) -> bool:
+    """True for ``(*args, **kwargs)``-style signatures that name no parameter."""
+    return all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
+
+
+def _binds(sig: inspect.Signature, args: tuple, kwargs: Dict[str, Any]) -> bool:
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+def split_dummy_input(model: nn.Module, dummy_input: Any) -> Tuple[tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` with which ``model`` is called on ``dummy_input`` (the one rule that
+    the sim, export, verify and prepare share).
+
+    As in aimet-torch, a tuple is spread over the positional arguments and anything else but a
+    dict is the single positional argument. A dict is read from ``forward``'s signature:
+
+    * keyword arguments (``forward(**d)``) when every key names a parameter of ``forward`` and
+      the call binds (``forward(self, input_ids, attention_mask=None)``, Hugging Face models);
+    * otherwise the one positional argument (``forward(d)``, as aimet-torch passes it) when
+      only that binds (``forward(self, inputs)`` reading ``inputs['x']``);
+    * keyword arguments when only they bind (some keys land in ``**kwargs``).
+
+    :class:`KeywordInputs` always means keyword arguments; ``(d,)`` always means positional.
+
+    Raises:
+        DummyInputError: a dict that binds both ways though some key is no parameter name
+            (``forward(self, x, **kwargs)`` with ``{'x': .., 'mask': ..}``, ``forward(self,
+            *args, **kwargs)``), or that binds neither way.
+    """
+    if isinstance(dummy_input, KeywordInputs):
+        return (), dict(dummy_input)
     if isinstance(dummy_input, tuple):
         return dummy_input, {}
-    if isinstance(dummy_input, dict):
+    if not isinstance(dummy_input, dict):
+        return (dummy_input,), {}
+    sig = forward_signature(model)
+    if sig is None:  # nothing to read: aimet-torch's reading
+        return (dummy_input,), {}
+    positional = _binds(sig, (dummy_input,), {})
+    keywords = all(isinstance(k, str) for k in dummy_input) and _binds(sig, (), dummy_input)
+    named = {p.name for p in sig.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if keywords and (not positional or set(dummy_input) <= named):
         return (), dict(dummy_input)
-    return (dummy_input,), {}
+    if positional and not keywords:
+        return (dummy_input,), {}
+    keys = list(dummy_input)
+    where = f"{type(model).__name__}.forward{sig}"
+    if positional:
+        raise DummyInputError(
+            f"dummy_input: a dict with keys {keys} fits {where} both as its one positional "
+            "argument (forward(dummy_input)) and as keyword arguments (forward(**dummy_input)), "
+            "and the two calls differ. Choose: pass (dummy_input,) for the positional reading, "
+            "or quantsim.KeywordInputs(dummy_input) for the keyword reading.")
+    raise DummyInputError(
+        f"dummy_input: a dict with keys {keys} fits {where} neither as its one positional "
+        "argument nor as keyword arguments. Pass a tuple of positional inputs, or a dict whose "
+        "keys are forward's parameter names.")
 
 
 def run_forward(model: nn.Module, dummy_input: Any) -> Any:
     """Call ``model`` with ``dummy_input`` as the sim does (see :func:`split_dummy_input`)."""
-    args, kwargs = split_dummy_input(dummy_input)
+    args, kwargs = split_dummy_input(model, dummy_input)
     return model(*args, **kwargs)
 
 
-def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
-          forward: Callable[[nn.Module, Any], Any] = run_forward) -> ModelGraph:
+def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module]) -> ModelGraph:
     """Run ``model`` once on ``dummy_input`` with hooks on ``leaves`` and return the graph.
 
     The pass runs in eval mode under ``no_grad`` (so BatchNorm statistics and the like are not
     touched); every module's train/eval mode is restored afterwards.
 
     Raises:
+        DummyInputError: a dict ``dummy_input`` that :func:`split_dummy_input` cannot read.
         UnsupportedModelError: the forward pass with ``dummy_input`` failed (the cause chained).
     """
+    args, kwargs = split_dummy_input(model, dummy_input)
     graph = ModelGraph()
     produced: Dict[int, Source] = {}
     storages: Dict[int, Source] = {}
@@ -153,7 +247,7 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
             return Source(base.kind, base.producer, base.output_index, is_view=True)
         return Source("other")
 
-    for t in float_leaves(dummy_input):
+    for t in float_leaves((args, kwargs)):
         remember(t, Source("model_input"))
 
     pending: Dict[str, List[List[Optional[Source]]]] = defaultdict(list)
@@ -189,12 +283,14 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
         handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
     try:
         with eval_mode(model), torch.no_grad():
-            output = forward(model, dummy_input)
+            output = model(*args, **kwargs)
     except Exception as exc:
         raise UnsupportedModelError(
-            f"the model's forward failed with dummy_input ({type(exc).__name__}: {exc}); "
-            "pass a dummy_input the model accepts (a tensor, a tuple of positional inputs, or a "
-            "dict of keyword inputs)") from exc
+            f"the model's forward failed with dummy_input, passed {_reading(args, kwargs)} "
+            f"({type(exc).__name__}: {exc}); pass a dummy_input the model accepts: a tensor, a "
+            "tuple of positional inputs, or a dict (keyword arguments when its keys name "
+            "forward's parameters, else the one positional argument; see "
+            "quantsim.graph.split_dummy_input)") from exc
     finally:
         for h in handles:
             h.remove()
@@ -203,6 +299,15 @@ def trace(model: nn.Module, dummy_input: Any, leaves: Dict[str, nn.Module],
         if src.kind == "module":
             graph.model_outputs.add((src.producer, src.output_index))
     return graph
+
+
+def _reading(args: tuple, kwargs: Dict[str, Any]) -> str:
+    """How a call passes its inputs, for messages."""
+    if kwargs:
+        return f"as keyword arguments {list(kwargs)}"
+    if len(args) == 1:
+        return f"as the one positional argument (a {type(args[0]).__name__})"
+    return f"as {len(args)} positional arguments"
 
 
 def leaf_modules(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Dict[str, nn.Module]:

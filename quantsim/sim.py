@@ -95,8 +95,11 @@ class QuantizationSimModel:
 
     Args:
         model: the float model. Left untouched unless ``in_place``.
-        dummy_input: an input the model accepts (tensor, tuple of positional inputs, or dict of
-            keyword inputs); used once to trace which module feeds which.
+        dummy_input: an input the model accepts, used once to trace which module feeds which:
+            a tuple is spread over ``forward``'s positional arguments; a dict is its keyword
+            arguments when every key names a parameter of ``forward``, else (as in aimet-torch)
+            its one positional argument; anything else is the one positional argument (the
+            rule: :func:`quantsim.graph.split_dummy_input`).
         quant_scheme: a :class:`QuantScheme` or its name/alias (``'tf'``, ``'tf_enhanced'``,
             ``'percentile'``).
         rounding_mode: ``'nearest'`` or ``'stochastic'``.
@@ -110,6 +113,8 @@ class QuantizationSimModel:
 
     Raises:
         UnsupportedModelError: DataParallel models, or a forward that fails with dummy_input.
+        DummyInputError: a dict dummy_input that ``forward``'s signature reads both ways (or
+            neither); the message names both readings and how to choose one.
         ConfigError: the config file is missing or invalid.
         QuantizationSettingError: a bitwidth, scheme, rounding mode or data type not allowed.
 

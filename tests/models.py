@@ -121,3 +121,56 @@ def transformer_block(d_model: int = 32, nhead: int = 4) -> nn.Module:
     torch.manual_seed(0)
     return nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=64, dropout=0.0,
                                       batch_first=True).eval()
+
+
+class DictInputNet(nn.Module):
+    """Takes one dict and reads its keys, as aimet-torch's tests' models do:
+    ``conv(image) * mask`` -> relu -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, inputs: dict) -> torch.Tensor:  # noqa: D102
+        x = self.relu(self.conv(inputs["image"]) * inputs["mask"])
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class KeywordNet(nn.Module):
+    """A Hugging Face-style encoder: named inputs, an optional mask (called with keywords)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.dense = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor = None,
+                scale: float = 1.0) -> torch.Tensor:  # noqa: D102
+        h = self.act(self.dense(self.embed(input_ids))) * scale
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return self.head(h)
+
+
+class NestedOutputNet(nn.Module):
+    """Returns ``{'logits': .., 'features': (hidden, (aux, gate))}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        self.relu = nn.ReLU()
+        self.logits = nn.Linear(12, 3)
+        self.aux = nn.Linear(12, 2)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> dict:  # noqa: D102
+        h = self.relu(self.fc1(x))
+        aux = self.aux(h)
+        return {"logits": self.logits(h), "features": (h, (aux, self.gate(aux)))}
+

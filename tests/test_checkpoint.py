@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import DigitsCNN, digits_data
-from quantsim import CheckpointError, QuantizationSimModel
+from models import DictInputNet, DigitsCNN, digits_data
+from quantsim import CheckpointError, KeywordInputs, QuantizationSimModel
 from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from quantsim.graph import run_forward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -155,3 +156,53 @@ def test_bad_files_and_architectures(tmp_path):
 
     with pytest.raises(CheckpointError, match="extra"):
         load_checkpoint(path, model=Wider())
+
+
+def _same_sims(a, b, x) -> None:
+    """Same quantizer names, settings and encodings, and bit-identical outputs on ``x``."""
+    assert [n for n, _ in a.named_quantizers()] == [n for n, _ in b.named_quantizers()]
+    for (name, qa), (_, qb) in zip(a.named_quantizers(), b.named_quantizers()):
+        assert qa.enabled == qb.enabled, name
+        if qa.enabled and qa.is_initialized:
+            assert qa.encoding == qb.encoding, name
+    with torch.no_grad():
+        assert torch.equal(run_forward(a.model.eval(), x), run_forward(b.model.eval(), x))
+
+
+class _ImageMask(nn.Module):
+    """DictInputNet called with keywords: forward(image, mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DictInputNet()
+
+    def forward(self, image, mask):
+        return self.net({"image": image, "mask": mask})
+
+
+class _PassOn(nn.Module):
+    """forward(*args, **kwargs): a plain dict is ambiguous for it, KeywordInputs decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _ImageMask()
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("keywords", [False, True], ids=["dict", "KeywordInputs"])
+def test_dict_dummy_input_round_trip(keywords, tmp_path):
+    """A dict dummy_input comes back with its reading: a plain dict read as the one argument
+    of forward(self, inputs) stays a dict; a KeywordInputs, which a forward(*args, **kwargs)
+    needs, stays one (weights_only loading takes no class: it is saved as a dict and a flag,
+    without which rebuilding the sim would refuse the ambiguous dict)."""
+    torch.manual_seed(0)
+    d = {"image": torch.randn(4, 3, 8, 8), "mask": torch.ones(4, 8, 8, 8)}
+    make, dummy = (_PassOn, KeywordInputs(d)) if keywords else (DictInputNet, d)
+    sim = QuantizationSimModel(make(), dummy, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: run_forward(m, dummy), None)
+    save_checkpoint(sim, tmp_path / "dict.qsim")
+    loaded = load_checkpoint(tmp_path / "dict.qsim", model=make())
+    assert type(loaded.dummy_input) is type(dummy)
+    _same_sims(sim, loaded, dummy)

@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from conftest import EXAMPLES
-from models import (DigitsCNN, ResidualNet, digits_data, randomize_batch_norms, train,
-                    transformer_block)
+from models import (DictInputNet, DigitsCNN, KeywordNet, NestedOutputNet, ResidualNet,
+                    digits_data, randomize_batch_norms, train, transformer_block)
 from quantsim import EncodingsError, ExportError
 from quantsim import encodings as enc_files
 from quantsim.export import export, load_encodings, save_encodings_to_json, verify
@@ -530,6 +531,106 @@ def test_export_args(digits, tmp_path):
     assert [i.name for i in model.graph.input] == ["image"]
     assert {"image", "logits"} <= set(keys_of(files.encodings))
     assert verify(sim, files.qdq_onnx, x[:4]).max_diff_lsb <= 1
+
+
+# -- dummy_input readings, structured outputs --------------------------------------------------
+def _calibrated(model, dummy_input, batches):
+    """A tf-calibrated sim of ``model`` run (as the sim reads inputs) over ``batches``."""
+    sim = QuantizationSimModel(model, dummy_input, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: [run_forward(m, b) for b in batches], None)
+    return sim
+
+
+def _ort_outputs(path, feeds):
+    """The QDQ model run by ORT's CPU provider with optimizations disabled (the chained run of
+    verify, checked here without it)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+def _sim_leaves(sim, dummy_input):
+    with torch.no_grad():
+        return pytree.tree_leaves(run_forward(sim.model, dummy_input))
+
+
+def _within_one_step(ort_outputs, sim_outputs, scales):
+    """Each output within one step of its own output quantizer: the QDQ graph and the sim
+    quantize identically, and float32 arithmetic between quantizers (summation order) can put
+    a value on the other side of a rounding boundary, one step away."""
+    assert len(ort_outputs) == len(sim_outputs) == len(scales)
+    for a, b, scale in zip(ort_outputs, sim_outputs, scales):
+        assert a.shape == tuple(b.shape)
+        assert np.abs(a - b.numpy()).max() <= scale * 1.001
+
+
+def test_dict_input_model_round_trip(tmp_path):
+    """forward(self, inputs) reading keys: simulate, calibrate, export (the dict is the one
+    argument of the ONNX export too), both graphs pass onnx.checker, ORT runs the QDQ model
+    within a step of the sim, verify agrees, and the encodings load back."""
+    torch.manual_seed(0)
+
+    def batch(n):
+        return {"image": torch.randn(n, 3, 8, 8), "mask": (torch.rand(n, 8, 8, 8) > 0.3).float()}
+    d = batch(4)
+    sim = _calibrated(DictInputNet().eval(), d, [batch(16) for _ in range(2)])
+    files = sim.export(str(tmp_path), "dict", d)
+    for path in (files.onnx, files.qdq_onnx):
+        onnx.checker.check_model(onnx.load(str(path)))
+    graph = onnx.load(str(files.onnx)).graph
+    assert [i.name for i in graph.input] == ["inputs_image", "inputs_mask"]
+    scale = float(sim.model.fc.output_quantizers[0].encoding.scale)
+    feeds = {"inputs_image": d["image"], "inputs_mask": d["mask"]}
+    _within_one_step(_ort_outputs(files.qdq_onnx, feeds), _sim_leaves(sim, d), [scale])
+    report = verify(sim, files.qdq_onnx, d)
+    assert report.ok and report.isolated_max_diff_lsb <= 1.001, str(report)
+    assert all(q.max_diff_lsb <= 1.001 for q in report.quantizers), str(report)
+    fresh = QuantizationSimModel(DictInputNet().eval(), d, quant_scheme="tf")
+    fresh.model.load_state_dict(sim.model.state_dict())
+    load_encodings(fresh, files.encodings)
+    with torch.no_grad():
+        assert torch.equal(run_forward(fresh.model, d), run_forward(sim.model, d))
+
+
+def test_keyword_dict_input_export(tmp_path):
+    """A dict of forward's parameter names is passed as keywords to the sim, the ONNX export
+    (graph inputs named and ordered as the dict) and verify; an int input feeds unquantized."""
+    torch.manual_seed(0)
+
+    def batch(n):
+        return {"attention_mask": (torch.rand(n, 6) > 0.2).float(),
+                "input_ids": torch.randint(0, 50, (n, 6))}
+    d = batch(3)
+    sim = _calibrated(KeywordNet().eval(), d, [batch(32)])
+    files = sim.export(str(tmp_path), "kw", d)
+    onnx.checker.check_model(onnx.load(str(files.qdq_onnx)))
+    graph = onnx.load(str(files.onnx)).graph
+    assert [i.name for i in graph.input] == ["attention_mask", "input_ids"]
+    scale = float(sim.model.head.output_quantizers[0].encoding.scale)
+    _within_one_step(_ort_outputs(files.qdq_onnx, d), _sim_leaves(sim, d), [scale])
+    assert verify(sim, files.qdq_onnx, d).ok
+
+
+def test_dict_and_nested_tuple_outputs(tmp_path):
+    """A model returning {'logits': .., 'features': (h, (aux, gate))}: every float leaf is
+    quantized by its producer's output quantizer, the export has one graph output per leaf
+    (pytree order), ORT matches each output within a step of its own quantizer, and verify
+    compares each in its own steps."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    sim = _calibrated(NestedOutputNet().eval(), x, [torch.randn(64, 6)])
+    files = sim.export(str(tmp_path), "nested", x)
+    for path in (files.onnx, files.qdq_onnx):
+        onnx.checker.check_model(onnx.load(str(path)))
+    graph = onnx.load(str(files.onnx)).graph
+    assert [o.name for o in graph.output] == ["output_0", "output_1", "output_2", "output_3"]
+    producers = [sim.model.logits, sim.model.relu, sim.model.aux, sim.model.gate]
+    scales = [float(m.output_quantizers[0].encoding.scale) for m in producers]
+    _within_one_step(_ort_outputs(files.qdq_onnx, {"x": x}), _sim_leaves(sim, x), scales)
+    report = verify(sim, files.qdq_onnx, x)
+    assert report.output_scales == pytest.approx(scales)
+    assert report.ok and report.total == 4 * (3 + 12 + 2 + 2), str(report)
 
 
 # -- MiniLM -----------------------------------------------------------------------------------

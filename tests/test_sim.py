@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from conftest import EXAMPLES
-from models import (DigitsCNN, ResidualNet, accuracy, digits_data, randomize_batch_norms, train,
-                    transformer_block)
-from quantsim import CalibrationError, ConfigError, QuantizationSettingError, UnsupportedModelError
+from models import (DictInputNet, DigitsCNN, KeywordNet, ResidualNet, accuracy, digits_data,
+                    randomize_batch_norms, train, transformer_block)
+from quantsim import (CalibrationError, ConfigError, DummyInputError, KeywordInputs,
+                      QuantizationSettingError, UnsupportedModelError)
 from quantsim.encoding import Encoding
+from quantsim.graph import run_forward
 from quantsim.sim import QuantizationSimModel, QuantScheme
 
 
@@ -327,3 +329,61 @@ def test_construction_leaves_batch_norm_statistics_and_modes(digits):
     sim = QuantizationSimModel(model, digits[0][:8], in_place=True)
     assert torch.equal(model.bn1.running_mean, before)
     assert all(m.training for m in sim.model.modules())
+
+
+# -- dummy_input readings ---------------------------------------------------------------------
+def test_dict_dummy_input_read_as_one_argument():
+    """forward(self, inputs) reading keys (aimet-torch passes the dict as the one argument):
+    the sim builds, quantizes the dict's tensor at the model input and calibrates."""
+    torch.manual_seed(0)
+    d = {"image": torch.randn(4, 3, 8, 8), "mask": (torch.rand(4, 8, 8, 8) > 0.2).float()}
+    sim = QuantizationSimModel(DictInputNet(), d, quant_scheme="tf")
+    assert sim.model.conv.input_quantizers[0].enabled
+    sim.compute_encodings(lambda m, _: m(d), None)
+    assert all(q.is_initialized for q in sim.quantizers() if q.enabled)
+    with torch.no_grad():
+        assert sim.model(d).shape == (4, 5)
+
+
+def test_keyword_dummy_input_and_ambiguous_forward():
+    """A dict of forward's parameter names is passed as keywords; a forward that takes the
+    dict both ways refuses it at construction, naming both readings."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6)
+    sim = QuantizationSimModel(KeywordNet(), {"input_ids": ids, "attention_mask": mask})
+    assert sim.graph.call_counts["head"] == 1
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = KeywordNet()
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    d = {"input_ids": ids, "attention_mask": mask}
+    with pytest.raises(DummyInputError, match=r"both as its one positional argument"):
+        QuantizationSimModel(Wrapper(), d)
+    sim = QuantizationSimModel(Wrapper(), KeywordInputs(d))
+    assert sim.graph.call_counts["inner.head"] == 1
+
+
+def test_quantized_root_reads_its_float_forward():
+    """A model that is itself a leaf gets wrapped; its dict input is still read by the float
+    class's signature (forward(self, inputs))."""
+
+    class Gain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+
+        def forward(self, inputs):
+            return inputs["x"] * self.weight
+
+    d = {"x": torch.randn(3, 4)}
+    sim = QuantizationSimModel(Gain(), d, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: run_forward(m, d), None)
+    with torch.no_grad():
+        assert run_forward(sim.model, d).shape == (3, 4)
+

@@ -88,8 +88,9 @@ def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
         sim: a calibrated :class:`~quantsim.QuantizationSimModel`.
         path: output directory (created if missing).
         filename_prefix: stem of every file name.
-        dummy_input: an input the model accepts (tensor, tuple of positional inputs, or dict of
-            keyword inputs), on the model's device.
+        dummy_input: an input the model accepts (tensor, tuple of positional inputs, or dict
+            read by ``forward``'s signature: :func:`quantsim.graph.split_dummy_input`), on the
+            model's device.
         onnx_export_args: dict (or object with these attributes) with ``opset_version``
             (default 20), ``input_names``, ``output_names``, ``dynamic_axes`` /
             ``dynamic_shapes``.

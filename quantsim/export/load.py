@@ -20,13 +20,14 @@ intermediates.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import onnx
+import torch
+from torch.utils import _pytree as pytree
 
 from quantsim import encodings as enc_files
 from quantsim.encoding import Encoding
@@ -34,6 +35,7 @@ from quantsim.encodings import EncodingsFile
 from quantsim.errors import EncodingsError, QuantizationSettingError
 from quantsim.export.onnx_export import (DATA_MOVEMENT_OPS, TensorMap, module_from_tensor_name,
                                          qmodules, stored_quantizer_map, tensor_map)
+from quantsim.graph import forward_signature, split_dummy_input
 from quantsim.op_types import is_data_movement
 
 logger = logging.getLogger(__name__)
@@ -247,17 +249,21 @@ def _rule_resolver(sim, modules):
 
 
 def n_inputs(sim: Any) -> int:
-    """How many tensors the model's forward takes (by its signature, without self)."""
+    """How many tensors the model takes: those of the sim's ``dummy_input`` as ``forward``
+    reads it (a dict passed as one argument can hold several), else its required arguments."""
+    dummy = getattr(sim, "dummy_input", None)
+    if dummy is not None:
+        call = split_dummy_input(sim.model, dummy)
+        return sum(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(call))
     return max(1, len(_forward_args(sim.model)))
 
 
 def _forward_args(model: Any) -> List[str]:
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
+    sig = forward_signature(model)
+    if sig is None:
         return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.default is p.empty]
+    return [p.name for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
     Raises:
         ExportError: torch.onnx.export failed (its message chained), or a parameter lost its name.
     """
-    args, kwargs = split_dummy_input(dummy_input)
+    args, kwargs = split_dummy_input(model, dummy_input)
     opset = export_args.get("opset_version", DEFAULT_OPSET)
     options = dict(dynamo=True, optimize=False, verbose=False, opset_version=opset,
                    input_names=export_args.get("input_names"),
@@ -112,7 +112,8 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _torchlib_cache():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, args, kwargs=kwargs or None, **options)
+            program = torch.onnx.export(model, exporter_args(args, kwargs), kwargs=kwargs or None,
+                                        **options)
     except Exception as exc:  # the exporter raises many types; report them as one
         raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -123,6 +124,28 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
         _rename_tensors(proto.graph, {o.name: n for o, n in zip(outs, names)})
     rename_by_module(proto)
     return proto
+
+
+def exporter_args(args: tuple, kwargs: Dict[str, Any]) -> tuple:
+    """``args`` as the dynamo ``torch.onnx.export`` must get them: without keyword arguments it
+    reads a trailing dict as the keyword arguments, so a dict that is the last positional
+    argument gets an empty dict after it."""
+    return args + ({},) if not kwargs and args and isinstance(args[-1], dict) else args
+
+
+def _export_torchscript(model: nn.Module, args: tuple, kwargs: Dict[str, Any], export_args: Dict[str, Any],
+                        opset: int) -> Tuple[onnx.ModelProto, List[str], List[str]]:
+    """:func:`quantsim.export.torchscript_onnx.export` with the inputs named as torch.export
+    names them and ``dynamic_shapes`` turned into ``dynamic_axes``."""
+    names = export_args.get("input_names") or torchscript_onnx.dynamo_input_names(model, args, kwargs)
+    axes = export_args.get("dynamic_axes")
+    if axes is None and export_args.get("dynamic_shapes") is not None:
+        axes = torchscript_onnx.dynamic_axes_from_shapes(export_args["dynamic_shapes"], model,
+                                                         args, kwargs, names)
+    # the TorchScript exporter, too, reads a trailing positional dict as keyword arguments
+    return torchscript_onnx.export(model, exporter_args(args, kwargs), kwargs, opset=opset,
+                                   input_names=names, output_names=export_args.get("output_names"),
+                                   dynamic_axes=axes)
 
 
 _REGISTRIES: Dict[int, Any] = {}

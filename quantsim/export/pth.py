@@ -68,8 +68,9 @@ def save_pth(model: nn.Module, pth_path: str, state_dict_path: str) -> None:
 
 
 def trace_torchscript(model: nn.Module, dummy_input: Any) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of the clean model with ``dummy_input`` (tuple -> args, dict -> kwargs)."""
-    args, kwargs = split_dummy_input(dummy_input)
+    """``torch.jit.trace`` of the clean model with ``dummy_input`` (read by
+    :func:`quantsim.graph.split_dummy_input`)."""
+    args, kwargs = split_dummy_input(model, dummy_input)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")

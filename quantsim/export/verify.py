@@ -17,8 +17,9 @@
   requantization rounds once instead of twice, and at BASIC level fuses MatMul + Add into Gemm,
   so differences of a few steps are expected (reported, not a defect of the export).
 
-Differences are reported in steps (LSBs) of the final output quantizer's scale, and per
-quantizer in steps of its own scale.
+Differences are reported in steps (LSBs) of each model output's own output quantizer (a model
+returning a dict or nested tuples has several, compared leaf by leaf in the exporter's order),
+and per quantizer in steps of its own scale.
 
 Example:
     >>> report = verify(sim, "out/model_qdq.onnx", x)      # doctest: +SKIP
@@ -39,7 +40,7 @@ from torch.utils import _pytree as pytree
 from quantsim.errors import ExportError
 from quantsim.export.onnx_export import stored_quantizer_map
 from quantsim.export.qdq import QDQ_MAP_KEY
-from quantsim.graph import eval_mode, run_forward
+from quantsim.graph import eval_mode, run_forward, split_dummy_input
 
 
 @dataclass
@@ -62,10 +63,11 @@ class VerifyReport:
     """Result of :func:`verify` (module docstring for the three runs).
 
     Attributes:
-        output_scale: scale of the final output quantizer (None: output not quantized, or per
-            channel); output differences are in its steps.
+        output_scale: scale of the first output's quantizer (None: not quantized, or per
+            channel).
         max_diff: max |ORT - sim| over the outputs, chained, optimizations disabled.
-        max_diff_lsb: the same in output steps (None without ``output_scale``).
+        max_diff_lsb: the largest difference of an output in steps of its own scale (None
+            when some output has no scale: then only ``max_diff`` applies).
         differing: output elements more than half a step apart (chained, disabled).
         isolated_max_diff: max |ORT - sim| of the outputs when every quantized tensor comes
             from the sim (isolated run).
@@ -77,6 +79,7 @@ class VerifyReport:
         total: number of output elements.
         quantizers: per-quantizer agreement in the isolated run, worst first.
         first_divergence: the first quantizer (graph order) that differs in the chained run.
+        output_scales: the scale of each output (graph order; None: not quantized).
     """
 
     output_scale: Optional[float]
@@ -92,6 +95,7 @@ class VerifyReport:
     total: int = 0
     quantizers: List[QuantizerAgreement] = field(default_factory=list)
     first_divergence: Optional[QuantizerAgreement] = None
+    output_scales: List[Optional[float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -107,6 +111,9 @@ class VerifyReport:
                 return "not run"
             return f"{lsb:.3g} LSB" if lsb is not None else f"{diff:.3g} (absolute)"
         scale = f", output scale {self.output_scale:.6g}" if self.output_scale is not None else ""
+        if len(self.output_scales) > 1:
+            shown = ", ".join("-" if v is None else f"{v:.6g}" for v in self.output_scales)
+            scale = f", output scales {shown}; each output in its own steps"
         lines = [f"QDQ model vs sim (ORT CPU{scale}), max |diff| of the outputs:",
                  f"  optimizations disabled: {fmt(self.max_diff, self.max_diff_lsb)} "
                  f"({self.differing}/{self.total} elements differ); isolated (each quantizer "
@@ -147,15 +154,16 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
     dq_of = {q: t for q, t in json.loads(meta[QDQ_MAP_KEY]).items()
              if q in quantizers and quantizers[q].enabled}
     sim_outputs, captured = _run_sim(sim, dummy_input, dq_of)
-    feeds = _feeds(model, dummy_input)
+    feeds = _feeds(model, split_dummy_input(sim.model, dummy_input))
     output_names = [o.name for o in model.graph.output]
-    scale = _output_scale(model, quantizers, output_names)
+    scales = _output_scales(model, quantizers, output_names)
     disabled = ort.SessionOptions()
     disabled.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
     chained = _run(ort, _with_outputs(model, list(dq_of.values())), feeds, disabled)
-    max_diff, differing = _compare([chained[n] for n in output_names], sim_outputs, scale)
-    report = VerifyReport(scale, max_diff, _lsb(max_diff, scale), differing)
+    max_diff, max_lsb, differing = _compare([chained[n] for n in output_names], sim_outputs, scales)
+    report = VerifyReport(scales[0] if scales else None, max_diff, max_lsb, differing,
+                          output_scales=scales)
     report.total = int(sum(np.asarray(o).size for o in sim_outputs))
     order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     chained_q = [_agreement(q, t, chained[t], captured[q], quantizers[q])
@@ -167,16 +175,15 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
     isolated_model = _isolated(model, forced)
     iso_feeds = dict(feeds, **{f"{t}{_SIM_SUFFIX}": captured[q] for q, t in forced.items()})
     isolated = _run(ort, _with_outputs(isolated_model, list(dq_of.values())), iso_feeds, disabled)
-    iso_diff, _ = _compare([isolated[n] for n in output_names], sim_outputs, scale)
-    report.isolated_max_diff, report.isolated_max_diff_lsb = iso_diff, _lsb(iso_diff, scale)
+    report.isolated_max_diff, report.isolated_max_diff_lsb, _ = _compare(
+        [isolated[n] for n in output_names], sim_outputs, scales)
     report.quantizers = sorted((_agreement(q, t, isolated[t], captured[q], quantizers[q])
                                 for q, t in dq_of.items() if q in captured and t in isolated),
                                key=lambda q: -q.max_diff_lsb)
     try:
         default = _run(ort, model, feeds, None)
-        report.max_diff_default, report.differing_default = _compare(
-            [default[n] for n in output_names], sim_outputs, scale)
-        report.max_diff_lsb_default = _lsb(report.max_diff_default, scale)
+        report.max_diff_default, report.max_diff_lsb_default, report.differing_default = _compare(
+            [default[n] for n in output_names], sim_outputs, scales)
     except Exception as exc:  # ORT raises its own exception types
         report.default_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     return report
@@ -248,10 +255,12 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.nd
     return leaves, captured
 
 
-def _feeds(model: onnx.ModelProto, dummy_input: Any) -> Dict[str, np.ndarray]:
+def _feeds(model: onnx.ModelProto, call: Tuple[tuple, Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    """The graph inputs fed from the tensors of a call's ``(args, kwargs)``, in the exporter's
+    (pytree) order."""
     inits = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
-    leaves = [t for t in pytree.tree_leaves(dummy_input) if isinstance(t, torch.Tensor)]
+    leaves = [t for t in pytree.tree_leaves(call) if isinstance(t, torch.Tensor)]
     if len(leaves) != len(names):
         raise ExportError(f"dummy_input has {len(leaves)} tensor(s) but the model takes {names}")
     return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
@@ -266,35 +275,43 @@ def _with_outputs(model: onnx.ModelProto, tensors: List[str]) -> onnx.ModelProto
     return out
 
 
-def _output_scale(model: onnx.ModelProto, quantizers, output_names: List[str]) -> Optional[float]:
+def _output_scales(model: onnx.ModelProto, quantizers, output_names: List[str]
+                   ) -> List[Optional[float]]:
+    """The per-tensor scale of each output's enabled output quantizer (None: none, or per
+    channel)."""
     tmap = stored_quantizer_map(model)
-    if tmap is None:
-        return None
+    scales: List[Optional[float]] = []
     for name in output_names:
-        for qname in tmap.activations.get(name, []):
+        scale = None
+        for qname in tmap.activations.get(name, []) if tmap is not None else []:
             q = quantizers.get(qname)
             if q is not None and q.enabled and ".output_quantizers." in qname:
                 enc = q.encoding
                 if enc is not None and not enc.is_float and not enc.per_channel:
-                    return float(enc.scale)
-    return None
+                    scale = float(enc.scale)
+                    break
+        scales.append(scale)
+    return scales
 
 
-def _compare(ort_outputs, sim_outputs, scale: Optional[float] = None) -> Tuple[float, int]:
+def _compare(ort_outputs, sim_outputs, scales: List[Optional[float]]
+             ) -> Tuple[float, Optional[float], int]:
+    """``(max |diff|, max |diff| in each output's own steps or None, elements over half a
+    step)``; outputs without a scale count as differing beyond 1e-6."""
     if len(ort_outputs) != len(sim_outputs):
         raise ExportError(f"the QDQ model has {len(ort_outputs)} outputs, the sim {len(sim_outputs)}")
-    worst, differing = 0.0, 0
-    for a, b in zip(ort_outputs, sim_outputs):
+    worst, worst_lsb, differing = 0.0, 0.0, 0
+    for a, b, scale in zip(ort_outputs, sim_outputs, scales):
         diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
-        if diff.size:
-            worst = max(worst, float(diff.max()))
-            tol = 0.5 * scale if scale else 1e-6
-            differing += int((diff > tol).sum())
-    return worst, differing
-
-
-def _lsb(diff: Optional[float], scale: Optional[float]) -> Optional[float]:
-    return None if diff is None or not scale else diff / scale
+        if not diff.size:
+            continue
+        worst = max(worst, float(diff.max()))
+        if scale and worst_lsb is not None:
+            worst_lsb = max(worst_lsb, float(diff.max()) / scale)
+        else:
+            worst_lsb = None
+        differing += int((diff > (0.5 * scale if scale else 1e-6)).sum())
+    return worst, worst_lsb, differing
 
 
 def _agreement(qname: str, tensor: str, ort_value, sim_value, q) -> QuantizerAgreement:

@@ -131,7 +131,8 @@ def record_run(model: nn.Module, dummy_input: Any, *, examples: bool = False,
 
     Args:
         model: the model; its training mode is left as is.
-        dummy_input: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        dummy_input: a tensor, a tuple of positional inputs or a dict (read by ``forward``'s
+            signature: :func:`quantsim.graph.split_dummy_input`).
         examples: keep detached copies of each module's first inputs and output.
         ops: also record functional ops issued by container ``forward`` code.
 

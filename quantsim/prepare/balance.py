@@ -216,8 +216,9 @@ def balance_activations(
         model: the float model (not yet wrapped by QuantizationSimModel). Edited in place:
             weights and producer affine parameters rescaled, :class:`ScaledInput` wrappers
             inserted where needed; its float outputs stay the same.
-        dummy_input: an input the model accepts (tensor, tuple, or dict of keyword inputs);
-            used to trace which module feeds which and for the float check.
+        dummy_input: an input the model accepts (tensor, tuple, or dict read by ``forward``'s
+            signature: :func:`quantsim.graph.split_dummy_input`); used to trace which module
+            feeds which and for the float check.
         forward_pass_callback: ``callback(model, args)`` running calibration data through the
             model, as for ``QuantizationSimModel.compute_encodings``.
         forward_pass_callback_args: passed to the callback.

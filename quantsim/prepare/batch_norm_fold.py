@@ -115,7 +115,8 @@ def find_conv_bn_pairs(model: nn.Module, input_shapes: Shapes = None,
     Args:
         model: the model (run once in eval mode; its modes are restored).
         input_shapes: shape(s) of random inputs, used when ``dummy_input`` is None.
-        dummy_input: a tensor, tuple of positional inputs or dict of keyword inputs.
+        dummy_input: a tensor, tuple of positional inputs or dict (read by ``forward``'s
+            signature: :func:`quantsim.graph.split_dummy_input`).
 
     Returns:
         One :class:`ConvBnPair` per foldable BatchNorm.
@@ -144,7 +145,8 @@ def fold_all_batch_norms(model: nn.Module, input_shapes: Shapes,
         model: the model to modify (an ``nn.DataParallel`` is unwrapped).
         input_shapes: shape(s) of random inputs, e.g. ``(1, 3, 224, 224)``; may be None when
             ``dummy_input`` is given.
-        dummy_input: a tensor, tuple of positional inputs or dict of keyword inputs.
+        dummy_input: a tensor, tuple of positional inputs or dict (read by ``forward``'s
+            signature: :func:`quantsim.graph.split_dummy_input`).
 
     Returns:
         ``[(layer, bn), ...]``: the layer modules and the BatchNorm modules folded into them.
@@ -181,7 +183,8 @@ def fuse_all_conv_bn(model: nn.Module, input_shapes: Shapes = None,
     Args:
         model: the model to modify in place.
         input_shapes: shape(s) of random inputs, used when ``dummy_input`` is None.
-        dummy_input: a tensor, tuple of positional inputs or dict of keyword inputs.
+        dummy_input: a tensor, tuple of positional inputs or dict (read by ``forward``'s
+            signature: :func:`quantsim.graph.split_dummy_input`).
 
     Returns:
         The fused chains.

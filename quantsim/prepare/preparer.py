@@ -217,8 +217,9 @@ def prepare_model(model: nn.Module, modules_to_exclude: Optional[List[nn.Module]
         concrete_args: fixed values for some ``forward`` arguments of the whole model
             (``torch.fx.symbolic_trace`` semantics).
         dummy_input: an input as ``model`` takes it (tensor, tuple of positional inputs,
-            or dict of keyword inputs). Enables example-guided tracing of code that
-            branches on shapes, and the check of every rewritten piece against the original.
+            or dict read by ``forward``'s signature: :func:`quantsim.graph.split_dummy_input`).
+            Enables example-guided tracing of code that branches on shapes, and the check of
+            every rewritten piece against the original.
         convert_data_movement: also turn ``view``/``reshape``/``permute``/``transpose``/
             ``flatten`` into modules (``Reshape``, ``Permute``, ``Transpose``, ``nn.Flatten``).
         inplace: modify ``model`` itself instead of a deep copy.

@@ -241,7 +241,8 @@ class ModelValidator:
 
         Args:
             model: the model to check.
-            model_input: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+            model_input: a tensor, a tuple of positional inputs or a dict (read by
+                ``forward``'s signature: :func:`quantsim.graph.split_dummy_input`).
 
         Returns:
             A :class:`ValidationResult`, truthy when clean.

@@ -222,8 +222,9 @@ def _scan(model: nn.Module, input_data: Any) -> Dict[str, Tuple[nn.Module, Optio
     except Exception as exc:
         raise UnsupportedModelError(
             f"the model's forward failed with input_data ({type(exc).__name__}: {exc}); pass "
-            "an input the model accepts (a tensor, a tuple of positional inputs, or a dict of "
-            "keyword inputs)") from exc
+            "an input the model accepts (a tensor, a tuple of positional inputs, or a dict: "
+            "keyword arguments when its keys name forward's parameters, else the one "
+            "positional argument)") from exc
     finally:
         for h in hooks:
             h.remove()

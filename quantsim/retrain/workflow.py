@@ -39,8 +39,9 @@ def create_quant_retrain_config(config_file: PathLike, model: nn.Module, input_d
     Args:
         config_file: the JSON file to write.
         model: the float model (``DistributedDataParallel`` is unwrapped).
-        input_data: an input the model accepts (tensor, tuple of positional inputs, or dict of
-            keyword inputs); one forward in eval mode shows which layers run.
+        input_data: an input the model accepts (tensor, tuple of positional inputs, or dict
+            read by ``forward``'s signature: :func:`quantsim.graph.split_dummy_input`); one
+            forward in eval mode shows which layers run.
         config_defination: overrides, a dict or a JSON file: global keys (``batch_num``,
             ``quant_scheme``, ``dst_type``, ``hardware_config``), defaults for every layer
             (``channel_wise``, ``weight_bitwidth``, ``activation_bitwidth``),
