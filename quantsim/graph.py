@@ -311,11 +311,20 @@ def _reading(args: tuple, kwargs: Dict[str, Any]) -> str:
 
 
 def leaf_modules(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Dict[str, nn.Module]:
-    """Named modules for which ``is_leaf`` holds, without descending into them."""
+    """Named modules for which ``is_leaf`` holds, without descending into them.
+
+    A module reachable under several paths (assigned as an attribute and also placed in an
+    ``nn.Sequential``) is listed once, under its first path in ``model.named_modules()`` order;
+    :func:`module_aliases` maps its other paths to that one.
+    """
     found: Dict[str, nn.Module] = {}
+    seen: Set[int] = {id(model)}
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
             name = f"{prefix}.{child_name}" if prefix else child_name
             if is_leaf(child):
                 found[name] = child
@@ -324,3 +333,23 @@ def leaf_modules(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Dict
 
     visit("", model)
     return found
+
+
+def module_aliases(model: nn.Module) -> Dict[str, str]:
+    """Every further path of a module reachable under several paths -> its first path (the
+    one ``model.named_modules()`` yields), submodules of such a module included.
+
+    Example:
+        >>> block = nn.Linear(2, 2)
+        >>> model = nn.Module()
+        >>> model.block, model.body = block, nn.Sequential(block, nn.ReLU())
+        >>> module_aliases(model)
+        {'body.0': 'block'}
+    """
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        canonical = first.setdefault(id(module), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases

@@ -111,6 +111,10 @@ class QuantizationSimModel:
             aimet-torch 2.x uses without a file).
         default_data_type: ``QuantizationDataType.int`` or ``.float`` (fp16 simulation).
 
+    A module reachable under several paths (``self.block`` also placed in ``self.body``) is one
+    quantized module with one set of quantizers, named by its first path in
+    ``model.named_modules()`` order.
+
     Raises:
         UnsupportedModelError: DataParallel models, or a forward that fails with dummy_input.
         DummyInputError: a dict dummy_input that ``forward``'s signature reads both ways (or
@@ -312,17 +316,18 @@ class QuantizationSimModel:
                     q.set_learnable(True)
 
     def exclude_layers_from_quantization(self, layers: List[Union[str, nn.Module]]) -> None:
-        """Disable every quantizer of the given modules (names or module objects); export
-        lists them in ``excluded_layers``."""
-        by_module = {m: n for n, m in self.named_qmodules()}
-        names = dict(self.named_qmodules())
+        """Disable every quantizer of the given modules (names, any of a module's paths, or
+        module objects); export lists them, by first path, in ``excluded_layers``."""
+        first_names = {m: n for n, m in self.named_qmodules()}
+        by_path = {n: m for n, m in self.model.named_modules(remove_duplicate=False)
+                   if m in first_names}
         for layer in layers:
-            name = layer if isinstance(layer, str) else by_module.get(layer)
-            module = names.get(name)
-            if module is None:
+            module = by_path.get(layer) if isinstance(layer, str) else layer
+            name = first_names.get(module)
+            if name is None:
                 raise UnsupportedModelError(
                     f"exclude_layers_from_quantization: {layer!r} is not a quantized module of "
-                    f"sim.model; quantized modules: {sorted(names)[:20]}")
+                    f"sim.model; quantized modules: {sorted(first_names.values())[:20]}")
             for _, q in quantizer_items(module):
                 q.enabled = False
             if name not in self.excluded_layers:

@@ -174,3 +174,20 @@ class NestedOutputNet(nn.Module):
         aux = self.aux(h)
         return {"logits": self.logits(h), "features": (h, (aux, self.gate(aux)))}
 
+
+class SharedBlockNet(nn.Module):
+    """One Linear reachable under two names: ``self.block`` and ``self.body[0]``.
+
+    ``twice=True`` also calls it through ``self.block`` after ``self.body`` (two calls per
+    forward); otherwise only ``self.body`` runs it."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.twice = twice
+        self.block = nn.Linear(8, 8)
+        self.body = nn.Sequential(self.block, nn.Tanh())  # no supergroup: block's output counts
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        h = self.body(x)
+        return self.head(self.block(h) if self.twice else h)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import DictInputNet, DigitsCNN, digits_data
+from models import DictInputNet, DigitsCNN, SharedBlockNet, digits_data
 from quantsim import CheckpointError, KeywordInputs, QuantizationSimModel
 from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from quantsim.graph import run_forward
@@ -167,6 +167,21 @@ def _same_sims(a, b, x) -> None:
             assert qa.encoding == qb.encoding, name
     with torch.no_grad():
         assert torch.equal(run_forward(a.model.eval(), x), run_forward(b.model.eval(), x))
+
+
+def test_shared_module_round_trip(tmp_path):
+    """A module reachable as self.block and self.body[0] (one set of quantizers, under
+    'block'): the checkpoint holds both state_dict paths and loads back into a fresh model."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    sim = QuantizationSimModel(SharedBlockNet(), x[:4], quant_scheme="range_learning_tf")
+    sim.compute_encodings(lambda m, _: m(x), None)
+    state = sim.model.state_dict()
+    assert torch.equal(state["block.weight"], state["body.0.weight"])
+    save_checkpoint(sim, tmp_path / "shared.qsim")
+    loaded = load_checkpoint(tmp_path / "shared.qsim", model=SharedBlockNet())
+    assert loaded.model.block is loaded.model.body[0]
+    _same_sims(sim, loaded, x)
 
 
 class _ImageMask(nn.Module):

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from conftest import EXAMPLES
 from models import (DictInputNet, DigitsCNN, KeywordNet, NestedOutputNet, ResidualNet,
-                    digits_data, randomize_batch_norms, train, transformer_block)
+                    SharedBlockNet, digits_data, randomize_batch_norms, train, transformer_block)
 from quantsim import EncodingsError, ExportError
 from quantsim import encodings as enc_files
 from quantsim.export import export, load_encodings, save_encodings_to_json, verify
@@ -631,6 +631,51 @@ def test_dict_and_nested_tuple_outputs(tmp_path):
     report = verify(sim, files.qdq_onnx, x)
     assert report.output_scales == pytest.approx(scales)
     assert report.ok and report.total == 4 * (3 + 12 + 2 + 2), str(report)
+
+
+def test_shared_module_export_and_load_by_either_name(tmp_path):
+    """A Linear reachable as self.block and self.body[0]: the export names its nodes, tensors,
+    initializers and encodings after 'block' (its first path), although the forward calls it
+    as body[0]; verify agrees; encodings load back under either name."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    sim = _calibrated(SharedBlockNet().eval(), x, [torch.randn(64, 8)])
+    files = sim.export(str(tmp_path), "shared", x)
+    model = onnx.load(str(files.onnx))
+    onnx.checker.check_model(model)
+    assert [n.name for n in model.graph.node] == ["/block/Gemm", "/body/1/Tanh", "/head/Gemm"]
+    assert {i.name for i in model.graph.initializer} == {"block.weight", "block.bias",
+                                                         "head.weight", "head.bias"}
+    assert {"/block/Gemm_output_0", "block.weight"} <= set(keys_of(files.encodings))
+    assert not any("body/0" in k or "body.0" in k for k in keys_of(files.encodings))
+    assert set(json.loads(files.torch_encodings.read_text())["activation_encodings"]) == {
+        "block", "body.1", "head"}
+    assert verify(sim, files.qdq_onnx, x).ok
+
+    enabled = {n for n, q in sim.named_quantizers() if q.enabled}
+    for source in (files.encodings, files.torch_encodings):
+        fresh = QuantizationSimModel(SharedBlockNet().eval(), x, quant_scheme="tf")
+        fresh.model.load_state_dict(sim.model.state_dict())
+        assert set(load_encodings(fresh, source)) == enabled
+        assert _outputs_equal(sim, fresh, x)
+    # the same file keyed by the other path: 'body.0' for the module, its parameters and the
+    # ONNX tensor name the TorchScript exporter would give it
+    doc = json.loads(files.torch_encodings.read_text())
+    doc["activation_encodings"]["body.0"] = doc["activation_encodings"].pop("block")
+    doc["param_encodings"] = {k.replace("block.", "body.0."): v
+                              for k, v in doc["param_encodings"].items()}
+    fresh = QuantizationSimModel(SharedBlockNet().eval(), x, quant_scheme="tf")
+    fresh.model.load_state_dict(sim.model.state_dict())
+    assert set(load_encodings(fresh, doc)) == enabled
+    assert _outputs_equal(sim, fresh, x)
+    onnx_keyed = json.loads(files.encodings.read_text())
+    for entry in onnx_keyed["activation_encodings"] + onnx_keyed["param_encodings"]:
+        entry["name"] = entry["name"].replace("/block/Gemm", "/body/body.0/Gemm").replace(
+            "block.", "body.0.")
+    fresh = QuantizationSimModel(SharedBlockNet().eval(), x, quant_scheme="tf")
+    fresh.model.load_state_dict(sim.model.state_dict())
+    assert set(load_encodings(fresh, onnx_keyed)) == enabled  # by the name rule, no graph
+    assert _outputs_equal(sim, fresh, x)
 
 
 # -- MiniLM -----------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
-"""quantsim.graph: how a dummy_input is read (split_dummy_input)."""
+"""quantsim.graph: how a dummy_input is read (split_dummy_input), and which modules are leaves
+under which names (leaf_modules, module_aliases)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from models import DictInputNet, KeywordNet
+from models import DictInputNet, KeywordNet, SharedBlockNet
 from quantsim import DummyInputError, KeywordInputs, UnsupportedModelError
-from quantsim.graph import forward_signature, leaf_modules, run_forward, split_dummy_input, trace
+from quantsim.graph import (forward_signature, leaf_modules, module_aliases, run_forward,
+                            split_dummy_input, trace)
 
 T = torch.zeros(2, 3)
 U = torch.ones(2, 3)
@@ -164,6 +166,24 @@ def test_trace_failure_names_the_reading():
     with pytest.raises(UnsupportedModelError, match=r"passed as the one positional argument "
                        r"\(a dict\) \(KeyError: 'image'\)"):
         trace(DictInputNet(), {"picture": T}, {})
+
+
+# -- modules reachable under several names --------------------------------------------------------
+def test_leaf_modules_lists_a_shared_module_once_by_its_first_path():
+    model = SharedBlockNet()
+    leaves = leaf_modules(model, lambda m: not list(m.children()))
+    assert list(leaves) == ["block", "body.1", "head"]
+    assert [n for n, m in model.named_modules() if not list(m.children())] == list(leaves)
+    assert module_aliases(model) == {"body.0": "block"}
+
+
+def test_shared_container_aliases_its_submodules():
+    model = nn.Module()
+    model.a = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    model.b = model.a
+    assert list(leaf_modules(model, lambda m: not list(m.children()))) == ["a.0", "a.1"]
+    assert module_aliases(model) == {"b": "a", "b.0": "a.0", "b.1": "a.1"}
+    assert module_aliases(nn.Sequential(nn.Linear(2, 2))) == {}
 
 
 def test_doctests():

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from conftest import EXAMPLES
-from models import (DictInputNet, DigitsCNN, KeywordNet, ResidualNet, accuracy, digits_data,
-                    randomize_batch_norms, train, transformer_block)
+from models import (DictInputNet, DigitsCNN, KeywordNet, ResidualNet, SharedBlockNet, accuracy,
+                    digits_data, randomize_batch_norms, train, transformer_block)
 from quantsim import (CalibrationError, ConfigError, DummyInputError, KeywordInputs,
                       QuantizationSettingError, UnsupportedModelError)
 from quantsim.encoding import Encoding
 from quantsim.graph import run_forward
 from quantsim.sim import QuantizationSimModel, QuantScheme
+from quantsim.wrappers import quantizer_items
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +388,39 @@ def test_quantized_root_reads_its_float_forward():
     with torch.no_grad():
         assert run_forward(sim.model, d).shape == (3, 4)
 
+
+# -- a module reachable under two names -------------------------------------------------------
+def test_shared_module_gets_one_set_of_quantizers():
+    """self.block that is also self.body[0]: one wrapper named 'block' (named_modules order),
+    one set of quantizers, and calibration reaches all of them."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    sim = QuantizationSimModel(SharedBlockNet(), x, quant_scheme="tf")
+    assert sim.model.block is sim.model.body[0]
+    names = [n for n, _ in sim.named_quantizers()]
+    assert not any(n.startswith("body.0.") for n in names), names
+    assert len(sim.model.block.input_quantizers) == 1 and len(sim.model.block.param_quantizers) == 2
+    assert [n for n, _ in sim.named_qmodules()] == ["block", "body.1", "head"]
+    calibrate(sim, x)
+    assert all(q.is_initialized for q in sim.quantizers() if q.enabled)
+
+
+def test_shared_module_called_through_both_names():
+    """Called as self.body[0] and again as self.block: one module called twice, so one set of
+    quantizers whose statistics merge (the usual warning), and calibration succeeds."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    with pytest.warns(UserWarning, match=r"called more than once.*\['block'\]"):
+        sim = QuantizationSimModel(SharedBlockNet(twice=True), x, quant_scheme="tf")
+    assert sim.graph.call_counts["block"] == 2
+    calibrate(sim, x)
+    assert sum(1 for n, _ in sim.named_quantizers() if n.startswith("block.")) == 4
+
+
+def test_exclude_shared_module_by_either_name():
+    sim = QuantizationSimModel(SharedBlockNet(), torch.randn(4, 8))
+    sim.exclude_layers_from_quantization(["body.0"])
+    assert sim.excluded_layers == ["block"]
+    assert not any(q.enabled for _, q in quantizer_items(sim.model.block))
+    sim.exclude_layers_from_quantization([sim.model.body[0], "block"])
+    assert sim.excluded_layers == ["block"]

@@ -4,6 +4,8 @@ Every layout :func:`quantsim.encodings.load` reads is accepted: 0.6.1, 1.0.0, 2.
 module-keyed ``_torch.encodings``. Names are resolved to quantizers like this:
 
 * parameters: ``<module>.<param>`` -> ``<module>.param_quantizers.<param>``;
+* a module reachable under several paths has its quantizers under its first path
+  (``named_modules()`` order); keys naming it by any of its paths resolve to them;
 * module-keyed activations: ``{module: {"input"|"output": {i: ...}}}`` ->
   ``<module>.input_quantizers.<i>`` / ``output_quantizers.<i>``;
 * ONNX tensor names: through the tensor -> quantizer map of the exported graph
@@ -35,7 +37,7 @@ from quantsim.encodings import EncodingsFile
 from quantsim.errors import EncodingsError, QuantizationSettingError
 from quantsim.export.onnx_export import (DATA_MOVEMENT_OPS, TensorMap, module_from_tensor_name,
                                          qmodules, stored_quantizer_map, tensor_map)
-from quantsim.graph import forward_signature, split_dummy_input
+from quantsim.graph import forward_signature, module_aliases, split_dummy_input
 from quantsim.op_types import is_data_movement
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
         EncodingsError: the file is malformed or of an unknown version, or (strict) a name or
             shape does not match, naming the key.
     """
-    param_names = [n for n, _ in sim.model.named_parameters()]
+    param_names = [n for n, _ in sim.model.named_parameters(remove_duplicate=False)]
     file = enc_files.load(encodings, param_names=param_names)
     label = str(encodings) if isinstance(encodings, (str, os.PathLike)) else "<dict>"
     resolved, unmatched = _resolve(sim, file, encodings, onnx_model)
@@ -143,6 +145,7 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
     """Quantizer name -> (file key, encoding), plus the keys that match nothing."""
     quantizers = dict(sim.named_quantizers())
     modules = qmodules(sim.model)
+    aliases = module_aliases(sim.model)
     resolved: Dict[str, Tuple[str, Encoding]] = {}
     unmatched: List[str] = []
 
@@ -154,7 +157,7 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
 
     for key, enc in file.param.items():
         module, _, pname = key.rpartition(".")
-        qname = f"{module}.param_quantizers.{pname}"
+        qname = f"{aliases.get(module, module)}.param_quantizers.{pname}"
         if qname in quantizers:
             put(qname, key, enc)
         else:
@@ -164,13 +167,13 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
     for module, slots in file.module_activation.items():
         for slot, by_index in slots.items():
             for idx, enc in by_index.items():
-                qname = f"{module}.{slot}_quantizers.{idx}"
+                qname = f"{aliases.get(module, module)}.{slot}_quantizers.{idx}"
                 if qname in quantizers:
                     put(qname, f"{module}.{slot}.{idx}", enc)
                 else:
                     unmatched.append(f"{module}.{slot}.{idx}")
     if file.activation:
-        names = _name_resolver(sim, modules, source, onnx_model)
+        names = _name_resolver(sim, modules, aliases, source, onnx_model)
         for key, enc in file.activation.items():
             targets = names(key)
             if targets is None:
@@ -184,7 +187,7 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
     return resolved, unmatched
 
 
-def _name_resolver(sim, modules, source, onnx_model):
+def _name_resolver(sim, modules, aliases, source, onnx_model):
     """A function ONNX tensor name -> quantizer names ([] for derived entries, None: unknown)."""
     tmap = _graph_map(sim, source, onnx_model)
     if tmap is not None:
@@ -195,7 +198,7 @@ def _name_resolver(sim, modules, source, onnx_model):
                 return list(tmap.activations[key])
             return [] if key in derived else None
         return by_map
-    return _rule_resolver(sim, modules)
+    return _rule_resolver(sim, modules, aliases)
 
 
 def _graph_map(sim, source, onnx_model) -> Optional[TensorMap]:
@@ -214,8 +217,8 @@ def _graph_map(sim, source, onnx_model) -> Optional[TensorMap]:
     return stored if stored is not None else tensor_map(sim, onnx_model)
 
 
-def _rule_resolver(sim, modules):
-    names = list(modules)
+def _rule_resolver(sim, modules, aliases: Mapping[str, str]):
+    names = list(modules) + list(aliases)
     graph = getattr(sim, "graph", None)
     single_in: List[str] = []
     single_out: List[str] = []
@@ -239,6 +242,7 @@ def _rule_resolver(sim, modules):
         if parsed is None:
             return None
         module, op = parsed
+        module = aliases.get(module, module)
         m = modules.get(module)
         if m is not None and len(m.output_quantizers):
             return [f"{module}.output_quantizers.0"]

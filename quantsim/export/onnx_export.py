@@ -15,6 +15,10 @@ and then renames, so every node maps back to its module:
   ``output_names`` are given.
 * **initializer**: the PyTorch parameter / buffer name (``conv1.weight``), untouched.
 
+A module reachable under several paths (``self.block`` that is also ``self.body[0]``) is named
+by its first path in ``named_modules()`` order, whichever path the forward called it through:
+its nodes, their tensors and its parameters' initializers (``block.weight``) alike.
+
 Each node also carries ``quantsim.module`` (the module path) in its ``metadata_props``, and the
 model carries ``quantsim.quantizers`` (JSON: tensor name -> quantizer names), so a later
 :func:`quantsim.export.load_encodings` resolves ONNX names without guessing.
@@ -33,14 +37,14 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import onnx
 import torch
 from torch import nn
 
 from quantsim.errors import ExportError
-from quantsim.graph import split_dummy_input
+from quantsim.graph import module_aliases, split_dummy_input
 from quantsim.wrappers import QuantizationMixin
 
 
@@ -122,7 +126,7 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
         outs = proto.graph.output
         names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
         _rename_tensors(proto.graph, {o.name: n for o, n in zip(outs, names)})
-    rename_by_module(proto)
+    rename_by_module(proto, module_aliases(model))
     return proto
 
 
@@ -210,19 +214,27 @@ def node_name_for(module: str, op_type: str) -> str:
     return "/" + "/".join(module.split(".") + [op_type]) if module else f"/{op_type}"
 
 
-def rename_by_module(model: onnx.ModelProto) -> None:
+def rename_by_module(model: onnx.ModelProto, aliases: Optional[Mapping[str, str]] = None) -> None:
     """Rename nodes and their output tensors after the module each node belongs to (in place).
 
-    Graph inputs, graph outputs and initializers keep their names. Node metadata is reduced to
-    the exporter's name scopes and class hierarchy (stack traces dropped) plus ``quantsim.module``.
+    Graph inputs, graph outputs and initializers keep their names, except that module paths in
+    ``aliases`` (:func:`quantsim.graph.module_aliases`) become the first path of their module,
+    in node names and initializer names alike. Node metadata is reduced to the exporter's name
+    scopes and class hierarchy (stack traces dropped) plus ``quantsim.module``.
     """
     graph = model.graph
-    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {
-        i.name for i in graph.initializer}
-    used: Dict[str, int] = {}
+    aliases = aliases or {}
     renames: Dict[str, str] = {}
+    for init in graph.initializer:
+        owner, _, leaf = init.name.rpartition(".")
+        if owner in aliases:
+            renames[init.name] = f"{aliases[owner]}.{leaf}"
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {
+        renames.get(i.name, i.name) for i in graph.initializer}
+    used: Dict[str, int] = {}
     for node in graph.node:
         module = node_module(node)
+        module = aliases.get(module, module)
         base = node_name_for(module, node.op_type)
         count = used.get(base, 0)
         used[base] = count + 1
@@ -248,9 +260,12 @@ def _rename_tensors(graph: onnx.GraphProto, renames: Dict[str, str]) -> None:
         for i, name in enumerate(node.output):
             if name in renames:
                 node.output[i] = renames[name]
-    for vi in list(graph.value_info) + list(graph.output):
+    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
         if vi.name in renames:
             vi.name = renames[vi.name]
+    for init in graph.initializer:
+        if init.name in renames:
+            init.name = renames[init.name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,10 +287,13 @@ class GraphIndex:
     typed: Set[str] = field(default_factory=set)          # known element type
 
     @classmethod
-    def build(cls, model: onnx.ModelProto) -> "GraphIndex":
-        """Index ``model.graph`` (top level only)."""
+    def build(cls, model: onnx.ModelProto, aliases: Optional[Mapping[str, str]] = None
+              ) -> "GraphIndex":
+        """Index ``model.graph`` (top level only); node module paths in ``aliases`` count as
+        the first path of their module (:func:`quantsim.graph.module_aliases`)."""
         g = model.graph
-        idx = cls(g, [node_module(n) for n in g.node])
+        aliases = aliases or {}
+        idx = cls(g, [aliases.get(m, m) for m in map(node_module, g.node)])
         idx.initializers = {i.name for i in g.initializer}
         idx.inputs = [i.name for i in g.input if i.name not in idx.initializers]
         idx.outputs = [o.name for o in g.output]
@@ -429,7 +447,11 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
     any graph whose nodes carry the exporter's name scopes). Disabled quantizers are mapped too,
     so encodings written by a sim with another config still load.
     """
-    index = GraphIndex.build(model)
+    aliases = module_aliases(sim.model)
+    index = GraphIndex.build(model, aliases)
+    paths: Dict[str, List[str]] = {}  # a module's first path -> all its paths
+    for alias, first in aliases.items():
+        paths.setdefault(first, [first]).append(alias)
     tmap = TensorMap()
     modules = qmodules(sim.model)
     ios = {name: index.module_io(name) for name in modules}
@@ -446,9 +468,11 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
             for t in intermediates:
                 tmap.intermediates[t] = outputs[-1]
         for pname in module.param_quantizers:
-            full = f"{name}.{pname}" if name else pname
-            if full in index.initializers:
-                tmap.params[full] = f"{name}.param_quantizers.{pname}"
+            # a foreign graph may name a shared module's parameter after another of its paths
+            found = [f"{path}.{pname}" if path else pname for path in paths.get(name, [name])]
+            found = [full for full in found if full in index.initializers]
+            if found:
+                tmap.params[found[0]] = f"{name}.param_quantizers.{pname}"
             else:
                 tmap.missing.append(f"{name}.param_quantizers.{pname}")
     for name, module in modules.items():  # input quantizers after every output quantizer

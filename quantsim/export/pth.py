@@ -37,7 +37,8 @@ def clean_model(model: nn.Module) -> nn.Module:
     """A float copy of ``model`` (a sim's model) in eval mode, sharing its tensors.
 
     Every quantized module becomes an instance of its float class; containers are shallow
-    copies, so ``sim.model`` itself is left untouched (modes included).
+    copies, so ``sim.model`` itself is left untouched (modes included). A module reachable
+    under several paths stays one module in the copy.
 
     Example:
         >>> from quantsim.sim import QuantizationSimModel
@@ -45,8 +46,13 @@ def clean_model(model: nn.Module) -> nn.Module:
         >>> type(clean_model(sim.model)[0]).__name__
         'Linear'
     """
+    copies: Dict[int, nn.Module] = {}
+
     def rebuild(module: nn.Module) -> nn.Module:
+        if id(module) in copies:
+            return copies[id(module)]
         clone = original_module(module) if isinstance(module, QuantizationMixin) else copy.copy(module)
+        copies[id(module)] = clone
         clone.__dict__ = dict(clone.__dict__)
         clone._parameters = dict(clone._parameters)
         clone._buffers = dict(clone._buffers)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import functools
 import itertools
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -319,10 +319,13 @@ def replace_multihead_attention(model: nn.Module) -> nn.Module:
     """
     if type(model) is nn.MultiheadAttention:
         return QuantizableMultiheadAttention.from_float(model)
+    converted: Dict[int, QuantizableMultiheadAttention] = {}  # one per module, however reached
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.MultiheadAttention:
-                setattr(parent, name, QuantizableMultiheadAttention.from_float(child))
+                if id(child) not in converted:
+                    converted[id(child)] = QuantizableMultiheadAttention.from_float(child)
+                setattr(parent, name, converted[id(child)])
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
