@@ -29,13 +29,15 @@ from torch import nn
 
 from quantsim.encoding import Encoding, int32_bias_weight_scale
 from quantsim.graph import ModelGraph
-from quantsim.op_types import is_data_movement
+from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
+from quantsim.op_types import is_data_movement, params_of
 from quantsim.quantizer import Quantizer
 from quantsim.wrappers import QuantizationMixin
 
 #: layers whose bias a runtime stores as int32 codes at scale ``input_scale * weight_scale``
+#: (fused conv-BN modules run as their folded layer)
 _INT32_BIAS_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                      nn.ConvTranspose3d, nn.Linear)
+                      nn.ConvTranspose3d, nn.Linear, ConvBn, ConvTransposeBn, LinearBn)
 
 
 def quantized_modules(model: nn.Module) -> Dict[str, nn.Module]:
@@ -120,7 +122,7 @@ class Calibration:
         self.activations: List[Tuple[str, Quantizer]] = []
         for name, module in self.qmodules.items():
             for pname, q in module.param_quantizers.items():
-                if select(q) and q.data_type == "int" and module._parameters.get(pname) is not None:
+                if select(q) and q.data_type == "int" and params_of(module).get(pname) is not None:
                     self.params.append((f"{name}.param_quantizers.{pname}", module, pname, q))
             for kind in ("input_quantizers", "output_quantizers"):
                 for i, q in enumerate(getattr(module, kind)):
@@ -133,7 +135,7 @@ class Calibration:
         """Compute parameter encodings from the weights; set activation quantizers observing."""
         self._saved = {id(q): _snapshot(q) for _, _, _, q in self.params}
         for _, module, pname, q in self.params:
-            self._encode_weight(module._parameters[pname], q)
+            self._encode_weight(params_of(module)[pname], q)
         for _, q in self.activations:
             q.reset_statistics()
             q.state = "observe"
@@ -156,7 +158,7 @@ class Calibration:
             else:
                 missing.append(name)
         for module, pname, q in begun:  # weights trained meanwhile (retrain) are re-encoded
-            param = module._parameters[pname]
+            param = params_of(module)[pname]
             if _ENCODED_WEIGHTS.pop(q) != (id(param), param._version):
                 self._encode_weight(param, q)
                 _ENCODED_WEIGHTS.pop(q)
@@ -188,7 +190,8 @@ class Calibration:
     def _protect_int32_bias(self) -> None:
         named = {n: q for n, m in self.qmodules.items() for n, q in _quantizers_of(n, m)}
         for name, module in self.qmodules.items():
-            if not isinstance(module, _INT32_BIAS_LAYERS) or module._parameters.get("bias") is None:
+            bias = params_of(module).get("bias")
+            if not isinstance(module, _INT32_BIAS_LAYERS) or bias is None:
                 continue
             weight_q = module.param_quantizers["weight"] if "weight" in module.param_quantizers \
                 else None
@@ -205,7 +208,7 @@ class Calibration:
                 out_enc = None
             enc = weight_q.encoding
             scale = int32_bias_weight_scale(
-                enc.scale, module._parameters["bias"], input_enc.scale,
+                enc.scale, bias, input_enc.scale,
                 None if out_enc is None else out_enc.scale,
                 None if out_enc is None else out_enc.offset)
             if torch.equal(scale, enc.scale):

@@ -12,6 +12,13 @@ and AIMET's ``LayerNorm``, ``nn.GroupNorm`` to ``GroupNormalization`` and ``Grou
   wrapped quantized modules) match their float parent; unknown modules give ``()``.
 * :func:`is_data_movement` tells whether a module only moves or selects values (max-pool,
   flatten, dropout...), so its output can share its input's encoding.
+* :func:`params_of` gives the tensors the module's op takes as parameters (what the config's
+  ``params`` rules and the parameter quantizers address): the module's own floating-point
+  parameters, or, for a class registered with ``params=`` (``quantsim.nn``'s fused conv-BN
+  modules), the tensors it computes in their place (the folded weight and bias).
+* :func:`output_types_of` gives the op types of the op that produces the module's output,
+  which the output quantizers follow: the module's own, or, for a class registered with
+  ``output_op=``, those of a submodule (a fused conv-BN-ReLU's ReLU).
 * :data:`KNOWN_ONNX_TYPES` holds every op name a config may use. Names outside it are a warning
   in ``op_type`` and an error inside a supergroup.
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Set, Tuple, Type, Union
 
+import torch
 from torch import nn
 
 #: A module's data-movement flag: a constant, or a test of the instance (``Upsample`` is pure
@@ -38,6 +46,12 @@ DataMovement = Union[bool, Callable[[nn.Module], bool]]
 #: torch module class -> the ONNX op types it stands for (first = the usual ONNX export).
 TORCH_TO_ONNX: Dict[Type[nn.Module], Tuple[str, ...]] = {}
 _DATA_MOVEMENT: Dict[Type[nn.Module], DataMovement] = {}
+#: A module's computed parameters, by name (see :func:`params_of`).
+ParamsFn = Callable[[nn.Module], Dict[str, torch.Tensor]]
+#: The submodule whose op produces a module's output, or None for the module itself.
+OutputOpFn = Callable[[nn.Module], Optional[nn.Module]]
+_PARAMS: Dict[Type[nn.Module], ParamsFn] = {}
+_OUTPUT_OP: Dict[Type[nn.Module], OutputOpFn] = {}
 # the entries registered below, kept apart so the documented table ignores later registrations
 _BUILTIN: Dict[Type[nn.Module], Tuple[Tuple[str, ...], DataMovement]] = {}
 
@@ -93,7 +107,8 @@ KNOWN_ONNX_TYPES: Set[str] = set(ONNX_STANDARD_OPS) | set(AIMET_EXTRA_OPS) | set
 
 
 def register_op_type(
-    module_cls: Type[nn.Module], *onnx_names: str, data_movement: DataMovement = False
+    module_cls: Type[nn.Module], *onnx_names: str, data_movement: DataMovement = False,
+    params: Optional[ParamsFn] = None, output_op: Optional[OutputOpFn] = None,
 ) -> Type[nn.Module]:
     """Declare which ONNX op types a module class stands for.
 
@@ -106,6 +121,12 @@ def register_op_type(
             ``supergroups`` (the usual ONNX export first).
         data_movement: True if the module only moves or selects values (reshape, permute,
             max-pool...), or a function of the module instance deciding it.
+        params: for a module that computes its op's parameters in ``forward`` instead of
+            holding them, a function of the instance returning them by name (see
+            :func:`params_of`).
+        output_op: for a module whose output comes from a submodule's op (an activation run
+            last), a function of the instance returning that submodule, or None when the
+            module's own op produces the output (see :func:`output_types_of`).
 
     Returns:
         ``module_cls`` unchanged.
@@ -132,8 +153,17 @@ def register_op_type(
             f"register_op_type({module_cls.__name__}): data_movement must be a bool or a "
             f"function of the module, got {data_movement!r}"
         )
+    for arg, fn in (("params", params), ("output_op", output_op)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"register_op_type({module_cls.__name__}): {arg} must be a "
+                            f"function of the module or None, got {fn!r}")
     TORCH_TO_ONNX[module_cls] = tuple(onnx_names)
     _DATA_MOVEMENT[module_cls] = data_movement
+    for table, fn in ((_PARAMS, params), (_OUTPUT_OP, output_op)):
+        if fn is None:
+            table.pop(module_cls, None)
+        else:
+            table[module_cls] = fn
     KNOWN_ONNX_TYPES.update(onnx_names)
     return module_cls
 
@@ -166,6 +196,36 @@ def is_data_movement(module: Union[nn.Module, Type[nn.Module]]) -> bool:
     if isinstance(flag, bool):
         return flag
     return False if isinstance(module, type) else bool(flag(module))
+
+
+def params_of(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The floating-point tensors ``module``'s op takes as parameters, by name.
+
+    These are what the config's ``params`` rules and the sim's parameter quantizers address:
+    the module's own floating-point parameters, unless its class was registered with
+    ``params=`` (:func:`register_op_type`), which computes them (``quantsim.nn``'s fused
+    conv-BN modules give their folded ``weight`` and ``bias``).
+
+    Example:
+        >>> sorted(params_of(torch.nn.Linear(2, 3)))
+        ['bias', 'weight']
+    """
+    cls = _registered_class(module)
+    if cls is not None and cls in _PARAMS:
+        return _PARAMS[cls](module)
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.is_floating_point()}
+
+
+def output_types_of(module: nn.Module) -> Tuple[str, ...]:
+    """The ONNX op types of the op that produces ``module``'s output, whose config rules its
+    output quantizers follow: :func:`onnx_types_of` of the submodule that the class's
+    ``output_op`` function names (a fused conv-BN-ReLU's ReLU), else of the module itself."""
+    cls = _registered_class(module)
+    if cls is not None and cls in _OUTPUT_OP:
+        inner = _OUTPUT_OP[cls](module)
+        if inner is not None:
+            return onnx_types_of(inner)
+    return onnx_types_of(module)
 
 
 def _nearest_upsample(module: nn.Module) -> bool:

@@ -34,7 +34,7 @@ from torch import nn
 
 from quantsim.config import HardwareConfig
 from quantsim.graph import ModelGraph
-from quantsim.op_types import is_data_movement, onnx_types_of
+from quantsim.op_types import is_data_movement, onnx_types_of, output_types_of, params_of
 
 _FOLDABLE_INTO = ("Conv", "ConvTranspose", "Gemm")
 
@@ -79,7 +79,7 @@ def _set(value: Optional[bool], current: bool) -> bool:
 
 
 def _module_params(module: nn.Module) -> List[str]:
-    return [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
+    return list(params_of(module))
 
 
 def _apply_defaults(config: HardwareConfig, n_in: int, n_out: int, params: List[str]) -> ModuleSettings:
@@ -135,7 +135,9 @@ def resolve(
         s = _apply_defaults(config, n_in, n_out, _module_params(module))
         _apply_param_rules(config.params, s)
         types[name] = onnx_types_of(module)
-        _apply_op_type(config, types[name], s)
+        _apply_op_type(config, types[name], ModuleSettings(s.inputs, [], s.params))
+        # outputs follow the op that produces them (a fused conv-BN-ReLU's ReLU)
+        _apply_op_type(config, output_types_of(module), ModuleSettings([], s.outputs, {}))
         settings[name] = s
     placement = Placement(settings, _set(config.defaults.strict_symmetric, False),
                           _set(config.defaults.unsigned_symmetric, False))

@@ -23,7 +23,7 @@ from quantsim.calibration import Calibration
 from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
 from quantsim.graph import ModelGraph, eval_mode, leaf_modules, trace
-from quantsim.op_types import onnx_types_of
+from quantsim.op_types import onnx_types_of, params_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer
 from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
@@ -194,8 +194,9 @@ class QuantizationSimModel:
             for i, setting in enumerate(s.outputs):
                 module.output_quantizers.append(self._new_quantizer(
                     f"{name}.output_quantizers.{i}", setting, self._output_bw))
+            params = params_of(module)
             for pname, setting in s.params.items():
-                param = module._parameters[pname]
+                param = params[pname]
                 axis = param_axis(module, pname) if setting.per_channel and param.dim() else None
                 shape = (param.shape[axis],) if axis is not None else ()
                 module.param_quantizers[pname] = self._new_quantizer(

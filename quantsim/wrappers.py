@@ -17,6 +17,12 @@ quantized parameter is computed once and reused until the parameter or its encod
 The registry maps float classes to the axis along which their weight is quantized per channel
 (``ConvTranspose`` keeps output channels on axis 1); one :func:`register_quantized` call adds a
 type. Types the registry does not know still get wrapped generically (the sim warns once).
+
+A float class that computes a parameter in ``forward`` instead of reading it from
+``_parameters`` (``quantsim.nn``'s fused conv-BN modules fold the BatchNorm into the weight)
+passes the computed tensor through ``self.fake_quantize_param(name, tensor)``; the wrapper's
+version applies ``param_quantizers[name]`` to it, with the same caching as for a parameter.
+Which tensors those are is :func:`quantsim.op_types.params_of`.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
 from quantsim.quantizer import Quantizer, enabled_generation
 
 _PARAM_AXES: Dict[Type[nn.Module], Dict[str, int]] = {}
@@ -61,6 +68,11 @@ for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding, nn.Embedd
              nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.RMSNorm):
     register_quantized(_cls)
+# fused conv-BN modules are quantized as one layer (their children are not wrapped); the
+# folded weight keeps the layer's output-channel axis
+register_quantized(ConvBn)
+register_quantized(LinearBn)
+register_quantized(ConvTransposeBn, weight=1)
 
 
 class QuantizationMixin:
@@ -133,6 +145,14 @@ class QuantizationMixin:
             self._parameters[name] = self._quantized_param(name, param, quantizer)
             patched.append((name, param))
         return patched
+
+    def fake_quantize_param(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, a parameter the float forward computes (see the module docstring),
+        fake-quantized by ``param_quantizers[name]``; unchanged without an enabled one."""
+        quantizers = self._modules["param_quantizers"]
+        if name not in quantizers or not quantizers[name].enabled:
+            return tensor
+        return self._quantized_param(name, tensor, quantizers[name])
 
     def _quantized_param(self, name: str, param: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
         if torch.is_grad_enabled() and (param.requires_grad or quantizer.learnable):

@@ -46,7 +46,7 @@ from quantsim.export import onnx_export, pth, qdq
 from quantsim.export.load import load_encodings, save_encodings_to_json, torch_encodings_file
 from quantsim.export.onnx_export import TensorMap, graph_tensor_names, tensor_map
 from quantsim.export.verify import VerifyReport, verify
-from quantsim.op_types import onnx_types_of
+from quantsim.op_types import onnx_types_of, params_of
 
 __all__ = ["export", "ExportedFiles", "load_encodings", "save_encodings_to_json", "verify",
            "VerifyReport", "tensor_map", "TensorMap"]
@@ -264,7 +264,7 @@ def _int32_biases(sim, tmap: TensorMap, acts, params) -> Dict[str, Int32BiasEnco
     out: Dict[str, Int32BiasEncoding] = {}
     active = active_encodings(sim)
     for name, module in sim.named_qmodules():
-        bias = module._parameters.get("bias")
+        bias = params_of(module).get("bias")
         weight_key = f"{name}.weight" if name else "weight"
         bias_key = f"{name}.bias" if name else "bias"
         bq = module.param_quantizers["bias"] if "bias" in module.param_quantizers else None

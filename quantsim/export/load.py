@@ -73,6 +73,9 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
             shape does not match, naming the key.
     """
     param_names = [n for n, _ in sim.model.named_parameters(remove_duplicate=False)]
+    # and the tensors a module computes in their place (a fused conv-BN's folded weight)
+    param_names += [f"{m}.{p}" if m else p for m, module in qmodules(sim.model).items()
+                    for p in module.param_quantizers]
     file = enc_files.load(encodings, param_names=param_names)
     label = str(encodings) if isinstance(encodings, (str, os.PathLike)) else "<dict>"
     resolved, unmatched = _resolve(sim, file, encodings, onnx_model)

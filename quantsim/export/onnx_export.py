@@ -45,6 +45,7 @@ from torch import nn
 
 from quantsim.errors import ExportError
 from quantsim.graph import module_aliases, split_dummy_input
+from quantsim.nn.fused import activation_destinations
 from quantsim.wrappers import QuantizationMixin
 
 
@@ -318,19 +319,23 @@ class GraphIndex:
         idx.activations = live
         return idx
 
-    def nodes_of(self, module: str) -> List[int]:
-        """Indices of the nodes of ``module`` and its submodules, in graph order."""
-        prefix = module + "."
-        return [i for i, m in enumerate(self.modules) if m == module or m.startswith(prefix)]
+    def nodes_of(self, module: str, *also: str) -> List[int]:
+        """Indices of the nodes of ``module`` (and of the modules ``also`` names) and their
+        submodules, in graph order."""
+        scopes = (module,) + also
+        prefixes = tuple(m + "." for m in scopes)
+        return [i for i, m in enumerate(self.modules) if m in scopes or m.startswith(prefixes)]
 
-    def module_io(self, module: str) -> Tuple[List[str], List[str], List[str]]:
-        """``(inputs, outputs, intermediates)`` float activation tensors of ``module``'s nodes.
+    def module_io(self, module: str, *also: str) -> Tuple[List[str], List[str], List[str]]:
+        """``(inputs, outputs, intermediates)`` float activation tensors of ``module``'s nodes
+        (with those of the modules ``also`` names: one quantized module exported as several).
+
 
         inputs: entering from outside (first use order; shape/type-only uses ignored);
         outputs: produced inside and used outside or graph outputs (production order);
         intermediates: produced inside and used only inside.
         """
-        nodes = self.nodes_of(module)
+        nodes = self.nodes_of(module, *also)
         inside = set(nodes)
         graph_outputs = set(self.outputs)
         inputs: List[str] = []
@@ -454,7 +459,9 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
         paths.setdefault(first, [first]).append(alias)
     tmap = TensorMap()
     modules = qmodules(sim.model)
-    ios = {name: index.module_io(name) for name in modules}
+    # a fused conv-BN-activation exports as its folded layer plus the activation in its own place
+    also = {name: (dest,) for name, dest in activation_destinations(sim.model).items()}
+    ios = {name: index.module_io(name, *also.get(name, ())) for name in modules}
     for name, module in modules.items():
         inputs, outputs, intermediates = ios[name]
         tmap.module_inputs[name] = inputs
@@ -477,7 +484,7 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
                 tmap.missing.append(f"{name}.param_quantizers.{pname}")
     for name, module in modules.items():  # input quantizers after every output quantizer
         inputs = ios[name][0]
-        nodes = index.nodes_of(name)
+        nodes = index.nodes_of(name, *also.get(name, ()))
         for i, _ in enumerate(module.input_quantizers):
             qname = f"{name}.input_quantizers.{i}"
             if i < len(inputs):

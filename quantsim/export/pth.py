@@ -5,6 +5,10 @@ replaced by its original float class (:func:`quantsim.wrappers.original_module`)
 shares parameters and buffers with the sim (no weights are copied) and holds no quantizer, so
 ``torch.load`` of the saved ``.pth`` needs the model's own classes only, not quantsim's
 wrappers. Weights are the float weights: a runtime applies the parameter encodings itself.
+Fused conv-BN modules (``quantsim.nn.ConvBn``...) are exported folded, as the model
+``quantsim.prepare.fold_all_batch_norms`` makes: the layer with the BatchNorm folded in under
+the fused module's path, the activation back in its own place (a ``quantsim.nn.FoldedLayer``
+holds it when it has none).
 (Modules quantsim put into the model, such as ``QuantizableMultiheadAttention`` replacing
 ``nn.MultiheadAttention``, are float modules of ``quantsim.nn`` and stay; loading such a model
 needs ``quantsim.nn`` importable.)
@@ -30,6 +34,7 @@ from torch import nn
 from quantsim.errors import ExportError
 from quantsim.export.onnx_export import MODULE_KEY
 from quantsim.graph import split_dummy_input
+from quantsim.nn.fused import fold_fused_modules
 from quantsim.wrappers import QuantizationMixin, original_module
 
 
@@ -38,7 +43,9 @@ def clean_model(model: nn.Module) -> nn.Module:
 
     Every quantized module becomes an instance of its float class; containers are shallow
     copies, so ``sim.model`` itself is left untouched (modes included). A module reachable
-    under several paths stays one module in the copy.
+    under several paths stays one module in the copy. Fused conv-BN modules are folded, as
+    ``fold_all_batch_norms`` would have folded their chain
+    (:func:`quantsim.nn.fused.fold_fused_modules`; their folded weights are new tensors).
 
     Example:
         >>> from quantsim.sim import QuantizationSimModel
@@ -61,7 +68,7 @@ def clean_model(model: nn.Module) -> nn.Module:
                           for k, v in clone._modules.items()}
         return clone
 
-    return rebuild(model).eval()
+    return fold_fused_modules(rebuild(model)).eval()
 
 
 def save_pth(model: nn.Module, pth_path: str, state_dict_path: str) -> None:

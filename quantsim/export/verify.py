@@ -41,6 +41,7 @@ from quantsim.errors import ExportError
 from quantsim.export.onnx_export import stored_quantizer_map
 from quantsim.export.qdq import QDQ_MAP_KEY
 from quantsim.graph import eval_mode, run_forward, split_dummy_input
+from quantsim.op_types import params_of
 
 
 @dataclass
@@ -245,7 +246,7 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.nd
             for qname in dq_of:
                 if ".param_quantizers." in qname:
                     module_name, pname = qname.split(".param_quantizers.")
-                    param = modules[module_name]._parameters[pname]
+                    param = params_of(modules[module_name])[pname]
                     captured[qname] = quantizers[qname](param).detach().float().cpu().numpy()
     finally:
         for h in handles:

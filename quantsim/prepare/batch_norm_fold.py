@@ -23,7 +23,7 @@ from torch import nn
 
 from quantsim.errors import UnsupportedModelError
 from quantsim.graph import eval_mode
-from quantsim.nn.fused import check_foldable, fold_batch_norm_, fuse_conv_bn
+from quantsim.nn.fused import check_foldable, fold_batch_norm_, fuse_conv_bn, relative_slot
 from quantsim.prepare._recording import RuntimeTrace, record_run
 
 __all__ = ["ConvBnPair", "find_conv_bn_pairs", "fold_all_batch_norms", "fuse_all_conv_bn"]
@@ -177,8 +177,11 @@ def fuse_all_conv_bn(model: nn.Module, input_shapes: Shapes = None,
 
     The layer's attribute gets the :class:`~quantsim.nn.ConvBn` / ``ConvTransposeBn`` /
     ``LinearBn``; the BatchNorm's and the activation's attributes get ``nn.Identity``. In
-    train mode the fused module keeps updating the BatchNorm statistics; call ``.fold()`` on
-    it (or :func:`fold_all_batch_norms` is not needed) at export.
+    train mode the fused module keeps updating the BatchNorm statistics. A
+    QuantizationSimModel of the fused model quantizes the folded weight, and its export is
+    that of the model :func:`fold_all_batch_norms` makes (the fused module remembers where
+    its activation was, :attr:`~quantsim.nn.fused._FusedBn.activation_slot`); outside a sim,
+    ``.fold()`` gives the plain layer.
 
     Args:
         model: the model to modify in place.
@@ -195,8 +198,11 @@ def fuse_all_conv_bn(model: nn.Module, input_shapes: Shapes = None,
     for pair in pairs:
         layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.bn)
         act = model.get_submodule(pair.activation) if pair.activation else None
-        _replace(model, pair.layer, fuse_conv_bn(layer, bn, act))
+        fused = fuse_conv_bn(layer, bn, act)
+        _replace(model, pair.layer, fused)
         _replace(model, pair.bn, nn.Identity())
         if pair.activation:
             _replace(model, pair.activation, nn.Identity())
+            # export puts the activation back there, as fold_all_batch_norms leaves it
+            fused.activation_slot = relative_slot(pair.layer, pair.activation)
     return pairs

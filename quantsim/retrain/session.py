@@ -14,6 +14,7 @@ from quantsim.calibration import Calibration, calibrates, data_quantizer
 from quantsim.encodings import write_torch_encodings
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
 from quantsim.export.load import torch_encodings_file
+from quantsim.op_types import params_of
 from quantsim.quantizer import Quantizer
 from quantsim.retrain.config import PathLike, RetrainConfig
 from quantsim.sim import QuantizationSimModel, QuantScheme
@@ -40,7 +41,7 @@ def _set_channel_wise(module: nn.Module, channel_wise: bool) -> None:
     old = module.param_quantizers["weight"]
     if (old.axis is not None) == channel_wise or old.data_type != "int":
         return
-    weight = module._parameters["weight"]
+    weight = params_of(module)["weight"]
     axis = param_axis(module, "weight") if channel_wise else None
     new = Quantizer(bitwidth=old.bitwidth, symmetric=old.symmetric,
                     shape=(weight.shape[axis],) if channel_wise else (), axis=axis,
