@@ -104,17 +104,18 @@ def set_fake_quantize(model_or_sim: Union[nn.Module, object], state: FakeQuantSt
 def set_high_precision_output(model_or_sim, *module_names: str) -> None:
     """Keep the outputs of the named modules in float (32-bit) precision.
 
-    Typically the classifier head, whose logits a runtime can leave unquantized.
+    Typically the classifier head, whose logits a runtime can leave unquantized. A module
+    reachable under several paths may be named by any of them.
 
     Raises:
         UnsupportedModelError: a name is not a quantized module of the model.
     """
     model = _model_of(model_or_sim)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name in module_names:
         module = modules.get(name)
         if module is None or not hasattr(module, "output_quantizers"):
-            known = [n for n, m in modules.items() if hasattr(m, "output_quantizers")]
+            known = [n for n, m in model.named_modules() if hasattr(m, "output_quantizers")]
             raise UnsupportedModelError(
                 f"set_high_precision_output: {name!r} is not a quantized module; known: {known}")
         for q in module.output_quantizers:

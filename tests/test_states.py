@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import DigitsCNN, accuracy, digits_data, train
-from quantsim import QuantizationSimModel
+from models import DigitsCNN, SharedBlockNet, accuracy, digits_data, train
+from quantsim import QuantizationSimModel, UnsupportedModelError
 from quantsim.encoding import MINIMUM_SCALE
 from quantsim.errors import FakeQuantStateError
 from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precision_output
@@ -89,6 +89,15 @@ def test_high_precision_output(trained, digits):
     assert not sim.model.fc.output_quantizers[0].enabled
     with pytest.raises(Exception, match="not a quantized module"):
         set_high_precision_output(sim, "nope")
+
+
+def test_high_precision_output_by_either_path():
+    """A module reachable as self.block and self.body[0] may be named by either path."""
+    sim = QuantizationSimModel(SharedBlockNet(), torch.randn(4, 8))
+    set_high_precision_output(sim, "body.0")
+    assert not sim.model.block.output_quantizers[0].enabled
+    with pytest.raises(UnsupportedModelError, match=r"known: \['block', 'body.1', 'head'\]"):
+        set_high_precision_output(sim, "body")
 
 
 def test_range_learning_qat_recovers_w4(trained, digits):
