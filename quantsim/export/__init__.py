@@ -44,12 +44,14 @@ from quantsim.encodings import EncodingsFile, Int32BiasEncoding
 from quantsim.errors import ExportError
 from quantsim.export import onnx_export, pth, qdq
 from quantsim.export.load import load_encodings, save_encodings_to_json, torch_encodings_file
-from quantsim.export.onnx_export import TensorMap, graph_tensor_names, tensor_map
+from quantsim.export.onnx_export import (ExporterFallbackWarning, ExportersFailedError, TensorMap,
+                                         graph_tensor_names, tensor_map)
 from quantsim.export.verify import VerifyReport, verify
 from quantsim.op_types import onnx_types_of, params_of
 
 __all__ = ["export", "ExportedFiles", "load_encodings", "save_encodings_to_json", "verify",
-           "VerifyReport", "tensor_map", "TensorMap"]
+           "VerifyReport", "tensor_map", "TensorMap", "ExporterFallbackWarning",
+           "ExportersFailedError"]
 
 logger = logging.getLogger(__name__)
 _ANALYTIC_BIAS_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -104,9 +106,15 @@ def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
     Returns:
         :class:`ExportedFiles`.
 
+    Warns:
+        ExporterFallbackWarning: torch.export could not capture the model (e.g. an ``if`` on
+            tensor values); the ONNX files come from the TorchScript-based exporter, along the
+            branches ``dummy_input`` takes.
+
     Raises:
         ExportError: enabled quantizers without encodings (listed), an unwritable ``path``,
-            an unknown ``encoding_version`` or export argument, or a failing exporter.
+            an unknown ``encoding_version`` or export argument, or a failing exporter
+            (:class:`ExportersFailedError` when both of torch's ONNX exporters fail).
     """
     if encoding_version not in enc_files.VERSIONS:
         raise ExportError(f"encoding_version {encoding_version!r}; allowed: {', '.join(enc_files.VERSIONS)}")

@@ -15,6 +15,13 @@ and then renames, so every node maps back to its module:
   ``output_names`` are given.
 * **initializer**: the PyTorch parameter / buffer name (``conv1.weight``), untouched.
 
+torch.export refuses some models the TorchScript-based exporter handles, above all Python
+control flow on tensor values (``if x.mean() > 0:``). When the dynamo export fails,
+:func:`export_onnx` exports with the TorchScript-based exporter instead
+(:mod:`quantsim.export.torchscript_onnx` brings it to the same names) and issues one
+:class:`ExporterFallbackWarning` naming the reason; when that fails too, an
+:class:`ExportersFailedError` carries both causes.
+
 A module reachable under several paths (``self.block`` that is also ``self.body[0]``) is named
 by its first path in ``named_modules()`` order, whichever path the forward called it through:
 its nodes, their tensors and its parameters' initializers (``block.weight``) alike.
@@ -34,7 +41,11 @@ import ast
 import contextlib
 import io
 import json
+import logging
+import os
 import re
+import sys
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -44,6 +55,7 @@ import torch
 from torch import nn
 
 from quantsim.errors import ExportError
+from quantsim.export import torchscript_onnx
 from quantsim.graph import module_aliases, split_dummy_input
 from quantsim.nn.fused import activation_destinations
 from quantsim.wrappers import QuantizationMixin
@@ -57,6 +69,11 @@ EXPORT_ARG_KEYS = ("opset_version", "input_names", "output_names", "dynamic_axes
 QUANTIZER_MAP_KEY = "quantsim.quantizers"
 #: node-level metadata key holding the module path.
 MODULE_KEY = "quantsim.module"
+#: model-level metadata key: which torch exporter wrote the graph (``dynamo`` / ``torchscript``).
+EXPORTER_KEY = "quantsim.exporter"
+_NAME_KEEPING = {"dynamo": "torch's dynamo exporter, optimize=False",
+                 "torchscript": "torch's TorchScript exporter, do_constant_folding=False and "
+                                "keep_initializers_as_inputs=True"}
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _KEEP_METADATA = (_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy")
 
@@ -99,14 +116,69 @@ def normalize_export_args(onnx_export_args: Any) -> Dict[str, Any]:
     return args
 
 
+class ExporterFallbackWarning(UserWarning):
+    """torch.export could not capture the model; the TorchScript-based exporter was used."""
+
+
+class ExportersFailedError(ExportError):
+    """Neither of torch's ONNX exporters could export the model.
+
+    Attributes:
+        dynamo_error: what torch.export / the dynamo exporter raised.
+        torchscript_error: what the TorchScript-based exporter raised.
+    """
+
+    def __init__(self, message: str, dynamo_error: BaseException, torchscript_error: BaseException) -> None:
+        super().__init__(message)
+        self.dynamo_error = dynamo_error
+        self.torchscript_error = torchscript_error
+
+
 def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any]) -> onnx.ModelProto:
-    """Export ``model`` (float, eval) with torch's dynamo exporter and rename it (module docstring).
+    """Export ``model`` (float, eval) and rename it (module docstring).
+
+    torch's dynamo exporter first; when it fails (torch.export refuses Python control flow on
+    tensor values, among others), the TorchScript-based exporter
+    (:mod:`quantsim.export.torchscript_onnx`), with one :class:`ExporterFallbackWarning` that
+    names the dynamo exporter's reason. The model's ``quantsim.exporter`` metadata says which
+    exporter wrote it (``dynamo`` or ``torchscript``).
 
     Raises:
-        ExportError: torch.onnx.export failed (its message chained), or a parameter lost its name.
+        ExportersFailedError: both exporters failed (both causes in the message and kept as
+            attributes).
     """
     args, kwargs = split_dummy_input(model, dummy_input)
     opset = export_args.get("opset_version", DEFAULT_OPSET)
+    try:
+        proto, exporter = _export_dynamo(model, args, kwargs, export_args, opset), "dynamo"
+    except Exception as dynamo_error:  # the exporter raises many types; any one means: fall back
+        reason = error_essence(dynamo_error)
+        try:
+            proto, modules, notes = _export_torchscript(model, args, kwargs, export_args, opset)
+        except Exception as torchscript_error:
+            raise ExportersFailedError(
+                f"neither ONNX exporter could export {type(model).__name__} (opset {opset}). "
+                f"torch.export (dynamo): {reason}. TorchScript exporter: "
+                f"{error_essence(torchscript_error)}", dynamo_error, torchscript_error) from torchscript_error
+        for node, module in zip(proto.graph.node, modules):
+            node.metadata_props.add(key=MODULE_KEY, value=module)
+        exporter = "torchscript"
+        traced = f" (the trace fixed: {'; '.join(notes[:3])})" if notes else ""
+        warnings.warn(ExporterFallbackWarning(
+            f"torch.export could not capture {type(model).__name__}: {reason}. Exported with the "
+            "TorchScript-based exporter instead, which records only the branches this "
+            f"dummy_input takes{traced}"), stacklevel=_caller_outside_quantsim())
+    if export_args.get("output_names") is None:
+        outs = proto.graph.output
+        names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        _rename_tensors(proto.graph, {o.name: n for o, n in zip(outs, names)})
+    rename_by_module(proto, module_aliases(model))
+    proto.metadata_props.add(key=EXPORTER_KEY, value=exporter)
+    return proto
+
+
+def _export_dynamo(model: nn.Module, args: tuple, kwargs: Dict[str, Any], export_args: Dict[str, Any],
+                   opset: int) -> onnx.ModelProto:
     options = dict(dynamo=True, optimize=False, verbose=False, opset_version=opset,
                    input_names=export_args.get("input_names"),
                    output_names=export_args.get("output_names"))
@@ -114,21 +186,19 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
         options["dynamic_shapes"] = export_args["dynamic_shapes"]
     elif export_args.get("dynamic_axes") is not None:
         options["dynamic_axes"] = export_args["dynamic_axes"]
+    # a failed capture prints its partial graph to stderr and logs "Unable to find user code";
+    # export_onnx reports the failure itself
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _torchlib_cache():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()), _torchlib_cache():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, exporter_args(args, kwargs), kwargs=kwargs or None,
-                                        **options)
-    except Exception as exc:  # the exporter raises many types; report them as one
-        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    proto = program.model_proto
-    if export_args.get("output_names") is None:
-        outs = proto.graph.output
-        names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
-        _rename_tensors(proto.graph, {o.name: n for o, n in zip(outs, names)})
-    rename_by_module(proto, module_aliases(model))
-    return proto
+            return torch.onnx.export(model, exporter_args(args, kwargs), kwargs=kwargs or None,
+                                     **options).model_proto
+    finally:
+        shapes_log.setLevel(level)
 
 
 def exporter_args(args: tuple, kwargs: Dict[str, Any]) -> tuple:
@@ -151,6 +221,54 @@ def _export_torchscript(model: nn.Module, args: tuple, kwargs: Dict[str, Any], e
     return torchscript_onnx.export(model, exporter_args(args, kwargs), kwargs, opset=opset,
                                    input_names=names, output_names=export_args.get("output_names"),
                                    dynamic_axes=axes)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torch.export's pointer to the user's line: 'The following call raised this error:\n  File ...'
+_RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\S+)\n'
+                        r'[ \t]*(\S[^\n]*)')
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_QUANTSIM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def error_essence(exc: BaseException, limit: int = 400) -> str:
+    """One line saying why an exporter failed: the root cause's type and first line, and the
+    user's source line when torch names it (or the traceback shows it).
+
+    Example:
+        >>> try:
+        ...     raise RuntimeError("wrapper") from ValueError("the reason\\nmore detail")
+        ... except RuntimeError as exc:
+        ...     error_essence(exc).split(" (at ")[0]
+        'ValueError: the reason'
+    """
+    chain = [exc]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    lines = [ln.strip() for ln in _ANSI.sub("", str(root)).splitlines() if ln.strip()]
+    text = f"{type(root).__name__}: {' '.join(lines[0].split())}" if lines else type(root).__name__
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    for err in chain:
+        found = _RAISED_AT.search(_ANSI.sub("", str(err)))
+        if found:
+            return f"{text} (at {found[1]}:{found[2]} in {found[3]}: {found[4].strip()})"
+    frames = [f for f in traceback.extract_tb(root.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _QUANTSIM_DIR))]
+    if frames:
+        f = frames[-1]
+        return f"{text} (at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()})"
+    return text
+
+
+def _caller_outside_quantsim() -> int:
+    """``stacklevel`` that attributes a warning issued by our caller to the first frame outside
+    quantsim (the user's ``sim.export(...)`` line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_QUANTSIM_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _REGISTRIES: Dict[int, Any] = {}
@@ -364,7 +482,8 @@ class GraphIndex:
         return inputs, outputs, intermediates
 
     def _is_float(self, name: str) -> bool:
-        # value_info is complete for dynamo exports; an unknown type counts as float
+        # value_info is complete for dynamo and (shape-inferred) TorchScript exports; an
+        # unknown type counts as float
         return name in self.floats or name not in self.typed
 
     def data_movement_successors(self, tensor: str, stop: Set[str]) -> List[str]:
@@ -528,10 +647,11 @@ def check_param_names(model: onnx.ModelProto, expected: Iterable[str]) -> None:
         if in_graph and name not in index.initializers:
             lost.append(name)
     if lost:
+        exporter = {p.key: p.value for p in model.metadata_props}.get(EXPORTER_KEY, "dynamo")
         raise ExportError(
             f"the ONNX export lost the names of {len(lost)} parameter(s): {sorted(lost)[:8]}; their "
-            "encodings could not be keyed. This is exporter drift (quantsim exports with "
-            "dynamo=True, optimize=False to keep names); report it with your torch version")
+            f"encodings could not be keyed. This is exporter drift (quantsim exports with "
+            f"{_NAME_KEEPING[exporter]} to keep names); report it with your torch version")
 
 
 def attach_quantizer_map(model: onnx.ModelProto, tmap: TensorMap) -> None:
