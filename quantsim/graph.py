@@ -163,8 +163,10 @@ def split_dummy_input(model: nn.Module, dummy_input: Any) -> Tuple[tuple, Dict[s
     """``(args, kwargs)`` with which ``model`` is called on ``dummy_input`` (the one rule that
     the sim, export, verify and prepare share).
 
-    As in aimet-torch, a tuple is spread over the positional arguments and anything else but a
-    dict is the single positional argument. A dict is read from ``forward``'s signature:
+    As in aimet-torch, a tuple or a list is spread over the positional arguments (a list that
+    only fits ``forward`` as one argument, ``forward(self, xs: List[Tensor])``, is that
+    argument) and anything else but a dict is the single positional argument. A dict is read
+    from ``forward``'s signature:
 
     * keyword arguments (``forward(**d)``) when every key names a parameter of ``forward`` and
       the call binds (``forward(self, input_ids, attention_mask=None)``, Hugging Face models);
@@ -183,9 +185,14 @@ def split_dummy_input(model: nn.Module, dummy_input: Any) -> Tuple[tuple, Dict[s
         return (), dict(dummy_input)
     if isinstance(dummy_input, tuple):
         return dummy_input, {}
-    if not isinstance(dummy_input, dict):
+    if not isinstance(dummy_input, (dict, list)):
         return (dummy_input,), {}
     sig = forward_signature(model)
+    if isinstance(dummy_input, list):
+        if sig is not None and not _binds(sig, tuple(dummy_input), {}) \
+                and _binds(sig, (dummy_input,), {}):
+            return (dummy_input,), {}
+        return tuple(dummy_input), {}
     if sig is None:  # nothing to read: aimet-torch's reading
         return (dummy_input,), {}
     positional = _binds(sig, (dummy_input,), {})

@@ -96,7 +96,7 @@ class QuantizationSimModel:
     Args:
         model: the float model. Left untouched unless ``in_place``.
         dummy_input: an input the model accepts, used once to trace which module feeds which:
-            a tuple is spread over ``forward``'s positional arguments; a dict is its keyword
+            a tuple or list is spread over ``forward``'s positional arguments; a dict is its keyword
             arguments when every key names a parameter of ``forward``, else (as in aimet-torch)
             its one positional argument; anything else is the one positional argument (the
             rule: :func:`quantsim.graph.split_dummy_input`).

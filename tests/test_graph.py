@@ -40,14 +40,17 @@ def _is(call, args, kwargs) -> bool:
 
 # -- the reading of each kind of dummy_input ------------------------------------------------------
 def test_tensor_tuple_and_list_as_aimet_reads_them():
-    """A tuple is spread over the positional arguments; a tensor or a list is the one
-    positional argument."""
+    """A tuple or a list is spread over the positional arguments (aimet-torch spreads both); a
+    tensor is the one positional argument; a list that fits forward only as one argument (a
+    forward taking a list of tensors) is that argument."""
     model = _with_forward(lambda self, a, b=None: a)
     assert _is(split_dummy_input(model, T), (T,), {})
     assert _is(split_dummy_input(model, (T, U)), (T, U), {})
-    pair = [T, U]
-    args, kwargs = split_dummy_input(model, pair)
-    assert args[0] is pair and kwargs == {}
+    assert _is(split_dummy_input(model, [T, U]), (T, U), {})
+    takes_list = _with_forward(lambda self, xs: xs)
+    triple = [T, U, T]
+    args, kwargs = split_dummy_input(takes_list, triple)
+    assert args[0] is triple and len(args) == 1 and kwargs == {}
 
 
 def test_dict_read_as_one_argument_when_keys_are_not_parameters():
