@@ -9,10 +9,18 @@ working) and the quantizers sit beside it:
 * ``output_quantizers`` (``nn.ModuleList``, one per floating-point output),
 * ``param_quantizers`` (``nn.ModuleDict`` by parameter name).
 
-Forward: inputs are fake-quantized, the float forward runs with fake-quantized parameters
-substituted for the real ones for the duration of the call (the float parameters are never
-overwritten and keep receiving gradients), outputs are fake-quantized. In eval (no grad) a
-quantized parameter is computed once and reused until the parameter or its encoding changes.
+Forward: inputs are fake-quantized, the float forward runs with fake-quantized parameters in
+place of the real ones, outputs are fake-quantized. The substitution mutates nothing: while the
+wrapper's forward runs, ``self.weight`` read *in that thread (context)* resolves to the
+fake-quantized tensor (a :class:`contextvars.ContextVar` consulted by ``__getattr__``), so the
+float parameters stay in ``_parameters`` for optimizers, ``state_dict`` and other threads, and
+keep receiving gradients. In eval (no grad) a quantized parameter is computed once and reused
+until the parameter or its encoding changes.
+
+A module of a type registered with :func:`register_fresh_output` (its forward returns a newly
+allocated tensor: conv, linear, norms, activations without ``inplace``, elementwise ops), without
+children or forward hooks, outside autograd, has its output fake-quantized in place: nothing but
+the float forward itself can have seen that tensor.
 
 The registry maps float classes to the axis along which their weight is quantized per channel
 (``ConvTranspose`` keeps output channels on axis 1); one :func:`register_quantized` call adds a
@@ -26,13 +34,16 @@ Which tensors those are is :func:`quantsim.op_types.params_of`.
 """
 from __future__ import annotations
 
-import sys
-from typing import Any, Dict, Optional, Tuple, Type
+import contextvars
+from typing import Any, Dict, Optional, Set, Tuple, Type
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from torch.nn.modules.module import _global_forward_hooks
+
+from quantsim.nn import elementwise as ew
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
 from quantsim.quantizer import Quantizer, enabled_generation
 
@@ -75,6 +86,36 @@ register_quantized(LinearBn)
 register_quantized(ConvTransposeBn, weight=1)
 
 
+#: Float module types whose forward returns a newly allocated tensor: never one of its inputs,
+#: a view, or a tensor the module keeps (an activation with ``inplace=True`` is excluded per
+#: instance). Their outputs may be fake-quantized in place.
+_FRESH_OUTPUT_TYPES: Set[Type[nn.Module]] = set()
+
+
+def register_fresh_output(*module_classes: Type[nn.Module]) -> None:
+    """Declare that ``forward`` of these classes always returns a newly allocated tensor, so the
+    wrapper may fake-quantize it in place (see the module docstring). Register only classes
+    whose forward allocates its result: never a reshape, a view, or a module returning an input."""
+    _FRESH_OUTPUT_TYPES.update(module_classes)
+
+
+register_fresh_output(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.RMSNorm, nn.PReLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid,
+    nn.Tanh, nn.Softmax, nn.LogSoftmax, nn.Softplus, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    ew.Add, ew.Sub, ew.Mul, ew.Div, ew.Pow, ew.MatMul, ew.Exp, ew.Sqrt, ew.Mean, ew.Sum,
+    ew.Concat)
+
+#: ``(module, {name: fake-quantized tensor}, outer frame)`` while a wrapper's float forward runs
+#: in this thread / context; read by ``QuantizationMixin.__getattr__``
+_SUBSTITUTED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+    "quantsim_substituted_parameters", default=None)
+
+
 class QuantizationMixin:
     """Adds quantizers to a float module; see the module docstring."""
 
@@ -83,6 +124,8 @@ class QuantizationMixin:
     param_quantizers: nn.ModuleDict
 
     def _init_quantizers(self) -> None:
+        self._fresh_output = (unwrap_class(self) in _FRESH_OUTPUT_TYPES
+                              and next(self.children(), None) is None)
         nn.Module.__setattr__(self, "input_quantizers", nn.ModuleList())
         nn.Module.__setattr__(self, "output_quantizers", nn.ModuleList())
         nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
@@ -102,16 +145,30 @@ class QuantizationMixin:
         return plan[1:]
 
     # -- forward --------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        frame = _SUBSTITUTED.get()
+        while frame is not None:  # this thread's substitutions, innermost first
+            if frame[0] is self:
+                value = frame[1].get(name)
+                if value is not None:
+                    return value
+                break
+            frame = frame[2]
+        return super().__getattr__(name)
+
     def forward(self, *args, **kwargs):  # noqa: D102 (documented in the module docstring)
         inputs_on, outputs_on, params_on = self._active()
         if inputs_on:
             args = self._quantize_inputs(args)
-        patched = self._patch_params() if params_on else ()
-        try:
+        substitutes = self._quantized_params() if params_on else None
+        if substitutes:
+            token = _SUBSTITUTED.set((self, substitutes, _SUBSTITUTED.get()))
+            try:
+                out = super().forward(*args, **kwargs)
+            finally:
+                _SUBSTITUTED.reset(token)
+        else:
             out = super().forward(*args, **kwargs)
-        finally:
-            for name, param in patched:
-                self._parameters[name] = param
         if outputs_on:
             out = self._quantize_outputs(out)
         return out
@@ -130,21 +187,30 @@ class QuantizationMixin:
         if isinstance(out, torch.Tensor):
             if not out.is_floating_point():
                 return out
-            if _exclusively_owned(out):  # a fresh result nobody else holds: overwrite it
+            if self._may_overwrite(out):
                 return quantizers[0].forward_owned(out)
             return quantizers[0](out)
         return _map_float_leaves(out, quantizers)
 
-    def _patch_params(self):
-        """Swap fake-quantized parameters in; return what to restore."""
-        patched = []
+    def _may_overwrite(self, out: torch.Tensor) -> bool:
+        """True when ``out`` is this call's own new tensor that nothing else can have seen: the
+        module's type allocates its result (:func:`register_fresh_output`, no ``inplace``
+        activation, no children whose hooks could keep it), no forward hooks, no autograd, a
+        plain dense tensor. Decided from the module and the tensor's public properties only."""
+        return (self._fresh_output and type(out) is torch.Tensor and not out.requires_grad
+                and out.layout is torch.strided and out._base is None
+                and not getattr(self, "inplace", False)
+                and not (self._forward_hooks or _global_forward_hooks)
+                and not (out.is_inference() and not torch.is_inference_mode_enabled()))
+
+    def _quantized_params(self) -> Dict[str, torch.Tensor]:
+        """The fake-quantized tensor of every parameter with an enabled quantizer."""
+        substitutes = {}
         for name, quantizer in self._modules["param_quantizers"].items():
             param = self._parameters.get(name)
-            if param is None or not quantizer.enabled:
-                continue
-            self._parameters[name] = self._quantized_param(name, param, quantizer)
-            patched.append((name, param))
-        return patched
+            if param is not None and quantizer.enabled:
+                substitutes[name] = self._quantized_param(name, param, quantizer)
+        return substitutes
 
     def fake_quantize_param(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, a parameter the float forward computes (see the module docstring),
@@ -170,39 +236,6 @@ class QuantizationMixin:
 
     def extra_repr(self) -> str:  # keeps the float module's own description
         return super().extra_repr()
-
-
-def _exclusively_owned(t: torch.Tensor) -> bool:
-    """True when overwriting ``t`` can change nothing but the value being returned.
-
-    ``t`` must be a plain tensor, not a view, without elements sharing memory, whose storage
-    no other tensor shares, that no other C++ or Python reference holds (the Python count is
-    compared with that of a fresh tensor passed down the same call chain, measured at import)
-    and that autograd does not track. Anything uncertain answers False (the caller copies)."""
-    return (type(t) is torch.Tensor and t._base is None and not t.requires_grad
-            and sys.getrefcount(t) == _FRESH_REFCOUNT and t._use_count() == 1
-            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2  # + the probe's
-            and torch._debug_has_internal_overlap(t) == 0  # in-place ops refuse overlaps
-            and not (t.is_inference() and not torch.is_inference_mode_enabled()))
-
-
-def _fresh_refcount() -> int:
-    """``sys.getrefcount`` seen inside :func:`_exclusively_owned` for a tensor held only by a
-    local of the caller's caller, as ``QuantizationMixin.forward`` holds a module's output."""
-    def forward() -> int:
-        out = torch.empty(1)
-        return quantize_outputs(out)
-
-    def quantize_outputs(out: torch.Tensor) -> int:
-        return probe(out)
-
-    def probe(t: torch.Tensor) -> int:
-        return sys.getrefcount(t)
-
-    return forward()
-
-
-_FRESH_REFCOUNT = _fresh_refcount()
 
 
 def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:

@@ -130,8 +130,7 @@ def test_an_output_with_self_overlapping_memory_is_copied():
 
 
 def _count_in_place(monkeypatch) -> list:
-    """Record the tensors the in-place kernel overwrites (wrapping ``_exclusively_owned``
-    instead would add a frame and change the reference count it measures)."""
+    """Record the tensors the in-place kernel overwrites."""
     calls = []
     real = kernels.qdq_per_tensor_
     monkeypatch.setattr(kernels, "qdq_per_tensor_", lambda x, *a: calls.append(x) or real(x, *a))
@@ -147,7 +146,7 @@ def test_in_place_and_copying_paths_agree_bit_for_bit(monkeypatch, context):
         fast = model(x)
     # linear and relu return fresh results; the user modules' results are held elsewhere
     assert len(in_place) == 2
-    monkeypatch.setattr(wrappers, "_exclusively_owned", lambda t: False)
+    monkeypatch.setattr(wrappers.QuantizationMixin, "_may_overwrite", lambda self, t: False)
     with context():
         plain = model(x)
     assert len(in_place) == 2 and torch.equal(fast, plain)
@@ -162,7 +161,7 @@ def test_in_place_and_copying_paths_agree_on_cuda(monkeypatch):
     with torch.no_grad():
         fast = model(x)
     assert len(in_place) == 2 and all(t.is_cuda for t in in_place)
-    monkeypatch.setattr(wrappers, "_exclusively_owned", lambda t: False)
+    monkeypatch.setattr(wrappers.QuantizationMixin, "_may_overwrite", lambda self, t: False)
     with torch.no_grad():
         assert torch.equal(fast, model(x))
 
@@ -183,6 +182,83 @@ def test_quantizer_hooks_still_run_on_the_in_place_path():
     with torch.no_grad():
         out = model(x)
     assert len(seen) == 1 and torch.equal(seen[0], out)
+
+
+def test_a_forward_hook_that_keeps_the_output_sees_what_the_module_returned(monkeypatch):
+    """A user hook keeping a module's output: that module's output is not overwritten in place,
+    and what the hook kept is what the module returned, also after later modules ran."""
+    x = torch.randn(4, 8)
+    model = _chain_sim(x)
+    kept = []
+    model.linear.register_forward_hook(lambda m, i, o: kept.append(o))
+    in_place = _count_in_place(monkeypatch)
+    with torch.no_grad():
+        model(x)
+        returned = model.linear(x)
+    assert len(in_place) == 1  # the relu of the whole forward; never the hooked linear
+    assert torch.equal(kept[0], returned) and torch.equal(kept[1], returned)
+    q = _output_quantizer(model.linear)
+    assert torch.equal(returned, q(returned))  # on the grid
+
+
+def test_an_in_place_activation_is_not_quantized_over_its_input():
+    """ReLU(inplace=True) returns its input object: the quantizer must not overwrite a tensor
+    the caller holds (torch's ReLU still rectifies it, as without quantsim)."""
+    x = torch.randn(16, 8)
+    sim = QuantizationSimModel(nn.Sequential(nn.ReLU(inplace=True)), x.clone(),
+                               quant_scheme="tf", config_file="default")
+    sim.compute_encodings(lambda m, _: m(x.clone()), None)
+    sim.model[0].input_quantizers[0].enabled = False  # the ReLU gets the caller's tensor
+    held = x.clone()
+    with torch.no_grad():
+        out = sim.model(held)
+    assert torch.equal(held, torch.relu(x))                 # rectified, not quantized
+    assert torch.equal(out, _output_quantizer(sim.model[0])(torch.relu(x)))
+
+
+def test_two_threads_running_one_sim_keep_the_float_weights():
+    """Parameter substitution mutates nothing shared: two threads running the same sim (with
+    and without autograd) get the single-thread results and the module keeps its float
+    parameters (the optimizer's, state_dict's and export's)."""
+    import threading
+
+    x = torch.randn(16, 8)
+    model = _chain_sim(x)
+    weight = model.linear._parameters["weight"]
+    with torch.no_grad():
+        expected = model(x)
+    failures = []
+
+    def run(grad: bool) -> None:
+        for _ in range(200):
+            with torch.set_grad_enabled(grad):
+                y = model(x)
+            if not torch.equal(y.detach(), expected):
+                failures.append(grad)
+                return
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in (False, True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert model.linear._parameters["weight"] is weight
+    assert model.linear.weight is weight
+
+
+def test_no_reference_counting_or_private_tensor_calls_in_the_package():
+    """The in-place rule rests on the module and public tensor properties, never on counts of
+    references (which change with interpreters, frames and hooks)."""
+    import pathlib
+
+    import quantsim
+    root = pathlib.Path(quantsim.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for needle in ("getrefcount", "_use_count", "_storage_Use_Count",
+                       "_debug_has_internal_overlap"):
+            assert needle not in text, f"{path}: {needle}"
 
 
 # -- caches ---------------------------------------------------------------------------------------
