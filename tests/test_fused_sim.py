@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import quantsim.nn as qnn
+from conftest import requires_cuda
 from models import accuracy, digits_data, randomize_batch_norms, train
 from quantsim import FakeQuantState, load_checkpoint, save_checkpoint, set_fake_quantize
 from quantsim.export import export, load_encodings, verify
@@ -113,6 +114,29 @@ def test_fused_sim_equals_folded_sim_bit_for_bit(chain, config, scheme):
     with torch.no_grad():
         outs = [s.model(data) for s in sims]
     assert torch.equal(outs[0], outs[1])
+
+
+@requires_cuda
+def test_fused_sim_on_cuda(chain):
+    """On CUDA as on the CPU: the fused sim's encodings and eval outputs equal the folded
+    sim's, and a train-mode step updates the BatchNorm statistics on the device."""
+    _, x, (fused, folded), data = chain
+    cuda = torch.device("cuda")
+    sims = [calibrated(copy.deepcopy(m).to(cuda), x.to(cuda), data.to(cuda),
+                       config_file="per_channel") for m in (fused, folded)]
+    destinations = activation_destinations(sims[0].model)
+    quantizers = dict(sims[1].named_quantizers())
+    for name, q in sims[0].named_quantizers():
+        if q.enabled:
+            assert q.encoding == quantizers[folded_name(name, destinations)].encoding, name
+    with torch.no_grad():
+        assert torch.equal(sims[0].model(data.to(cuda)), sims[1].model(data.to(cuda)))
+    bn = sims[0].model[0].bn
+    var = bn.running_var.clone()
+    sims[0].model.train()
+    sims[0].model(data.to(cuda)).square().mean().backward()
+    assert bn.running_var.is_cuda and not torch.equal(bn.running_var, var)
+    assert sims[0].model[0].layer.weight.grad is not None
 
 
 def test_hand_fused_without_activation_joins_the_supergroup():
