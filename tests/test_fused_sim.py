@@ -157,6 +157,48 @@ def test_hand_fused_without_activation_joins_the_supergroup():
         assert torch.equal(sims[0].model(data), sims[1].model(data))
 
 
+def test_eval_reuses_the_folded_weight_until_a_source_changes(chain):
+    """Without grad the folded weight is computed once and then kept, like a parameter: the
+    same tensor, updated in place (its version moves) when the layer's weight, the BatchNorm's
+    affine parameters or its running statistics change (a train-mode forward moves those
+    without touching their version counters); the weight quantizer then sees the new values."""
+    _, x, (fused, _), data = chain
+    sim = calibrated(fused, x, data)
+    conv = sim.model[0]
+    seen = []
+    conv.param_quantizers["weight"].register_forward_hook(lambda _q, args, _o: seen.append(args[0]))
+
+    def folded_now():
+        with torch.no_grad():
+            sim.model(data[:2])
+        return conv.folded_parameters()["weight"].detach()  # grad mode: computed afresh
+
+    cached = params_of(conv)["weight"]
+    version = cached._version
+    assert torch.equal(cached, folded_now())
+    calls = len(seen)
+    folded_now()
+    assert len(seen) == calls  # nothing changed: the quantized weight comes from the cache
+    changes = [
+        lambda: sim.model.train()(data).sum(),                    # running statistics
+        lambda: conv.layer.weight.mul_(1.5),                       # an optimizer-like step
+        lambda: conv.bn.load_state_dict({**conv.bn.state_dict(),
+                                         "weight": conv.bn.weight.detach() * 2}),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        sim.model.eval()
+        calls = len(seen)
+        expected = folded_now()
+        assert params_of(conv)["weight"] is cached and cached._version > version
+        assert torch.equal(cached, expected)
+        assert len(seen) == calls + 1 and seen[-1] is cached  # quantized again, once
+        folded_now()
+        assert len(seen) == calls + 1
+        version = cached._version
+
+
 # -- QAT --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_net():
