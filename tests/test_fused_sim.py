@@ -404,6 +404,24 @@ def test_encodings_load_back_into_a_fused_sim(exported, which):
             assert torch.equal(again.model(data), sim.model(data))
 
 
+@pytest.mark.parametrize("which", ["encodings", "encodings_dict", "torch_encodings"])
+def test_folded_models_encodings_load_into_a_fused_sim(exported, which):
+    """Encodings of the folded model (computed by its own sim) initialise a fused sim for QAT:
+    its ONNX-keyed file, with its graph or read by name rule (a dict, no graph), and its
+    module-keyed file, whose activation entry names the activation's own module."""
+    x, data, out = exported
+    fused_sim = out["fused"][0]
+    files = out["folded"][1]
+    fresh = QuantizationSimModel(fused_and_folded(chain_model(), x)[0], x, quant_scheme="tf",
+                                 config_file="per_channel")
+    source = {"encodings": files.encodings, "torch_encodings": files.torch_encodings,
+              "encodings_dict": json.loads(Path(files.encodings).read_text())}[which]
+    loaded = load_encodings(fresh, source)
+    assert set(loaded) == {n for n, q in fused_sim.named_quantizers() if q.enabled}
+    with torch.no_grad():
+        assert torch.equal(fresh.model(data), fused_sim.model(data))
+
+
 def test_hand_built_fused_module_with_activation_exports_as_folded_layer(tmp_path):
     """A fused module built by hand has no place of its own for its activation: it exports
     as a quantsim.nn.FoldedLayer (weight and bias under the fused module's path, the

@@ -6,11 +6,15 @@ module-keyed ``_torch.encodings``. Names are resolved to quantizers like this:
 * parameters: ``<module>.<param>`` -> ``<module>.param_quantizers.<param>``;
 * a module reachable under several paths has its quantizers under its first path
   (``named_modules()`` order); keys naming it by any of its paths resolve to them;
+* a fused conv-BN module's output quantizer also answers to the path its activation is
+  exported at (the folded model's, e.g. ``/2/Relu_output_0`` or module ``2``), so encodings
+  of the folded model load into the fused one;
 * module-keyed activations: ``{module: {"input"|"output": {i: ...}}}`` ->
   ``<module>.input_quantizers.<i>`` / ``output_quantizers.<i>``;
 * ONNX tensor names: through the tensor -> quantizer map of the exported graph
   (:func:`quantsim.export.onnx_export.tensor_map`), taken from ``onnx_model`` or, for a file
-  path, from ``<stem>.onnx`` next to it (quantsim stores the map in the model's metadata).
+  path, from ``<stem>.onnx`` next to it (quantsim stores the map in the model's metadata; a
+  map naming quantizers this sim lacks, written by a sim of another structure, is rebuilt).
   Without a graph, names are read by rule: ``/<module path>/<Op>_output_<k>`` (quantsim's and
   the TorchScript exporter's style, ``/layer1/layer1.0/conv1/Conv_output_0`` too) is that
   module's output; ``input`` / ``output`` (or the forward's argument name) are the model's
@@ -38,6 +42,7 @@ from quantsim.errors import EncodingsError, QuantizationSettingError
 from quantsim.export.onnx_export import (DATA_MOVEMENT_OPS, TensorMap, module_from_tensor_name,
                                          qmodules, stored_quantizer_map, tensor_map)
 from quantsim.graph import forward_signature, module_aliases, split_dummy_input
+from quantsim.nn.fused import activation_destinations
 from quantsim.op_types import is_data_movement
 
 logger = logging.getLogger(__name__)
@@ -149,6 +154,8 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
     quantizers = dict(sim.named_quantizers())
     modules = qmodules(sim.model)
     aliases = module_aliases(sim.model)
+    # a fused conv-BN's activation is exported in its own place, named as in the folded model
+    aliases.update({dest: name for name, dest in activation_destinations(sim.model).items()})
     resolved: Dict[str, Tuple[str, Encoding]] = {}
     unmatched: List[str] = []
 
@@ -217,7 +224,12 @@ def _graph_map(sim, source, onnx_model) -> Optional[TensorMap]:
         except Exception as exc:
             raise EncodingsError(f"cannot read the ONNX model {onnx_model}: {exc}") from None
     stored = stored_quantizer_map(onnx_model)
-    return stored if stored is not None else tensor_map(sim, onnx_model)
+    known = {n for n, _ in sim.named_quantizers()}
+    if stored is not None and all(q in known for names in stored.activations.values()
+                                  for q in names):
+        return stored
+    # no map, or one written by a sim of another structure (e.g. the folded model of a fused one)
+    return tensor_map(sim, onnx_model)
 
 
 def _rule_resolver(sim, modules, aliases: Mapping[str, str]):
