@@ -31,7 +31,7 @@ from quantsim.encoding import Encoding, int32_bias_weight_scale
 from quantsim.graph import ModelGraph
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
 from quantsim.op_types import is_data_movement, params_of
-from quantsim.quantizer import Quantizer
+from quantsim.quantizer import Quantizer, QuantizerState
 from quantsim.wrappers import QuantizationMixin
 
 #: layers whose bias a runtime stores as int32 codes at scale ``input_scale * weight_scale``
@@ -138,17 +138,17 @@ class Calibration:
             self._encode_weight(params_of(module)[pname], q)
         for _, q in self.activations:
             q.reset_statistics()
-            q.state = "observe"
+            q.state = QuantizerState.OBSERVE
 
     def finish(self) -> List[str]:
         """Turn what the activation quantizers observed into encodings; return the names of
         the integer quantizers that saw no data (their encodings are left as they were)."""
-        observing = [(n, q) for n, q in self.activations if q.state == "observe"]
+        observing = [(n, q) for n, q in self.activations if q.state is QuantizerState.OBSERVE]
         begun = [(m, p, q) for _, m, p, q in self.params if q in _ENCODED_WEIGHTS]
         if not observing and not begun:
             return []  # nothing was calibrating (e.g. a state change after compute_encodings)
         for _, q in observing:
-            q.state = "quantize"
+            q.state = QuantizerState.QUANTIZE
         integer = [(n, q) for n, q in observing if q.data_type == "int"]
         all_reduce_statistics([q for _, q in integer])
         missing = []
@@ -169,8 +169,8 @@ class Calibration:
     def abort(self) -> None:
         """Undo :meth:`begin`: parameter encodings as they were, activations quantizing."""
         for _, q in self.activations:
-            if q.state == "observe":
-                q.state = "quantize"
+            if q.state is QuantizerState.OBSERVE:
+                q.state = QuantizerState.QUANTIZE
         for _, _, _, q in self.params:
             _ENCODED_WEIGHTS.pop(q, None)
             saved = self._saved.get(id(q))

@@ -28,27 +28,15 @@ import torch
 from torch import nn
 
 from quantsim.atomic import atomic_write
-from quantsim.errors import CheckpointError
+from quantsim.errors import CheckpointError, QuantizationSettingError
 from quantsim.graph import KeywordInputs
 
 FORMAT = "quantsim-checkpoint"
 FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]
 
-#: Quantizer attributes saved per quantizer (the encoding itself is in the state_dict).
-_SETTINGS = ("enabled", "bitwidth", "symmetric", "strict", "unsigned_symmetric", "_unsigned",
-             "rounding", "frozen", "state", "required_mode", "fake_quant_state",
-             "averaging_constant", "scheme", "range_constraint")
-
-
 def _quantizer_settings(sim) -> Dict[str, Dict[str, Any]]:
-    settings = {}
-    for name, q in sim.named_quantizers():
-        entry = {key: getattr(q, key) for key in _SETTINGS}
-        entry["range_constraint"] = list(q.range_constraint)
-        entry["learnable"] = q.learnable
-        settings[name] = entry
-    return settings
+    return {name: q.settings() for name, q in sim.named_quantizers()}
 
 
 def save_checkpoint(sim, file_path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None
@@ -133,17 +121,14 @@ def _apply_settings(sim, saved: Dict[str, Dict[str, Any]], file_path: PathLike) 
             f"{unexpected[:10]}")
     for name, entry in saved.items():
         q = quantizers[name]
-        for key in _SETTINGS:
-            if key == "range_constraint":
-                q.range_constraint = tuple(entry[key])
-            elif key == "scheme":
-                if entry[key] != q.scheme:
-                    q.set_scheme(entry[key])
-            else:
-                setattr(q, key, entry[key])
-        if entry["learnable"]:
-            q.initialized.fill_(True)  # real values arrive with load_state_dict
-            q.set_learnable(True)
+        entry = dict(entry)
+        if "_unsigned" in entry:  # checkpoints written before settings() named it
+            entry["grid_unsigned"] = entry.pop("_unsigned")
+        entry.setdefault("role", None if q.role is None else q.role.value)
+        try:
+            q.apply_settings(entry)
+        except QuantizationSettingError as exc:
+            raise CheckpointError(f"{file_path}: quantizer {name}: {exc}") from exc
 
 
 def load_optimizer_state(file_path: PathLike, optimizer: torch.optim.Optimizer) -> None:

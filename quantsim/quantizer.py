@@ -16,7 +16,9 @@ in ``nn.Parameter`` s ``min`` and ``max`` from which scale and offset are derive
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import enum
+import math
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -39,7 +41,28 @@ from quantsim.encoding import (
 )
 from quantsim.errors import CalibrationError, FakeQuantStateError, QuantizationSettingError
 
-STATES = ("quantize", "observe", "qat")
+class QuantizerRole(str, enum.Enum):
+    """What a quantizer quantizes: a parameter, a module input or a module output."""
+
+    PARAM = "param"
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+class QuantizerState(str, enum.Enum):
+    """What a quantizer's forward does (the table in the module docstring). A ``str`` enum, so
+    ``q.state == "quantize"`` reads as before."""
+
+    QUANTIZE = "quantize"
+    OBSERVE = "observe"
+    QAT = "qat"
+
+
+#: Plain-data settings of a quantizer (:meth:`Quantizer.settings`); the encoding itself lives in
+#: its state_dict
+_SETTINGS = ("enabled", "bitwidth", "symmetric", "strict", "unsigned_symmetric", "rounding",
+             "frozen", "state", "required_mode", "fake_quant_state", "averaging_constant",
+             "scheme", "range_constraint", "role", "learnable", "grid_unsigned")
 
 #: Bumped whenever any quantizer is enabled or disabled, so quantized modules can cache which
 #: of their quantizers are active instead of asking each one on every call.
@@ -49,6 +72,16 @@ _ENABLED_GENERATION = [0]
 def enabled_generation() -> int:
     """A counter that changes whenever any quantizer's ``enabled`` flag changes."""
     return _ENABLED_GENERATION[0]
+
+
+def _checked(kind: type, value: Any, name: str, what: str):
+    """``kind(value)`` for an enum member or its value, else a typed error naming the place."""
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = [m.value for m in kind]
+        raise QuantizationSettingError(
+            f"{name or 'Quantizer'}: {what} must be one of {allowed}, got {value!r}") from None
 
 
 class Quantizer(nn.Module):
@@ -65,6 +98,8 @@ class Quantizer(nn.Module):
         unsigned_symmetric: symmetric quantizers of non-negative data use ``[0, 2^b - 1]``.
         scheme: calibration scheme: ``'tf'``, ``'tf_enhanced'`` or ``'percentile'``.
         name: where the quantizer sits (``conv1.param_quantizers.weight``), used in messages.
+        role: a :class:`QuantizerRole` (what the sim placed it on), or None for a stand-alone
+            quantizer.
 
     Example:
         >>> q = Quantizer(bitwidth=8, symmetric=False, scheme='tf')
@@ -86,6 +121,7 @@ class Quantizer(nn.Module):
         unsigned_symmetric: bool = False,
         scheme: str = "tf_enhanced",
         name: str = "",
+        role: Optional[Union[QuantizerRole, str]] = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -102,7 +138,9 @@ class Quantizer(nn.Module):
         self.shape = tuple(shape)
         self.axis = axis if len(shape) == 1 else None
         self._enabled = True
-        self.state = "quantize"
+        self.role: Optional[QuantizerRole] = None if role is None else _checked(
+            QuantizerRole, role, name, "role")
+        self._state = QuantizerState.QUANTIZE
         self.frozen = False
         #: 'train' / 'eval': the module mode this quantizer's state requires (quantsim.states)
         self.required_mode: Optional[str] = None
@@ -133,6 +171,16 @@ class Quantizer(nn.Module):
         if value != self._bitwidth and self.data_type == "int":
             self.initialized.fill_(False)
         self._bitwidth = value
+
+    @property
+    def state(self) -> QuantizerState:
+        """What the forward does: ``'quantize'``, ``'observe'`` or ``'qat'``
+        (:class:`QuantizerState`); anything else is refused when set."""
+        return self._state
+
+    @state.setter
+    def state(self, value: Union[QuantizerState, str]) -> None:
+        self._state = _checked(QuantizerState, value, self.name, "state")
 
     @property
     def enabled(self) -> bool:
@@ -171,7 +219,7 @@ class Quantizer(nn.Module):
         a, b, c = self.encoding_tensors()
         return (id(a), a._version, id(b), b._version, id(c), c._version, self._enabled,
                 self._bitwidth, self.symmetric, self.strict, self._unsigned, self.rounding,
-                self.state, self.data_type, self.axis)
+                self._state, self.data_type, self.axis)
 
     def set_range_constraint(self, min_val: Optional[float], max_val: Optional[float]) -> None:
         """Pin the encoding range (config ``encoding_constraints``).
@@ -268,20 +316,97 @@ class Quantizer(nn.Module):
                 self.max.copy_(encoding.max.to(device))
         self.initialized.fill_(True)
 
-    def set_learnable(self, learnable: bool = True) -> None:
-        """Make ``min``/``max`` trainable parameters (range learning) or freeze them back."""
+    def set_learnable(self, learnable: bool = True, init: Optional[Tuple[Any, Any]] = None
+                      ) -> None:
+        """Make ``min``/``max`` trainable parameters (range learning) or freeze them back.
+
+        Args:
+            learnable: True to train the range, False to fix the current encoding.
+            init: the ``(min, max)`` the parameters start from, for a quantizer whose encoding
+                arrives later (an optimizer must see the parameters before calibration or
+                ``load_state_dict`` fills them); ``initialized`` is left as it is. Default: the
+                current encoding.
+
+        Raises:
+            CalibrationError: no ``init`` and no encoding yet.
+        """
         if learnable == self.learnable or self.data_type == "float":
             return
-        if learnable:
-            if not self.is_initialized:
-                raise CalibrationError(
-                    f"{self.name or 'Quantizer'}: compute encodings before making ranges learnable")
-            lo, hi = self.get_min().detach().clone(), self.get_max().detach().clone()
-            self.min, self.max = nn.Parameter(lo), nn.Parameter(hi)
-        else:
+        if not learnable:
             encoding = self.encoding
             self.min = self.max = None
-            self.set_encoding(encoding)
+            if encoding is not None:
+                self.set_encoding(encoding)
+            return
+        if init is not None:
+            lo, hi = (torch.as_tensor(v, dtype=torch.float32, device=self.scale.device)
+                      .expand(self.shape).clone() for v in init)
+        elif not self.is_initialized:
+            raise CalibrationError(
+                f"{self.name or 'Quantizer'}: compute encodings before making ranges learnable")
+        else:
+            lo, hi = self.get_min().detach().clone(), self.get_max().detach().clone()
+        self.min, self.max = nn.Parameter(lo), nn.Parameter(hi)
+
+    # -- plain-data settings (checkpoints) ------------------------------------------------------
+    def settings(self) -> Dict[str, Any]:
+        """This quantizer's settings as plain data (JSON types): everything but the encoding
+        tensors, which its ``state_dict`` holds. :meth:`apply_settings` takes them back."""
+        out: Dict[str, Any] = {}
+        for key in _SETTINGS:
+            value = self._unsigned if key == "grid_unsigned" else getattr(self, key)
+            out[key] = value.value if isinstance(value, enum.Enum) else value
+        out["range_constraint"] = list(self.range_constraint)
+        return out
+
+    def apply_settings(self, settings: Dict[str, Any]) -> None:
+        """Adopt :meth:`settings` (e.g. from a checkpoint), each value checked; learnable
+        ranges get parameters to load a state_dict into.
+
+        Raises:
+            QuantizationSettingError: a key is missing or a value is not allowed; the message
+                names the quantizer and the key. Nothing is changed then.
+        """
+        where = self.name or "Quantizer"
+        missing = [k for k in _SETTINGS if k not in settings]
+        if missing:
+            raise QuantizationSettingError(f"{where}: settings lack {missing}")
+        s = settings
+        flags = {k: s[k] for k in ("enabled", "symmetric", "strict", "unsigned_symmetric",
+                                   "frozen", "learnable", "grid_unsigned")}
+        bad = [k for k, v in flags.items() if not isinstance(v, bool)]
+        constraint = s["range_constraint"]
+        if not (isinstance(constraint, (list, tuple)) and len(constraint) == 2 and all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and math.isfinite(v)) for v in constraint)):
+            bad.append("range_constraint")
+        if not (isinstance(s["averaging_constant"], (int, float))
+                and 0 < s["averaging_constant"] <= 1):
+            bad.append("averaging_constant")
+        if s["required_mode"] not in (None, "train", "eval"):
+            bad.append("required_mode")
+        if s["fake_quant_state"] is not None and not isinstance(s["fake_quant_state"], str):
+            bad.append("fake_quant_state")
+        if bad:
+            raise QuantizationSettingError(
+                f"{where}: settings {bad} have values not allowed: "
+                f"{ {k: s[k] for k in bad} }")
+        bitwidth = validate_bitwidth(s["bitwidth"], self.data_type, where)
+        rounding = validate_rounding(s["rounding"], where)
+        state = _checked(QuantizerState, s["state"], where, "state")
+        role = None if s["role"] is None else _checked(QuantizerRole, s["role"], where, "role")
+        if s["scheme"] != self.scheme:
+            self.set_scheme(s["scheme"])
+        self._bitwidth, self.rounding, self._state, self.role = bitwidth, rounding, state, role
+        self.enabled = flags["enabled"]
+        for key in ("symmetric", "strict", "unsigned_symmetric", "frozen"):
+            setattr(self, key, flags[key])
+        self._unsigned = flags["grid_unsigned"]
+        self.range_constraint = tuple(constraint)
+        self.averaging_constant = float(s["averaging_constant"])
+        self.required_mode, self.fake_quant_state = s["required_mode"], s["fake_quant_state"]
+        if flags["learnable"]:
+            self.set_learnable(True, init=(0.0, 0.0))  # values arrive with load_state_dict
 
     # -- calibration ----------------------------------------------------------------------------
     def reset_statistics(self) -> None:
@@ -327,7 +452,7 @@ class Quantizer(nn.Module):
             return x
         if self.required_mode is not None:
             self._check_mode()
-        state = self.state
+        state = self._state
         if state == "quantize" and self.axis is None and not (
                 x.requires_grad and torch.is_grad_enabled()):
             fast = self._per_tensor_constants()  # the eval hot path
@@ -353,7 +478,7 @@ class Quantizer(nn.Module):
 
         Wrappers call it for a module's fresh output; any case other than the eval hot path
         (and a quantizer with hooks, which expect a module call) goes through ``self(x)``."""
-        if (self._enabled and self.state == "quantize" and self.axis is None
+        if (self._enabled and self._state == "quantize" and self.axis is None
                 and not (x.requires_grad and torch.is_grad_enabled())
                 and not (self._forward_hooks or self._forward_pre_hooks
                          or _global_forward_hooks or _global_forward_pre_hooks)):

@@ -25,7 +25,7 @@ from quantsim.errors import CalibrationError, QuantizationSettingError, Unsuppor
 from quantsim.graph import ModelGraph, eval_mode, leaf_modules, trace
 from quantsim.op_types import onnx_types_of, params_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
-from quantsim.quantizer import Quantizer
+from quantsim.quantizer import Quantizer, QuantizerRole
 from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
                                quantizer_items, unwrap_class)
 
@@ -171,14 +171,14 @@ class QuantizationSimModel:
         self._warn_about(leaves)
 
     # -- construction ---------------------------------------------------------------------------
-    def _new_quantizer(self, name: str, setting: QuantizerSetting, bitwidth: int,
-                       shape=(), axis=None) -> Quantizer:
+    def _new_quantizer(self, name: str, role: QuantizerRole, setting: QuantizerSetting,
+                       bitwidth: int, shape=(), axis=None) -> Quantizer:
         q = Quantizer(
             bitwidth=bitwidth, symmetric=setting.symmetric, shape=shape, axis=axis,
             rounding=self._rounding, data_type=self._data_type,
             strict=self.placement.strict_symmetric,
             unsigned_symmetric=self.placement.unsigned_symmetric,
-            scheme=self._quant_scheme.analyzer, name=name)
+            scheme=self._quant_scheme.analyzer, name=name, role=role)
         q.enabled = setting.enabled
         if setting.constraint is not None and self._data_type == "int":
             q.set_range_constraint(*setting.constraint)
@@ -190,17 +190,20 @@ class QuantizationSimModel:
             quantize_module(module)
             for i, setting in enumerate(s.inputs):
                 module.input_quantizers.append(self._new_quantizer(
-                    f"{name}.input_quantizers.{i}", setting, self._output_bw))
+                    f"{name}.input_quantizers.{i}", QuantizerRole.INPUT, setting,
+                    self._output_bw))
             for i, setting in enumerate(s.outputs):
                 module.output_quantizers.append(self._new_quantizer(
-                    f"{name}.output_quantizers.{i}", setting, self._output_bw))
+                    f"{name}.output_quantizers.{i}", QuantizerRole.OUTPUT, setting,
+                    self._output_bw))
             params = params_of(module)
             for pname, setting in s.params.items():
                 param = params[pname]
                 axis = param_axis(module, pname) if setting.per_channel and param.dim() else None
                 shape = (param.shape[axis],) if axis is not None else ()
                 module.param_quantizers[pname] = self._new_quantizer(
-                    f"{name}.param_quantizers.{pname}", setting, self._param_bw, shape, axis)
+                    f"{name}.param_quantizers.{pname}", QuantizerRole.PARAM, setting,
+                    self._param_bw, shape, axis)
         # a quantizer lives on the device of its module (or the model's, for parameterless ones)
         model_ref = next(self.model.parameters(), None)
         for name, module in leaves.items():

@@ -29,13 +29,13 @@ their initial value.
 from __future__ import annotations
 
 import enum
-from typing import List, Union
+from typing import Iterable, List, Union
 
 from torch import nn
 
-from quantsim.calibration import Calibration, quantized_modules
+from quantsim.calibration import Calibration, calibrates
 from quantsim.errors import FakeQuantStateError, UnsupportedModelError
-from quantsim.quantizer import Quantizer
+from quantsim.quantizer import Quantizer, QuantizerRole, QuantizerState
 
 
 class FakeQuantState(enum.Enum):
@@ -87,18 +87,27 @@ def set_fake_quantize(model_or_sim: Union[nn.Module, object], state: FakeQuantSt
         Calibration(model, graph).begin()
     else:
         Calibration(model, graph).finish()  # computes what a CALIBRATION phase observed
-        params = {id(q) for m in quantized_modules(model).values()
-                  for q in m.param_quantizers.values()}
-        for q in quantizers:
-            if state is FakeQuantState.QAT and not q.learnable:
-                q.state = "qat"
-                if id(q) in params:
-                    q.averaging_constant = 1.0  # weights: follow the current weights
-            else:
-                q.state = "quantize"
+        apply_phase(quantizers, state)
     for q in quantizers:
         q.required_mode = _REQUIRED_MODE[state]
         q.fake_quant_state = state.name
+
+
+def apply_phase(quantizers: Iterable[Quantizer], phase: FakeQuantState) -> None:
+    """Set each quantizer's own state for ``phase`` (QAT or VALIDATION; CALIBRATION is
+    :class:`~quantsim.calibration.Calibration`'s): in QAT the integer quantizers that calibrate
+    (enabled, not frozen, range not fixed by the config) and do not learn their range follow the
+    data with a moving average, weights following the current weight (averaging constant 1);
+    every other quantizer quantizes with its encoding."""
+    phase = FakeQuantState(phase)
+    for q in quantizers:
+        if (phase is FakeQuantState.QAT and calibrates(q) and q.data_type == "int"
+                and not q.learnable):
+            q.state = QuantizerState.QAT
+            if q.role is QuantizerRole.PARAM:
+                q.averaging_constant = 1.0
+        else:
+            q.state = QuantizerState.QUANTIZE
 
 
 def set_high_precision_output(model_or_sim, *module_names: str) -> None:

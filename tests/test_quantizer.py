@@ -14,8 +14,8 @@ from torch import nn
 
 from quantsim.encoding import MINIMUM_SCALE, Encoding
 from conftest import requires_cuda
-from quantsim.errors import CalibrationError
-from quantsim.quantizer import Quantizer
+from quantsim.errors import CalibrationError, QuantizationSettingError
+from quantsim.quantizer import Quantizer, QuantizerRole, QuantizerState
 
 
 
@@ -120,10 +120,62 @@ def test_disabled_quantizer_passes_through():
     q = Quantizer(8, scheme="tf")
     q.enabled = False
     x = torch.randn(10)
-    for state in ("observe", "calibrate", "quantize", "qat"):
+    for state in ("observe", "quantize", "qat"):
         q.state = state
         assert q(x) is x
     assert not q.analyzer.has_stats and not q.is_initialized
+
+
+def test_state_and_role_are_checked():
+    """A state or role outside the vocabulary is refused, naming the quantizer and the choices
+    (a typo no longer turns the quantizer into a silent pass-through)."""
+    q = Quantizer(8, name="conv1.output_quantizers.0", role="output")
+    assert q.role is QuantizerRole.OUTPUT and q.state is QuantizerState.QUANTIZE
+    with pytest.raises(QuantizationSettingError, match=r"conv1\.output_quantizers\.0.*state.*"
+                                                       r"\['quantize', 'observe', 'qat'\]"):
+        q.state = "calibrate"
+    assert q.state == "quantize"
+    with pytest.raises(QuantizationSettingError, match="role"):
+        Quantizer(8, role="weights")
+
+
+def test_settings_round_trip_and_refuse_bad_values():
+    """settings() is plain JSON data; apply_settings() takes it back (learnable ranges get
+    parameters for a state_dict) and refuses wrong types naming the key, changing nothing."""
+    import json
+
+    src = Quantizer(4, symmetric=True, shape=(3,), axis=0, scheme="tf", name="w",
+                    role=QuantizerRole.PARAM)
+    src.state = "observe"
+    src(torch.randn(3, 5))
+    src.compute_encoding()
+    src.set_learnable(True)
+    src.state, src.averaging_constant, src.frozen = "qat", 0.5, True
+    settings = json.loads(json.dumps(src.settings()))
+    dst = Quantizer(8, shape=(3,), axis=0, name="w")
+    dst.apply_settings(settings)
+    dst.load_state_dict(src.state_dict())
+    assert dst.settings() == src.settings()
+    assert dst.learnable and torch.equal(dst.get_scale(), src.get_scale())
+    for key, value in [("enabled", "False"), ("bitwidth", 3), ("state", "calibrate"),
+                       ("averaging_constant", 0), ("range_constraint", [None, "x"])]:
+        fresh = Quantizer(8, name="w")
+        before = fresh.settings()
+        with pytest.raises(QuantizationSettingError, match="w"):
+            fresh.apply_settings({**settings, key: value})
+        assert fresh.settings() == before, key
+
+
+def test_learnable_range_can_start_before_an_encoding():
+    """set_learnable(init=...) gives an optimizer the parameters before calibration; the
+    quantizer stays uncalibrated until an encoding arrives, which then fills them."""
+    q = Quantizer(8, scheme="tf")
+    with pytest.raises(CalibrationError, match="compute encodings"):
+        q.set_learnable(True)
+    q.set_learnable(True, init=(0.0, 0.0))
+    assert q.learnable and not q.is_initialized
+    q.set_encoding(Encoding.from_range(torch.tensor(-1.0), torch.tensor(1.0), 8))
+    assert q.is_initialized and float(q.max) == pytest.approx(1.0, abs=float(q.get_scale()))
 
 
 def test_integer_tensors_pass_through():

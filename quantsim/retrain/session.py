@@ -18,6 +18,7 @@ from quantsim.op_types import params_of
 from quantsim.quantizer import Quantizer
 from quantsim.retrain.config import PathLike, RetrainConfig
 from quantsim.sim import QuantizationSimModel, QuantScheme
+from quantsim.states import FakeQuantState, apply_phase
 from quantsim.wrappers import param_axis
 
 #: Conv layers with at most this many input channels get an accuracy warning.
@@ -111,15 +112,13 @@ class QuantRetrainSession:
         self.config = config
         self.record_file = Path(record_file)
         self.batches_seen = 0
-        self._phase: Optional[str] = None
+        self._phase: Optional[FakeQuantState] = None
         self._zero_hooks: list = []
         self._calibration: Optional[Calibration] = None
         self.learns_ranges = QuantScheme.parse(config.global_settings.quant_scheme).learns_ranges
         if self.learns_ranges:  # trainable min/max exist from the start, for the optimizer
             for _, q in self._calibrated_quantizers():
-                q.initialized.fill_(True)
-                q.set_learnable(True)
-                q.initialized.fill_(False)
+                q.set_learnable(True, init=(0.0, 0.0))  # calibration sets the values
         self._hooks: list = []
         self.attach()
 
@@ -170,15 +169,15 @@ class QuantRetrainSession:
     def _before(self, module: nn.Module, args: Any) -> None:
         self.complete_calibration()
         if module.training:
-            self._enter("train" if self.calibrated else "calibrate")
+            self._enter(FakeQuantState.QAT if self.calibrated else FakeQuantState.CALIBRATION)
         elif not self.calibrated:
             raise CalibrationError(
                 f"the retrain model is still calibrating: {self.batches_seen} of batch_num="
                 f"{self.batch_num} training-mode forwards have run; run more training batches "
                 "(model.train()) before evaluating it")
         else:
-            if self._phase != "eval":
-                self._enter("eval")
+            if self._phase is not FakeQuantState.VALIDATION:
+                self._enter(FakeQuantState.VALIDATION)
                 self.write_record()
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -186,13 +185,13 @@ class QuantRetrainSession:
             return
         self.batches_seen += 1
 
-    def _enter(self, phase: str) -> None:
+    def _enter(self, phase: FakeQuantState) -> None:
         if phase == self._phase:
             return
         for h in self._zero_hooks:
             h.remove()
         self._zero_hooks = []
-        if phase == "calibrate":
+        if phase is FakeQuantState.CALIBRATION:
             if self._calibration is None:
                 self._calibration = Calibration(self.sim.model, self.sim.graph,
                                                 _retrain_calibrates)
@@ -201,14 +200,7 @@ class QuantRetrainSession:
                 if q.learnable:  # a zero gradient: DDP sees every parameter used
                     self._zero_hooks.append(q.register_forward_hook(_touch_range))
         else:
-            for name, q in self.sim.named_quantizers():
-                if q.enabled:
-                    q.state = "quantize"
-            if phase == "train" and not self.learns_ranges:  # quantsim.states' QAT rule
-                for name, q in self._calibrated_quantizers():
-                    q.state = "qat"
-                    if ".param_quantizers." in name:
-                        q.averaging_constant = 1.0  # weights: follow the current weights
+            apply_phase([q for q in self.sim.quantizers() if q.enabled], phase)
         self._phase = phase
 
     def _finish_calibration(self) -> None:
