@@ -15,6 +15,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+#: devices to parametrize a test over (``@pytest.mark.parametrize("device", DEVICES)``): the CPU
+#: always, CUDA where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.gpu])]
+
 #: the repository root, and AIMET's example config / encodings files (tests/data/aimet/README.md)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tests" / "data" / "aimet"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_cuda
+from conftest import DEVICES
 from quantsim import FakeQuantState, kernels, set_fake_quantize, wrappers
 from quantsim.encoding import Encoding
 from quantsim.quantizer import Quantizer
@@ -137,33 +137,21 @@ def _count_in_place(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_in_place_and_copying_paths_agree_bit_for_bit(monkeypatch, context):
+def test_in_place_and_copying_paths_agree_bit_for_bit(monkeypatch, context, device):
     x = torch.randn(16, 8)
-    model = _chain_sim(x)
+    model = _chain_sim(x).to(device)
+    x = x.to(device)
     in_place = _count_in_place(monkeypatch)
     with context():
         fast = model(x)
     # linear and relu return fresh results; the user modules' results are held elsewhere
-    assert len(in_place) == 2
+    assert len(in_place) == 2 and all(t.device.type == device for t in in_place)
     monkeypatch.setattr(wrappers.QuantizationMixin, "_may_overwrite", lambda self, t: False)
     with context():
         plain = model(x)
     assert len(in_place) == 2 and torch.equal(fast, plain)
-
-
-@requires_cuda
-def test_in_place_and_copying_paths_agree_on_cuda(monkeypatch):
-    x = torch.randn(16, 8, device="cuda")
-    model = _chain_sim(x.cpu()).cuda()
-    model.eval()
-    in_place = _count_in_place(monkeypatch)
-    with torch.no_grad():
-        fast = model(x)
-    assert len(in_place) == 2 and all(t.is_cuda for t in in_place)
-    monkeypatch.setattr(wrappers.QuantizationMixin, "_may_overwrite", lambda self, t: False)
-    with torch.no_grad():
-        assert torch.equal(fast, model(x))
 
 
 def test_no_in_place_while_autograd_records(monkeypatch):
