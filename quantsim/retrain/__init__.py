@@ -25,10 +25,10 @@ driven by two forward hooks on ``sim.model``:
 ==============  ===========  ===============================================================
 phase           module mode  quantizers
 ==============  ===========  ===============================================================
-calibration     train()      forwards 1..batch_num: every enabled quantizer observes (the
-                             sim's ``calibrate`` state: values pass on fake-quantized with the
-                             batch's own range); after forward ``batch_num`` the encodings are
-                             computed (statistics merged across ranks under DDP)
+calibration     train()      forwards 1..batch_num: quantsim.calibration's path (weights
+                             encoded and fake-quantized, activations observed and passed on
+                             in float); once forward ``batch_num`` ran (at the next forward)
+                             the encodings are computed (statistics merged across ranks)
 training        train()      range-learning schemes: ``min``/``max`` are trained by the
                              optimizer; ``tf``/``tf_enhanced``: moving-average ranges
                              (quantsim.states' QAT rule)
