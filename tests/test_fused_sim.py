@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import quantsim.nn as qnn
-from conftest import requires_cuda
+from conftest import DEVICES
 from models import accuracy, digits_data, randomize_batch_norms, train
 from quantsim import FakeQuantState, load_checkpoint, save_checkpoint, set_fake_quantize
 from quantsim.export import export, load_encodings, verify
@@ -93,15 +93,17 @@ def test_fused_modules_are_quantized_as_their_layer(chain):
     assert not any(".layer." in n or ".bn." in n for n, _ in sim.named_quantizers())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config,scheme", [("per_channel", "tf"), ("default", "tf_enhanced"),
                                            ("htp", "tf")])
-def test_fused_sim_equals_folded_sim_bit_for_bit(chain, config, scheme):
+def test_fused_sim_equals_folded_sim_bit_for_bit(chain, config, scheme, device):
     """Same calibration data: the same quantizers are enabled (a fused module's output
     quantizer standing for its activation's), every encoding is equal and the eval outputs are
     bit-identical; htp's Relu encoding constraint reaches the fused module's output."""
     _, x, (fused, folded), data = chain
-    sims = [calibrated(m, x, data, config_file=config, quant_scheme=scheme)
-            for m in (fused, folded)]
+    x, data = x.to(device), data.to(device)
+    sims = [calibrated(copy.deepcopy(m).to(device), x, data, config_file=config,
+                       quant_scheme=scheme) for m in (fused, folded)]
     destinations = activation_destinations(sims[0].model)
     assert destinations == {"0": "2", "3": "5"}
     enabled = [{n: q for n, q in s.named_quantizers() if q.enabled} for s in sims]
@@ -114,29 +116,6 @@ def test_fused_sim_equals_folded_sim_bit_for_bit(chain, config, scheme):
     with torch.no_grad():
         outs = [s.model(data) for s in sims]
     assert torch.equal(outs[0], outs[1])
-
-
-@requires_cuda
-def test_fused_sim_on_cuda(chain):
-    """On CUDA as on the CPU: the fused sim's encodings and eval outputs equal the folded
-    sim's, and a train-mode step updates the BatchNorm statistics on the device."""
-    _, x, (fused, folded), data = chain
-    cuda = torch.device("cuda")
-    sims = [calibrated(copy.deepcopy(m).to(cuda), x.to(cuda), data.to(cuda),
-                       config_file="per_channel") for m in (fused, folded)]
-    destinations = activation_destinations(sims[0].model)
-    quantizers = dict(sims[1].named_quantizers())
-    for name, q in sims[0].named_quantizers():
-        if q.enabled:
-            assert q.encoding == quantizers[folded_name(name, destinations)].encoding, name
-    with torch.no_grad():
-        assert torch.equal(sims[0].model(data.to(cuda)), sims[1].model(data.to(cuda)))
-    bn = sims[0].model[0].bn
-    var = bn.running_var.clone()
-    sims[0].model.train()
-    sims[0].model(data.to(cuda)).square().mean().backward()
-    assert bn.running_var.is_cuda and not torch.equal(bn.running_var, var)
-    assert sims[0].model[0].layer.weight.grad is not None
 
 
 def test_hand_fused_without_activation_joins_the_supergroup():
@@ -157,13 +136,15 @@ def test_hand_fused_without_activation_joins_the_supergroup():
         assert torch.equal(sims[0].model(data), sims[1].model(data))
 
 
-def test_eval_reuses_the_folded_weight_until_a_source_changes(chain):
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_reuses_the_folded_weight_until_a_source_changes(chain, device):
     """Without grad the folded weight is computed once and then kept, like a parameter: the
     same tensor, updated in place (its version moves) when the layer's weight, the BatchNorm's
     affine parameters or its running statistics change (a train-mode forward moves those
     without touching their version counters); the weight quantizer then sees the new values."""
     _, x, (fused, _), data = chain
-    sim = calibrated(fused, x, data)
+    x, data = x.to(device), data.to(device)
+    sim = calibrated(copy.deepcopy(fused).to(device), x, data)
     conv = sim.model[0]
     seen = []
     conv.param_quantizers["weight"].register_forward_hook(lambda _q, args, _o: seen.append(args[0]))
@@ -316,13 +297,14 @@ def exported(chain, tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         out[name] = (sim, export(sim, root / "v1", "m", x, onnx_export_args=DYNAMIC_BATCH),
                      export(sim, root / "v2", "m", x, onnx_export_args=DYNAMIC_BATCH,
-                            encoding_version="2.0.0"))
+                            encoding_version="2.0.0", propagate_encodings=True))
     return x, data, out
 
 
 def test_export_equals_the_folded_models_export(exported):
     """The fused sim exports exactly what a sim of the folded model exports: the same
-    encodings files (keys and values, 1.0.0 and 2.0.0 with its int32 biases), the same
+    encodings files (keys and values, 1.0.0, and 2.0.0 with its int32 biases and propagated
+    encodings), the same
     state dict, and ONNX graphs that pass onnx.checker with the same node and initializer
     names."""
     _, _, out = exported

@@ -590,6 +590,11 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
                 tmap.activations.setdefault(outputs[i], []).append(qname)
             else:
                 tmap.missing.append(qname)
+        # a fused chain keys as the folded model does: its activation's inner tensors, not the
+        # layer's output inside the chain (which the folded model's supergroup leaves unkeyed)
+        if name in also:
+            activation_nodes = set(index.nodes_of(*also[name]))
+            intermediates = [t for t in intermediates if index.producer.get(t) in activation_nodes]
         if outputs and intermediates:
             for t in intermediates:
                 tmap.intermediates[t] = outputs[-1]
