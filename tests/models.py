@@ -191,3 +191,26 @@ class SharedBlockNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         h = self.body(x)
         return self.head(self.block(h) if self.twice else h)
+
+
+class DuplicateReLU(nn.Module):
+    """One ReLU module after conv1, conv2 and fc1; ``.relu()`` after fc2 (input 3x32x32): the
+    shape of aimet's ``ModelWithDuplicateReLU``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool1 = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.pool2 = nn.MaxPool2d(2, 2)
+        self.relu = nn.ReLU()
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.pool1(self.relu(self.conv1(x)))
+        x = self.pool2(self.relu(self.conv2(x)))
+        x = self.relu(self.fc1(torch.flatten(x, 1)))
+        x = self.fc2(x).relu()
+        return self.fc3(x)

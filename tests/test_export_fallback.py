@@ -245,12 +245,13 @@ def test_fallback_resolves_lossy_scopes(tmp_path):
     assert modules[0] == modules[1]
     report = verify(sim, files.qdq_onnx, x)
     assert report.max_diff_lsb <= 1.001 and report.isolated_max_diff_lsb <= 1.001, str(report)
-    # verify compares a module called twice by its last call's value against its first
-    # call's tensor, so only modules called once are checked per quantizer
+    # each call of the modules called twice is compared with its own tensor
     repeated = {m for m, count in sim.graph.call_counts.items() if count > 1}
-    once = [q for q in report.quantizers if q.name.rsplit(".", 2)[0] not in repeated]
-    assert repeated == {"act", "shared"} and len(once) >= 25
-    assert all(q.max_diff_lsb <= 1.001 for q in once), str(report)
+    assert repeated == {"act", "shared"} and not report.uncompared, str(report)
+    assert {(q.name, q.call) for q in report.quantizers if q.call is not None} == {
+        (f"{m}.output_quantizers.0", k) for m in repeated for k in (0, 1)}
+    assert len(report.quantizers) >= 29
+    assert all(q.max_diff_lsb <= 1.001 for q in report.quantizers), str(report)
 
 
 class _Unexportable(nn.Module):

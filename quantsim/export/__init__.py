@@ -353,9 +353,9 @@ def _qdq_plan(sim: Any, tmap: TensorMap) -> qdq.QdqPlan:
     for moved, source in tmap.propagated.items():
         if source in plan.tensors and moved not in plan.tensors:
             plan.tensors[moved] = (None, plan.tensors[source][1])
-    for qname, (tensor, nodes) in tmap.input_edges.items():
+    for qname, edges in tmap.input_edges.items():
         if qname in active:
-            plan.edges[qname] = (tensor, nodes, active[qname])
+            plan.edges[qname] = [(tensor, nodes, active[qname]) for tensor, nodes in edges]
     return plan
 
 

@@ -18,7 +18,10 @@ module-keyed ``_torch.encodings``. Names are resolved to quantizers like this:
   Without a graph, names are read by rule: ``/<module path>/<Op>_output_<k>`` (quantsim's and
   the TorchScript exporter's style, ``/layer1/layer1.0/conv1/Conv_output_0`` too) is that
   module's output; ``input`` / ``output`` (or the forward's argument name) are the model's
-  single input / output. Other names (``t.1``, ``44``) need the graph.
+  single input / output. Other names (``t.1``, ``44``) need the graph;
+* each call of a module called more than once has its own tensor (``/relu/Relu_1_output_0``,
+  the TorchScript exporter's ``/relu_1/Relu_output_0``): all of them resolve to the module's
+  one quantizer, and their encodings must be equal.
 
 Entries the runtime needs but the sim has no quantizer for are skipped, never errors: int32
 bias entries, data-movement outputs (``/pool1/MaxPool_output_0``), ``propagate_encodings``
@@ -82,7 +85,7 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
     param_names += [f"{m}.{p}" if m else p for m, module in qmodules(sim.model).items()
                     for p in module.param_quantizers]
     file = enc_files.load(encodings, param_names=param_names)
-    label = str(encodings) if isinstance(encodings, (str, os.PathLike)) else "<dict>"
+    label = _label(encodings)
     resolved, unmatched = _resolve(sim, file, encodings, onnx_model)
     if unmatched:
         message = (f"{label}: {len(unmatched)} encoding(s) match no quantizer of the sim: "
@@ -111,6 +114,11 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
                 q.enabled = False
                 logger.info("%s has no encoding in %s: disabled (partial=False)", qname, label)
     return loaded
+
+
+def _label(encodings: Any) -> str:
+    """How messages name the encodings source: its path, or ``<dict>``."""
+    return str(encodings) if isinstance(encodings, (str, os.PathLike)) else "<dict>"
 
 
 def _apply(q: Any, qname: str, key: str, enc: Encoding, strict: bool, label: str) -> bool:
@@ -160,9 +168,14 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
     unmatched: List[str] = []
 
     def put(qname: str, key: str, enc: Encoding) -> None:
+        # several keys for one quantizer are normal (each call of a module called more than
+        # once has its own tensor); they must agree, as the sim has one encoding per quantizer
         if qname in resolved and resolved[qname][1] != enc:
-            raise EncodingsError(f"{qname} gets two different encodings, from {resolved[qname][0]!r} "
-                                 f"and {key!r}")
+            first, first_enc = resolved[qname]
+            raise EncodingsError(
+                f"{_label(source)}: {first!r} and {key!r} both set quantizer {qname} (one "
+                f"quantizer per module, for all its calls), with different encodings: "
+                f"{first_enc!r} vs {enc!r}; the entries of one quantizer must be equal")
         resolved.setdefault(qname, (key, enc))
 
     for key, enc in file.param.items():
@@ -184,16 +197,29 @@ def _resolve(sim: Any, file: EncodingsFile, source: Any, onnx_model: Any
                     unmatched.append(f"{module}.{slot}.{idx}")
     if file.activation:
         names = _name_resolver(sim, modules, aliases, source, onnx_model)
+        shared: Dict[str, List[Tuple[str, Encoding]]] = {}
         for key, enc in file.activation.items():
             targets = names(key)
             if targets is None:
                 unmatched.append(key)
                 continue
-            # a tensor can stand for several quantizers (an output and consumers' inputs): the
-            # enabled ones get the encoding; if none is enabled, the first (an output first)
-            enabled = [t for t in targets if quantizers[t].enabled]
-            for qname in enabled or targets[:1]:
-                put(qname, key, enc)
+            # a tensor can stand for several quantizers (an output and consumers' inputs); the
+            # file holds the first enabled one's encoding (an output first; the first, if none
+            # is enabled), the others take it only where no entry is theirs
+            enabled = [t for t in targets if quantizers[t].enabled] or targets[:1]
+            if enabled:
+                put(enabled[0], key, enc)
+            for qname in enabled[1:]:
+                shared.setdefault(qname, []).append((key, enc))
+        for qname, candidates in shared.items():
+            if qname in resolved:
+                continue
+            resolved[qname] = candidates[0]
+            others = [key for key, enc in candidates[1:] if enc != candidates[0][1]]
+            if others:
+                logger.warning("%s has no entry of its own; it takes the encoding of %r (a "
+                               "tensor it quantizes after another quantizer), not the differing "
+                               "ones of %s", qname, candidates[0][0], others)
     return resolved, unmatched
 
 

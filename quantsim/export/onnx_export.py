@@ -26,14 +26,18 @@ A module reachable under several paths (``self.block`` that is also ``self.body[
 by its first path in ``named_modules()`` order, whichever path the forward called it through:
 its nodes, their tensors and its parameters' initializers (``block.weight``) alike.
 
-Each node also carries ``quantsim.module`` (the module path) in its ``metadata_props``, and the
-model carries ``quantsim.quantizers`` (JSON: tensor name -> quantizer names), so a later
+Each node also carries ``quantsim.module`` (the module path) and ``quantsim.calls`` (which call
+of each module on its scope stack it belongs to) in its ``metadata_props``, and the model
+carries ``quantsim.quantizers`` (JSON: tensor name -> quantizer names), so a later
 :func:`quantsim.export.load_encodings` resolves ONNX names without guessing.
 
 :func:`tensor_map` is the one place that decides which ONNX tensor a quantizer stands for:
 an output quantizer -> the module's output tensor (produced by its last node and used outside
 it); an input quantizer -> the tensor that enters the module's nodes; a parameter quantizer ->
-the initializer of the same name.
+the initializer of the same name. A module called more than once (one ``nn.ReLU`` after
+conv1, conv2 and fc1: nodes ``/relu/Relu``, ``/relu/Relu_1``, ``/relu/Relu_2``) has one set of
+quantizers, which the sim applies in every call, so its activation quantizers stand for their
+tensor in every call.
 """
 from __future__ import annotations
 
@@ -71,11 +75,14 @@ QUANTIZER_MAP_KEY = "quantsim.quantizers"
 MODULE_KEY = "quantsim.module"
 #: model-level metadata key: which torch exporter wrote the graph (``dynamo`` / ``torchscript``).
 EXPORTER_KEY = "quantsim.exporter"
+#: node-level metadata key: which call of each module on the node's scope stack it belongs to
+#: (JSON ``{module path: call index}``, 0-based, in call order).
+CALLS_KEY = "quantsim.calls"
 _NAME_KEEPING = {"dynamo": "torch's dynamo exporter, optimize=False",
                  "torchscript": "torch's TorchScript exporter, do_constant_folding=False and "
                                 "keep_initializers_as_inputs=True"}
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-_KEEP_METADATA = (_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy")
+_KEEP_METADATA = (_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy", CALLS_KEY)
 
 #: ONNX ops whose output holds only values of their first input (moved, selected, or copied),
 #: so a quantized input stays on the same grid.
@@ -149,19 +156,20 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
     """
     args, kwargs = split_dummy_input(model, dummy_input)
     opset = export_args.get("opset_version", DEFAULT_OPSET)
+    aliases = module_aliases(model)
     try:
-        proto, exporter = _export_dynamo(model, args, kwargs, export_args, opset), "dynamo"
+        (proto, stacks), exporter = _export_dynamo(model, args, kwargs, export_args, opset), "dynamo"
     except Exception as dynamo_error:  # the exporter raises many types; any one means: fall back
         reason = error_essence(dynamo_error)
         try:
-            proto, modules, notes = _export_torchscript(model, args, kwargs, export_args, opset)
+            proto, stacks, notes = _export_torchscript(model, args, kwargs, export_args, opset)
         except Exception as torchscript_error:
             raise ExportersFailedError(
                 f"neither ONNX exporter could export {type(model).__name__} (opset {opset}). "
                 f"torch.export (dynamo): {reason}. TorchScript exporter: "
                 f"{error_essence(torchscript_error)}", dynamo_error, torchscript_error) from torchscript_error
-        for node, module in zip(proto.graph.node, modules):
-            node.metadata_props.add(key=MODULE_KEY, value=module)
+        for node, stack in zip(proto.graph.node, stacks):
+            node.metadata_props.add(key=MODULE_KEY, value=stack[-1][0] if stack else "")
         exporter = "torchscript"
         traced = f" (the trace fixed: {'; '.join(notes[:3])})" if notes else ""
         warnings.warn(ExporterFallbackWarning(
@@ -172,13 +180,41 @@ def export_onnx(model: nn.Module, dummy_input: Any, export_args: Dict[str, Any])
         outs = proto.graph.output
         names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
         _rename_tensors(proto.graph, {o.name: n for o, n in zip(outs, names)})
-    rename_by_module(proto, module_aliases(model))
+    _tag_calls(proto, stacks, aliases)
+    rename_by_module(proto, aliases)
     proto.metadata_props.add(key=EXPORTER_KEY, value=exporter)
     return proto
 
 
+def _tag_calls(model: onnx.ModelProto, stacks: Sequence[Sequence[Tuple[str, str]]],
+              aliases: Optional[Mapping[str, str]] = None) -> None:
+    """Tag each node with :data:`CALLS_KEY`: for every module on its scope stack, which call of
+    that module the node belongs to (in place).
+
+    ``stacks`` holds one stack per node, outermost first, of ``(module path, token)``: the
+    tokens up to a module identify one of its calls (the dynamo exporter's module-stack keys
+    ``relu``, ``relu@1``; the TorchScript exporter's scopes ``relu``, ``relu_1``). Calls are
+    numbered in graph order, which both exporters emit in execution order, so call ``k`` of
+    the graph is call ``k`` of the forward. Paths in ``aliases`` count as their module's
+    first path, so calls through either path are calls of one module.
+    """
+    aliases = aliases or {}
+    numbering: Dict[str, Dict[Tuple[str, ...], int]] = {}
+    for node, stack in zip(model.graph.node, stacks):
+        calls: Dict[str, int] = {}
+        for level, (path, _) in enumerate(stack):
+            if not path:
+                continue
+            module = aliases.get(path, path)
+            seen = numbering.setdefault(module, {})
+            calls[module] = seen.setdefault(tuple(t for _, t in stack[:level + 1]), len(seen))
+        if calls:
+            node.metadata_props.add(key=CALLS_KEY, value=json.dumps(calls, sort_keys=True))
+
+
 def _export_dynamo(model: nn.Module, args: tuple, kwargs: Dict[str, Any], export_args: Dict[str, Any],
-                   opset: int) -> onnx.ModelProto:
+                   opset: int) -> Tuple[onnx.ModelProto, List[List[Tuple[str, str]]]]:
+    """The dynamo export and, per node, its module stack for :func:`_tag_calls`."""
     options = dict(dynamo=True, optimize=False, verbose=False, opset_version=opset,
                    input_names=export_args.get("input_names"),
                    output_names=export_args.get("output_names"))
@@ -195,10 +231,29 @@ def _export_dynamo(model: nn.Module, args: tuple, kwargs: Dict[str, Any], export
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()), _torchlib_cache():
             warnings.simplefilter("ignore")
-            return torch.onnx.export(model, exporter_args(args, kwargs), kwargs=kwargs or None,
-                                     **options).model_proto
+            program = torch.onnx.export(model, exporter_args(args, kwargs), kwargs=kwargs or None,
+                                        **options)
     finally:
         shapes_log.setLevel(level)
+    return program.model_proto, _dynamo_stacks(program)
+
+
+def _dynamo_stacks(program: Any) -> List[List[Tuple[str, str]]]:
+    """Per ONNX node: ``(module path as called, module-stack key)``, outermost first, from the
+    ``nn_module_stack`` of the fx node it was translated from (the last of its name scopes).
+    The keys tell calls apart (``L__self__relu``, ``L__self__relu@1``); the name scopes keep
+    only the paths."""
+    exported = getattr(program, "exported_program", None)
+    by_fx: Dict[str, List[Tuple[str, str]]] = {}
+    if exported is not None:
+        for fx_node in exported.graph.nodes:
+            stack = fx_node.meta.get("nn_module_stack") or {}
+            by_fx[fx_node.name] = [(str(value[0]), str(key)) for key, value in stack.items()]
+    out = []
+    for node in program.model_proto.graph.node:
+        scopes = _name_scopes(node)
+        out.append(by_fx.get(scopes[-1], []) if scopes else [])
+    return out
 
 
 def exporter_args(args: tuple, kwargs: Dict[str, Any]) -> tuple:
@@ -209,7 +264,7 @@ def exporter_args(args: tuple, kwargs: Dict[str, Any]) -> tuple:
 
 
 def _export_torchscript(model: nn.Module, args: tuple, kwargs: Dict[str, Any], export_args: Dict[str, Any],
-                        opset: int) -> Tuple[onnx.ModelProto, List[str], List[str]]:
+                        opset: int) -> Tuple[onnx.ModelProto, List[List[Tuple[str, str]]], List[str]]:
     """:func:`quantsim.export.torchscript_onnx.export` with the inputs named as torch.export
     names them and ``dynamic_shapes`` turned into ``dynamic_axes``."""
     names = export_args.get("input_names") or torchscript_onnx.dynamo_input_names(model, args, kwargs)
@@ -311,21 +366,40 @@ def node_module(node: onnx.NodeProto) -> str:
     meta = {p.key: p.value for p in node.metadata_props}
     if MODULE_KEY in meta:
         return meta[MODULE_KEY]
-    scopes = meta.get(_SCOPES_KEY)
-    if scopes:
-        try:
-            parts = ast.literal_eval(scopes)
-        except (ValueError, SyntaxError):
-            parts = []
+    if meta.get(_SCOPES_KEY):
+        parts = _name_scopes(node)
         # ['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d_1']: the last is the fx node
-        if isinstance(parts, list) and len(parts) >= 3:
-            return str(parts[-2])
-        return ""
+        return parts[-2] if len(parts) >= 3 else ""
     if node.name.startswith("/"):
         parts = node.name.strip("/").split("/")[:-1]
         dotted = [i for i, p in enumerate(parts) if "." in p]
         return ".".join(parts[dotted[-1]:] if dotted else parts)
     return ""
+
+
+def _name_scopes(node: onnx.NodeProto) -> List[str]:
+    """The dynamo exporter's name scopes of a node (``[]`` when it has none)."""
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES_KEY:
+            try:
+                parts = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(p) for p in parts] if isinstance(parts, list) else []
+    return []
+
+
+def _node_calls(node: onnx.NodeProto) -> Dict[str, int]:
+    """A node's :data:`CALLS_KEY` tag (``{}`` when it has none or it is malformed)."""
+    for prop in node.metadata_props:
+        if prop.key == CALLS_KEY:
+            try:
+                calls = json.loads(prop.value)
+            except ValueError:
+                return {}
+            if isinstance(calls, dict):
+                return {str(m): k for m, k in calls.items() if isinstance(k, int)}
+    return {}
 
 
 def node_name_for(module: str, op_type: str) -> str:
@@ -339,7 +413,8 @@ def rename_by_module(model: onnx.ModelProto, aliases: Optional[Mapping[str, str]
     Graph inputs, graph outputs and initializers keep their names, except that module paths in
     ``aliases`` (:func:`quantsim.graph.module_aliases`) become the first path of their module,
     in node names and initializer names alike. Node metadata is reduced to the exporter's name
-    scopes and class hierarchy (stack traces dropped) plus ``quantsim.module``.
+    scopes and class hierarchy (stack traces dropped), ``quantsim.calls`` where the export
+    tagged it, plus ``quantsim.module``.
     """
     graph = model.graph
     aliases = aliases or {}
@@ -404,6 +479,7 @@ class GraphIndex:
     activations: Set[str] = field(default_factory=set)   # depend on a graph input
     floats: Set[str] = field(default_factory=set)         # known float element type
     typed: Set[str] = field(default_factory=set)          # known element type
+    calls: List[Dict[str, int]] = field(default_factory=list)  # per node: module -> call (CALLS_KEY)
 
     @classmethod
     def build(cls, model: onnx.ModelProto, aliases: Optional[Mapping[str, str]] = None
@@ -413,6 +489,7 @@ class GraphIndex:
         g = model.graph
         aliases = aliases or {}
         idx = cls(g, [aliases.get(m, m) for m in map(node_module, g.node)])
+        idx.calls = [{aliases.get(m, m): k for m, k in _node_calls(node).items()} for node in g.node]
         idx.initializers = {i.name for i in g.initializer}
         idx.inputs = [i.name for i in g.input if i.name not in idx.initializers]
         idx.outputs = [o.name for o in g.output]
@@ -444,16 +521,44 @@ class GraphIndex:
         prefixes = tuple(m + "." for m in scopes)
         return [i for i, m in enumerate(self.modules) if m in scopes or m.startswith(prefixes)]
 
-    def module_io(self, module: str, *also: str) -> Tuple[List[str], List[str], List[str]]:
-        """``(inputs, outputs, intermediates)`` float activation tensors of ``module``'s nodes
-        (with those of the modules ``also`` names: one quantized module exported as several).
+    def calls_of(self, module: str, *also: str, count: int = 1) -> List[List[int]]:
+        """The nodes of ``module`` (:meth:`nodes_of`) split into its calls, in call order.
 
+        A graph quantsim exported is split by the nodes' :data:`CALLS_KEY` tags (a node
+        without one joins the call before it). An untagged graph (another tool's export, the
+        name-only view of ``export_to_torchscript``) is split into runs of consecutive nodes
+        when ``count``, the number of calls the sim traced, is above 1 and there are exactly
+        that many runs; otherwise its nodes are one call.
+        """
+        nodes = self.nodes_of(module, *also)
+        scopes = (module,) + also
+        if any(self.calls[i] for i in nodes):
+            groups: Dict[int, List[int]] = {}
+            call = 0
+            for i in nodes:
+                call = next((self.calls[i][s] for s in scopes if s in self.calls[i]), call)
+                groups.setdefault(call, []).append(i)
+            return list(groups.values())  # first-seen order: graph order, i.e. call order
+        if count > 1:
+            runs: List[List[int]] = []
+            for i in nodes:  # exporter-made constants between two nodes do not end a run
+                if runs and all(self.graph.node[j].op_type == "Constant"
+                                for j in range(runs[-1][-1] + 1, i)):
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            if len(runs) == count:
+                return runs
+        return [nodes] if nodes else []
+
+    def io_of(self, nodes: Sequence[int]) -> Tuple[List[str], List[str], List[str]]:
+        """``(inputs, outputs, intermediates)`` float activation tensors of a set of nodes (one
+        call of a module, with those of the modules exported in its place).
 
         inputs: entering from outside (first use order; shape/type-only uses ignored);
         outputs: produced inside and used outside or graph outputs (production order);
         intermediates: produced inside and used only inside.
         """
-        nodes = self.nodes_of(module, *also)
         inside = set(nodes)
         graph_outputs = set(self.outputs)
         inputs: List[str] = []
@@ -511,23 +616,28 @@ class GraphIndex:
 class TensorMap:
     """How the ONNX graph's tensors relate to the sim's quantizers.
 
+    A module called more than once has one set of quantizers and one group of nodes per call:
+    each of its activation quantizers stands for its tensor in every call.
+
     Attributes:
         activations: tensor -> quantizer names (output quantizers first, then input quantizers
-            of modules that consume it).
+            of modules that consume it); a module's calls are added in call order.
         params: initializer name -> parameter quantizer name.
-        input_edges: input quantizer name -> (tensor, node indices of the module consuming it);
-            the QDQ model quantizes only those edges, as the sim does.
-        intermediates: tensor inside a multi-node module -> that module's output tensor
+        input_edges: input quantizer name -> one ``(tensor, node indices of the module's call
+            consuming it)`` per call, in call order; the QDQ model quantizes only those edges,
+            as the sim does.
+        intermediates: tensor inside a multi-node module -> that call's output tensor
             (``propagate_encodings``).
         propagated: tensor downstream of data-movement ops -> the output-quantized tensor whose
             values it carries.
-        module_inputs: module name -> its input tensors (all, quantized or not).
+        module_inputs: module name -> the input tensors of its first call (all, quantized or
+            not).
         missing: quantizer names with no tensor in the graph (module vanished, or unused).
     """
 
     activations: Dict[str, List[str]] = field(default_factory=dict)
     params: Dict[str, str] = field(default_factory=dict)
-    input_edges: Dict[str, Tuple[str, List[int]]] = field(default_factory=dict)
+    input_edges: Dict[str, List[Tuple[str, List[int]]]] = field(default_factory=dict)
     intermediates: Dict[str, str] = field(default_factory=dict)
     propagated: Dict[str, str] = field(default_factory=dict)
     module_inputs: Dict[str, List[str]] = field(default_factory=dict)
@@ -569,7 +679,9 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
 
     ``model`` is an export of ``sim``'s float model renamed by :func:`rename_by_module` (or
     any graph whose nodes carry the exporter's name scopes). Disabled quantizers are mapped too,
-    so encodings written by a sim with another config still load.
+    so encodings written by a sim with another config still load. The activation quantizers of
+    a module called more than once are mapped to their tensor in each call
+    (:meth:`GraphIndex.calls_of`): the sim quantizes every call with them.
     """
     aliases = module_aliases(sim.model)
     index = GraphIndex.build(model, aliases)
@@ -580,24 +692,29 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
     modules = qmodules(sim.model)
     # a fused conv-BN-activation exports as its folded layer plus the activation in its own place
     also = {name: (dest,) for name, dest in activation_destinations(sim.model).items()}
-    ios = {name: index.module_io(name, *also.get(name, ())) for name in modules}
+    counts = getattr(getattr(sim, "graph", None), "call_counts", None) or {}
+    calls = {name: index.calls_of(name, *also.get(name, ()), count=counts.get(name, 1))
+             for name in modules}
+    ios = {name: [index.io_of(nodes) for nodes in calls[name]] for name in modules}
     for name, module in modules.items():
-        inputs, outputs, intermediates = ios[name]
-        tmap.module_inputs[name] = inputs
+        tmap.module_inputs[name] = ios[name][0][0] if ios[name] else []
         for i, _ in enumerate(module.output_quantizers):
             qname = f"{name}.output_quantizers.{i}"
-            if i < len(outputs):
-                tmap.activations.setdefault(outputs[i], []).append(qname)
-            else:
+            tensors = [outputs[i] for _, outputs, _ in ios[name] if i < len(outputs)]
+            for tensor in tensors:
+                tmap.activations.setdefault(tensor, []).append(qname)
+            if not tensors:
                 tmap.missing.append(qname)
         # a fused chain keys as the folded model does: its activation's inner tensors, not the
         # layer's output inside the chain (which the folded model's supergroup leaves unkeyed)
-        if name in also:
-            activation_nodes = set(index.nodes_of(*also[name]))
-            intermediates = [t for t in intermediates if index.producer.get(t) in activation_nodes]
-        if outputs and intermediates:
-            for t in intermediates:
-                tmap.intermediates[t] = outputs[-1]
+        activation_nodes = set(index.nodes_of(*also[name])) if name in also else None
+        for _, outputs, intermediates in ios[name]:
+            if activation_nodes is not None:
+                intermediates = [t for t in intermediates
+                                 if index.producer.get(t) in activation_nodes]
+            if outputs and intermediates:
+                for t in intermediates:
+                    tmap.intermediates[t] = outputs[-1]
         for pname in module.param_quantizers:
             # a foreign graph may name a shared module's parameter after another of its paths
             found = [f"{path}.{pname}" if path else pname for path in paths.get(name, [name])]
@@ -607,13 +724,16 @@ def tensor_map(sim: Any, model: onnx.ModelProto) -> TensorMap:
             else:
                 tmap.missing.append(f"{name}.param_quantizers.{pname}")
     for name, module in modules.items():  # input quantizers after every output quantizer
-        inputs = ios[name][0]
-        nodes = index.nodes_of(name, *also.get(name, ()))
         for i, _ in enumerate(module.input_quantizers):
             qname = f"{name}.input_quantizers.{i}"
-            if i < len(inputs):
-                tmap.activations.setdefault(inputs[i], []).append(qname)
-                tmap.input_edges[qname] = (inputs[i], nodes)
+            edges = [(inputs[i], nodes) for nodes, (inputs, _, _) in zip(calls[name], ios[name])
+                     if i < len(inputs)]
+            for tensor, _ in edges:
+                names = tmap.activations.setdefault(tensor, [])
+                if qname not in names:  # two calls may read one tensor
+                    names.append(qname)
+            if edges:
+                tmap.input_edges[qname] = edges
             else:
                 tmap.missing.append(qname)
     # data movement carries the values of an enabled output quantizer; input quantizers
@@ -682,17 +802,22 @@ def module_from_tensor_name(name: str, known: Sequence[str]) -> Optional[Tuple[s
     """``(module, op_type)`` for a module-derived tensor name, else None.
 
     Reads both quantsim's ``/layer1/0/conv1/Conv_output_0`` and the TorchScript exporter's
-    (AIMET's) ``/layer1/layer1.0/conv1/Conv_output_0``; ``known`` lists module names to accept.
+    (AIMET's) ``/layer1/layer1.0/conv1/Conv_output_0``, repeated calls included (quantsim's
+    ``/relu/Relu_1_output_0``, the TorchScript exporter's ``/relu_1/Relu_output_0``);
+    ``known`` lists module names to accept.
     """
     if not name.startswith("/") or not _OUTPUT_SUFFIX.search(name):
         return None
     parts = _OUTPUT_SUFFIX.sub("", name).strip("/").split("/")
     op = re.sub(r"_\d+$", "", parts[-1])
     scopes = parts[:-1]
-    candidates = [".".join(scopes)]
-    dotted = [i for i, s in enumerate(scopes) if "." in s]
-    if dotted:
-        candidates.append(".".join(scopes[dotted[-1]:]))
+    candidates = []
+    repeat = torchscript_onnx.REPEAT_SUFFIX.fullmatch(scopes[-1]) if scopes else None
+    for scoped in [scopes] + ([scopes[:-1] + [repeat.group(1)]] if repeat else []):
+        candidates.append(".".join(scoped))
+        dotted = [i for i, s in enumerate(scoped) if "." in s]
+        if dotted:
+            candidates.append(".".join(scoped[dotted[-1]:]))
     for cand in candidates:
         if cand in known:
             return cand, op

@@ -11,7 +11,8 @@ parameter            on the initializer (float weights kept, ``conv1.weight -> Q
 output               after the tensor, for every consumer; a graph output keeps its name
                      (it becomes the DequantizeLinear output)
 input                only on the edges into that module's nodes (other consumers of the
-                     tensor see float, as in the sim)
+                     tensor see float, as in the sim); a module called more than once has
+                     a pair on the edges into each call
 data movement        tensors that only move a quantized tensor's values (MaxPool, Reshape,
                      Transpose, ...) get a pair with the same encoding; this changes no value
                      (the values are on the grid already) and lets runtimes keep them integer
@@ -33,7 +34,7 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -57,19 +58,21 @@ class QdqPlan:
     Attributes:
         params: initializer -> (quantizer name, encoding).
         tensors: activation tensor -> (quantizer name or None for data movement, encoding);
-            quantized for all consumers.
-        edges: input quantizer name -> (tensor, consumer node indices, encoding).
+            quantized for all consumers. The tensors of one quantizer of a module called more
+            than once come in call order.
+        edges: input quantizer name -> one (tensor, consumer node indices, encoding) per call
+            of its module, in call order.
     """
 
     params: Dict[str, Tuple[str, Encoding]] = field(default_factory=dict)
     tensors: Dict[str, Tuple[Optional[str], Encoding]] = field(default_factory=dict)
-    edges: Dict[str, Tuple[str, List[int], Encoding]] = field(default_factory=dict)
+    edges: Dict[str, List[Tuple[str, List[int], Encoding]]] = field(default_factory=dict)
 
     def encodings(self):
         """Every encoding in the plan."""
         yield from (e for _, e in self.params.values())
         yield from (e for _, e in self.tensors.values())
-        yield from (e for _, _, e in self.edges.values())
+        yield from (e for edges in self.edges.values() for _, _, e in edges)
 
 
 def qdq_opset(plan: QdqPlan, base_opset: int) -> int:
@@ -95,8 +98,9 @@ def qdq_opset(plan: QdqPlan, base_opset: int) -> int:
 def build_qdq_model(model: onnx.ModelProto, plan: QdqPlan, opset: int) -> onnx.ModelProto:
     """A copy of ``model`` with the plan's QDQ pairs, at ``opset`` (see the module docstring).
 
-    The map quantizer name -> dequantized tensor is stored in ``metadata_props`` under
-    :data:`QDQ_MAP_KEY` (used by :func:`quantsim.export.verify`).
+    The map quantizer name -> its dequantized tensors (one per call of its module, in call
+    order; one for a parameter) is stored in ``metadata_props`` under :data:`QDQ_MAP_KEY`
+    (used by :func:`quantsim.export.verify`).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -107,14 +111,14 @@ def build_qdq_model(model: onnx.ModelProto, plan: QdqPlan, opset: int) -> onnx.M
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     original_nodes = list(g.node)
-    dq_of: Dict[str, str] = {}
+    dq_of: Dict[str, List[str]] = {}
     alias: Dict[str, str] = {}  # tensor -> the name its consumers read now
 
     for init, (qname, enc) in plan.params.items():
         dq = builder.qdq(init, enc, init)
         _rewire(consumers.get(init, []), init, dq)
         alias[init] = dq
-        dq_of[qname] = dq
+        dq_of[qname] = [dq]
     graph_outputs = {o.name for o in g.output}
     for tensor, (qname, enc) in plan.tensors.items():
         users = consumers.get(tensor, [])
@@ -131,13 +135,13 @@ def build_qdq_model(model: onnx.ModelProto, plan: QdqPlan, opset: int) -> onnx.M
             _rewire(users, tensor, dq)
         alias[tensor] = dq
         if qname is not None:
-            dq_of[qname] = dq
-    for qname, (tensor, nodes, enc) in plan.edges.items():
-        current = alias.get(tensor, tensor)
-        dq = builder.qdq(current, enc, f"{tensor}/{qname}")
-        targets = [original_nodes[i] for i in nodes]
-        _rewire(targets, current, dq)
-        dq_of[qname] = dq
+            dq_of.setdefault(qname, []).append(dq)
+    for qname, edges in plan.edges.items():
+        for tensor, nodes, enc in edges:
+            current = alias.get(tensor, tensor)
+            dq = builder.qdq(current, enc, f"{tensor}/{qname}")
+            _rewire([original_nodes[i] for i in nodes], current, dq)
+            dq_of.setdefault(qname, []).append(dq)
     g.node.extend(builder.nodes)
     g.initializer.extend(builder.initializers)
     _toposort(g)
@@ -243,17 +247,58 @@ class _Builder:
         return out
 
 
-_WIDE = {TensorProto.INT4: (TensorProto.INT8, -8, 7), TensorProto.UINT4: (TensorProto.UINT8, 0, 15)}
+#: the 4-bit ONNX types and their integer grids
+_FOUR_BIT = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+
+
+def container_grid(qmin: int, qmax: int) -> Tuple[int, int]:
+    """The code range of the 8-bit ONNX type that stores the integer grid ``[qmin, qmax]``:
+    uint8's ``(0, 255)`` for a grid without negative codes, int8's ``(-128, 127)`` otherwise.
+
+    A narrower grid (4 bits) keeps its values in that container when the tensor is first
+    clamped to :func:`grid_bounds`. This is the one rule for 4-bit pairs in 8-bit containers:
+    :func:`widen_4bit_pairs` applies it to a QDQ model, the QAT modules' export
+    (:mod:`quantsim.export.qat_onnx`) while tracing.
+
+    Raises:
+        ExportError: the grid does not fit 8 bits.
+    """
+    container = (0, 255) if qmin >= 0 else (-128, 127)
+    if qmin < container[0] or qmax > container[1]:
+        raise ExportError(f"the integer grid [{qmin}, {qmax}] does not fit an 8-bit ONNX "
+                          "QuantizeLinear; only grids of up to 8 bits have an 8-bit container")
+    return container
+
+
+def grid_bounds(scale: Any, zero_point: Any, qmin: int, qmax: int, ndim: int = 0,
+                axis: Optional[int] = None) -> Tuple[Any, Any]:
+    """The real values of the end codes of the grid ``[qmin, qmax]``:
+    ``(scale * (qmin - zero_point), scale * (qmax - zero_point))``, what a tensor is clamped to
+    before the QuantizeLinear of an 8-bit container (:func:`container_grid`).
+
+    Args:
+        scale, zero_point: numpy arrays or torch tensors (ONNX's zero point, ``-offset``), 0-d
+            or 1-d per channel.
+        qmin, qmax: the grid.
+        ndim, axis: for a per-channel scale, the rank of the quantized tensor and its channel
+            axis; the bounds are shaped to broadcast along it.
+    """
+    lo, hi = scale * (qmin - zero_point), scale * (qmax - zero_point)
+    if axis is not None and lo.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
+    return lo, hi
 
 
 def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
     """Store the 4-bit Q/DQ pairs of a QDQ model in 8-bit containers, with the same values.
 
-    Each int4/uint4 zero point becomes int8/uint8; the 16-level range is kept by clamping:
-    a weight initializer is clamped to its (per-channel) grid range, an activation gets a
-    ``Clip`` before its ``QuantizeLinear``. ONNX Runtime 1.32 then loads the model at every
-    optimisation level (it refuses a uint4 MaxPool input at opset 21), at ``opset`` when no
-    other type needs 21.
+    Each int4/uint4 zero point becomes int8/uint8 (:func:`container_grid`); the 16-level range
+    is kept by clamping to :func:`grid_bounds`: a weight initializer is clamped to its
+    (per-channel) grid range, an activation gets a ``Clip`` before its ``QuantizeLinear``.
+    ONNX Runtime 1.32 then loads the model at every optimisation level (it refuses a uint4
+    MaxPool input at opset 21), at ``opset`` when no other type needs 21.
 
     Returns:
         The number of pairs widened.
@@ -264,26 +309,25 @@ def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
     widened, zero_points = 0, set()
     for node in list(g.node):
         zp = inits.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
-        if zp is None or zp.data_type not in _WIDE:
+        if zp is None or zp.data_type not in _FOUR_BIT:
             continue
-        _, qmin, qmax = _WIDE[zp.data_type]
+        qmin, qmax = _FOUR_BIT[zp.data_type]
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(zp).astype(np.float32)
-        lo, hi = scale * (qmin - zero), scale * (qmax - zero)
         source = inits.get(node.input[0])
         if source is not None:
             w = numpy_helper.to_array(source)
+            axis = None
             if scale.ndim:
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            lo, hi = grid_bounds(scale, zero, qmin, qmax, w.ndim, axis)
             name = names.unique(f"{node.input[0]}_clamped")
             g.initializer.append(numpy_helper.from_array(np.clip(w, lo, hi).astype(w.dtype), name))
             node.input[0] = name
         else:
             if scale.size != 1:
                 raise ExportError(f"{node.name}: a per-channel 4-bit activation has no 8-bit form")
+            lo, hi = grid_bounds(scale, zero, qmin, qmax)
             lo_n, hi_n = names.unique(f"{node.name}_min"), names.unique(f"{node.name}_max")
             out = names.unique(f"{node.input[0]}_clipped4")
             g.initializer.extend([numpy_helper.from_array(np.float32(lo.reshape(())), lo_n),
@@ -295,8 +339,9 @@ def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
         widened += 1
     for name in zero_points:
         old = inits[name]
+        signed = container_grid(*_FOUR_BIT[old.data_type])[0] < 0
         values = numpy_helper.to_array(old).astype(np.int32)
-        old.CopyFrom(helper.make_tensor(name, _WIDE[old.data_type][0], list(old.dims),
+        old.CopyFrom(helper.make_tensor(name, _TYPES[(8, signed)], list(old.dims),
                                         values.reshape(-1).tolist()))
     _toposort(g)  # the Clips were appended; they must run before their QuantizeLinear
     quantized = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}

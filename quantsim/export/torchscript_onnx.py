@@ -19,7 +19,9 @@ break the name alignment, and this module undoes each:
   name from its last non-numeric atom on: ``layers.0``, and just ``first`` for
   ``blocks.first``), and a module's second call gets ``_1`` appended to its scope. These names
   are lossy, so :class:`ScopeResolver` walks each one down the module tree, among the modules
-  that actually ran (recorded with a global forward pre-hook during the export).
+  that actually ran (recorded with a global forward pre-hook during the export). The scopes
+  as written (``relu_1``) are kept with each node's modules: they tell the calls of a module
+  called more than once apart.
 * **value_info**: the exporter writes none; ONNX shape inference fills it, so integer tensors
   (shapes, indices) are not mistaken for float activations.
 """
@@ -39,7 +41,8 @@ from torch.utils import _pytree as pytree
 
 from quantsim.errors import ExportError
 
-_REPEAT_SUFFIX = re.compile(r"(.+)_\d+")
+#: a repeated call's scope: ``<scope>_<k>``.
+REPEAT_SUFFIX = re.compile(r"(.+)_\d+")
 
 
 def dynamo_input_names(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> List[str]:
@@ -169,7 +172,7 @@ def _unqualified_name(qualified: str) -> str:
 
 
 class ScopeResolver:
-    """Module path of a TorchScript-exported node, from its scoped name (module docstring).
+    """Module paths of a TorchScript-exported node, from its scoped name (module docstring).
 
     Args:
         model: the exported model.
@@ -188,20 +191,25 @@ class ScopeResolver:
             if path and ident in called:
                 self._by_scope.setdefault(_unqualified_name(self._first[ident]), []).append(path)
 
-    def module_of(self, node: onnx.NodeProto) -> str:
-        """The module whose ``forward`` produced ``node`` (``""``: the root, or no scope), by
-        its first path in ``named_modules()``.
+    def stack_of(self, node: onnx.NodeProto) -> List[Tuple[str, str]]:
+        """``(module, scope)`` for each scope of ``node``'s name, outermost first: the module by
+        its first path in ``named_modules()`` (the last one produced ``node``; none: the root,
+        or no scope), and the scope as the exporter wrote it. The scopes up to a module tell
+        its calls apart (``relu`` and ``relu_1``; the exporter marks a repeated call on the
+        innermost scope only, so the calls of a module whose nodes lie in its submodules'
+        scopes look alike).
 
         Raises:
             ExportError: a scope that fits no module that ran, or several.
         """
         if not node.name.startswith("/"):
-            return ""  # nodes the exporter created outside any module scope
+            return []  # nodes the exporter created outside any module scope
         scopes = node.name.split("/")[1:-1]
         current = ""
+        stack: List[Tuple[str, str]] = []
         for i, scope in enumerate(scopes):
             found = self._child(current, scope, node)
-            repeat = _REPEAT_SUFFIX.fullmatch(scope)
+            repeat = REPEAT_SUFFIX.fullmatch(scope)
             if found is None and i == len(scopes) - 1 and repeat:  # a repeated call: <scope>_<k>
                 found = self._child(current, repeat.group(1), node)
             if found is None:
@@ -209,7 +217,8 @@ class ScopeResolver:
                     f"the TorchScript exporter's node {node.name!r}: scope {scope!r} matches no "
                     f"module that ran inside {current or 'the model'}; cannot key its encodings")
             current = found
-        return self._first[self._ids[current]] if current else ""
+            stack.append((self._first[self._ids[current]], scope))
+        return stack
 
     def _child(self, current: str, scope: str, node: onnx.NodeProto) -> Optional[str]:
         """The path of the module that ran directly inside ``current`` (perhaps through
@@ -238,16 +247,18 @@ class ScopeResolver:
 
 def export(model: nn.Module, args: tuple, kwargs: Dict[str, Any], *, opset: int,
            input_names: Sequence[str], output_names: Optional[Sequence[str]],
-           dynamic_axes: Optional[Dict[str, Any]]) -> Tuple[onnx.ModelProto, List[str], List[str]]:
+           dynamic_axes: Optional[Dict[str, Any]]
+           ) -> Tuple[onnx.ModelProto, List[List[Tuple[str, str]]], List[str]]:
     """Export ``model`` (float, eval) with the TorchScript-based exporter (module docstring).
 
     ``args`` and ``kwargs`` are passed to ``torch.onnx.export`` as they are; ``input_names``
     name the graph inputs (see :func:`dynamo_input_names`).
 
     Returns:
-        ``(model proto, module path per node, trace notes)``: the notes are the distinct
-        ``TracerWarning`` messages with their source locations, i.e. where the trace fixed a
-        value-dependent decision.
+        ``(model proto, module stack per node, trace notes)``: each stack is
+        :meth:`ScopeResolver.stack_of` (its last module is the node's module); the notes are
+        the distinct ``TracerWarning`` messages with their source locations, i.e. where the
+        trace fixed a value-dependent decision.
 
     Raises:
         ExportError: a node whose scope names no module unambiguously. Exceptions of torch's
@@ -278,8 +289,8 @@ def export(model: nn.Module, args: tuple, kwargs: Dict[str, Any], *, opset: int,
     proto.graph.input.extend(graph_inputs)
     proto = onnx.shape_inference.infer_shapes(proto)
     resolver = ScopeResolver(model, called)
-    modules = [resolver.module_of(node) for node in proto.graph.node]
+    stacks = [resolver.stack_of(node) for node in proto.graph.node]
     notes = list(dict.fromkeys(  # first sentence only: the rest is the same boilerplate
         f"{w.filename}:{w.lineno}: {str(w.message).split('. ')[0].strip()}" for w in caught
         if issubclass(w.category, torch.jit.TracerWarning)))
-    return proto, modules, notes
+    return proto, stacks, notes

@@ -19,7 +19,10 @@
 
 Differences are reported in steps (LSBs) of each model output's own output quantizer (a model
 returning a dict or nested tuples has several, compared leaf by leaf in the exporter's order),
-and per quantizer in steps of its own scale.
+and per quantizer in steps of its own scale. A quantizer of a module called more than once is
+compared in every call: the sim's value of its ``k``-th call against the QDQ model's tensor of
+the ``k``-th call (both in call order); where the two counts differ it is listed as not
+compared.
 
 Example:
     >>> report = verify(sim, "out/model_qdq.onnx", x)      # doctest: +SKIP
@@ -46,16 +49,22 @@ from quantsim.op_types import params_of
 
 @dataclass
 class QuantizerAgreement:
-    """How one quantizer's dequantized tensor compares (ORT, optimizations disabled, vs sim)."""
+    """How one quantizer's dequantized tensor compares (ORT, optimizations disabled, vs sim).
+
+    ``call`` is which call of its module (0-based) for a module called more than once, else
+    None.
+    """
 
     name: str
     tensor: str
     max_diff_lsb: float
     differing: int
     total: int
+    call: Optional[int] = None
 
     def __str__(self) -> str:
-        return (f"{self.name} ({self.tensor}): max {self.max_diff_lsb:.3g} LSB, "
+        call = f"call {self.call}: " if self.call is not None else ""
+        return (f"{self.name} ({call}{self.tensor}): max {self.max_diff_lsb:.3g} LSB, "
                 f"{self.differing}/{self.total} elements differ")
 
 
@@ -78,9 +87,13 @@ class VerifyReport:
         differing_default: output elements more than half a step apart (default options).
         default_error: why the default session could not run, if it could not.
         total: number of output elements.
-        quantizers: per-quantizer agreement in the isolated run, worst first.
+        quantizers: per-quantizer agreement in the isolated run (one per call of a module
+            called more than once), worst first.
         first_divergence: the first quantizer (graph order) that differs in the chained run.
         output_scales: the scale of each output (graph order; None: not quantized).
+        uncompared: enabled quantizers of the QDQ model that could not be compared, each with
+            the reason (the sim ran it another number of times than the graph has tensors for
+            it: a call the exporter removed, or an input taking other branches).
     """
 
     output_scale: Optional[float]
@@ -97,6 +110,7 @@ class VerifyReport:
     quantizers: List[QuantizerAgreement] = field(default_factory=list)
     first_divergence: Optional[QuantizerAgreement] = None
     output_scales: List[Optional[float]] = field(default_factory=list)
+    uncompared: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -124,11 +138,15 @@ class VerifyReport:
         if self.default_error:
             lines.append(f"  default options failed: {self.default_error}")
         bad = [q for q in self.quantizers if q.differing]
-        lines.append(f"  quantizers (isolated): {len(self.quantizers) - len(bad)}/"
+        what = "quantizers" if all(q.call is None for q in self.quantizers) else "quantizer calls"
+        lines.append(f"  {what} (isolated): {len(self.quantizers) - len(bad)}/"
                      f"{len(self.quantizers)} agree exactly")
         lines.extend(f"    {q}" for q in bad[:10])
         if self.first_divergence is not None:
             lines.append(f"  first divergence (chained): {self.first_divergence}")
+        if self.uncompared:
+            lines.append(f"  not compared: {len(self.uncompared)} quantizer(s)")
+            lines.extend(f"    {reason}" for reason in self.uncompared[:10])
         return "\n".join(lines)
 
 
@@ -152,34 +170,36 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
     if QDQ_MAP_KEY not in meta:
         raise ExportError(f"{qdq_onnx_path} has no {QDQ_MAP_KEY!r} metadata: not a quantsim QDQ export")
     quantizers = dict(sim.named_quantizers())
-    dq_of = {q: t for q, t in json.loads(meta[QDQ_MAP_KEY]).items()
+    # one dequantized tensor per call (a single name in QDQ models quantsim wrote before)
+    dq_of = {q: [t] if isinstance(t, str) else list(t)
+             for q, t in json.loads(meta[QDQ_MAP_KEY]).items()
              if q in quantizers and quantizers[q].enabled}
     sim_outputs, captured = _run_sim(sim, dummy_input, dq_of)
+    checks, uncompared = _pair_calls(dq_of, captured)
     feeds = _feeds(model, split_dummy_input(sim.model, dummy_input))
     output_names = [o.name for o in model.graph.output]
     scales = _output_scales(model, quantizers, output_names)
     disabled = ort.SessionOptions()
     disabled.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    dq_tensors = [c.tensor for c in checks]
 
-    chained = _run(ort, _with_outputs(model, list(dq_of.values())), feeds, disabled)
+    chained = _run(ort, _with_outputs(model, dq_tensors), feeds, disabled)
     max_diff, max_lsb, differing = _compare([chained[n] for n in output_names], sim_outputs, scales)
     report = VerifyReport(scales[0] if scales else None, max_diff, max_lsb, differing,
-                          output_scales=scales)
+                          output_scales=scales, uncompared=uncompared)
     report.total = int(sum(np.asarray(o).size for o in sim_outputs))
     order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
-    chained_q = [_agreement(q, t, chained[t], captured[q], quantizers[q])
-                 for q, t in dq_of.items() if q in captured and t in chained]
+    chained_q = [_agreement(c, chained[c.tensor], quantizers[c.qname]) for c in checks]
     diverging = sorted((q for q in chained_q if q.differing), key=lambda q: order.get(q.tensor, -1))
     report.first_divergence = diverging[0] if diverging else None
 
-    forced = _forced_inputs(sim, dq_of, captured)
-    isolated_model = _isolated(model, forced)
-    iso_feeds = dict(feeds, **{f"{t}{_SIM_SUFFIX}": captured[q] for q, t in forced.items()})
-    isolated = _run(ort, _with_outputs(isolated_model, list(dq_of.values())), iso_feeds, disabled)
+    # every activation quantizer's consumers read the sim's value of the same call
+    forced = {c.tensor: c.value for c in checks if ".param_quantizers." not in c.qname}
+    iso_feeds = dict(feeds, **{f"{t}{_SIM_SUFFIX}": v for t, v in forced.items()})
+    isolated = _run(ort, _with_outputs(_isolated(model, forced), dq_tensors), iso_feeds, disabled)
     report.isolated_max_diff, report.isolated_max_diff_lsb, _ = _compare(
         [isolated[n] for n in output_names], sim_outputs, scales)
-    report.quantizers = sorted((_agreement(q, t, isolated[t], captured[q], quantizers[q])
-                                for q, t in dq_of.items() if q in captured and t in isolated),
+    report.quantizers = sorted((_agreement(c, isolated[c.tensor], quantizers[c.qname]) for c in checks),
                                key=lambda q: -q.max_diff_lsb)
     try:
         default = _run(ort, model, feeds, None)
@@ -201,24 +221,39 @@ def _run(ort, model: onnx.ModelProto, feeds, options) -> Dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
 
 
-def _forced_inputs(sim, dq_of: Dict[str, str], captured) -> Dict[str, str]:
-    """Activation quantizers whose sim value can stand in for ORT's (called exactly once)."""
-    calls = getattr(getattr(sim, "graph", None), "call_counts", {})
-    out = {}
-    for qname, tensor in dq_of.items():
-        if ".param_quantizers." in qname or qname not in captured:
+@dataclass
+class _Check:
+    """One dequantized tensor of the QDQ model and the sim's value for it."""
+
+    qname: str
+    call: Optional[int]  # None: the quantizer has one tensor
+    tensor: str
+    value: np.ndarray
+
+
+def _pair_calls(dq_of: Dict[str, List[str]], captured: Dict[str, List[np.ndarray]]
+                ) -> Tuple[List[_Check], List[str]]:
+    """The ``k``-th captured value of each quantizer with its ``k``-th dequantized tensor (both
+    in call order), and why the others cannot be paired."""
+    checks: List[_Check] = []
+    uncompared: List[str] = []
+    for qname, tensors in dq_of.items():
+        values = captured.get(qname, [])
+        if len(values) != len(tensors):
+            uncompared.append(f"{qname}: the sim ran it {len(values)} time(s), the QDQ model has "
+                              f"{len(tensors)} tensor(s) for it ({', '.join(tensors)})")
             continue
-        module = qname.split(".input_quantizers.")[0].split(".output_quantizers.")[0]
-        if calls.get(module, 1) == 1:
-            out[qname] = tensor
-    return out
+        several = len(tensors) > 1
+        checks.extend(_Check(qname, k if several else None, t, v)
+                      for k, (t, v) in enumerate(zip(tensors, values)))
+    return checks, uncompared
 
 
-def _isolated(model: onnx.ModelProto, forced: Dict[str, str]) -> onnx.ModelProto:
+def _isolated(model: onnx.ModelProto, forced: Dict[str, np.ndarray]) -> onnx.ModelProto:
     """Consumers of each forced tensor read a new graph input ``<tensor>__from_sim`` instead."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    replace = {t: f"{t}{_SIM_SUFFIX}" for t in forced.values()}
+    replace = {t: f"{t}{_SIM_SUFFIX}" for t in forced}
     for node in out.graph.node:
         for i, name in enumerate(node.input):
             if name in replace:
@@ -228,17 +263,19 @@ def _isolated(model: onnx.ModelProto, forced: Dict[str, str]) -> onnx.ModelProto
     return out
 
 
-def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.ndarray]]:
+def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, List[np.ndarray]]]:
+    """The sim's outputs, and each quantizer's output in every call (call order)."""
     quantizers = dict(sim.named_quantizers())
     modules = dict(sim.model.named_modules())
-    captured: Dict[str, np.ndarray] = {}
+    captured: Dict[str, List[np.ndarray]] = {}
     handles = []
     for qname in dq_of:
         if ".param_quantizers." in qname:
             continue
 
         def hook(_module, _args, output, qname=qname):
-            captured[qname] = output.detach().float().cpu().numpy()
+            # a copy: a later in-place op (ReLU(inplace=True)) must not change what was seen
+            captured.setdefault(qname, []).append(output.detach().float().cpu().numpy().copy())
         handles.append(quantizers[qname].register_forward_hook(hook))
     try:
         with eval_mode(sim.model), torch.no_grad():
@@ -247,7 +284,7 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, np.nd
                 if ".param_quantizers." in qname:
                     module_name, pname = qname.split(".param_quantizers.")
                     param = params_of(modules[module_name])[pname]
-                    captured[qname] = quantizers[qname](param).detach().float().cpu().numpy()
+                    captured[qname] = [quantizers[qname](param).detach().float().cpu().numpy()]
     finally:
         for h in handles:
             h.remove()
@@ -315,11 +352,11 @@ def _compare(ort_outputs, sim_outputs, scales: List[Optional[float]]
     return worst, worst_lsb, differing
 
 
-def _agreement(qname: str, tensor: str, ort_value, sim_value, q) -> QuantizerAgreement:
+def _agreement(check: _Check, ort_value, q) -> QuantizerAgreement:
     a = np.asarray(ort_value, dtype=np.float64)
-    b = np.asarray(sim_value, dtype=np.float64)
+    b = np.asarray(check.value, dtype=np.float64)
     if a.shape != b.shape:
-        return QuantizerAgreement(qname, tensor, float("inf"), a.size, a.size)
+        return QuantizerAgreement(check.qname, check.tensor, float("inf"), a.size, a.size, check.call)
     enc = q.encoding
     if enc.is_float:
         steps = np.abs(a - b) / np.maximum(np.abs(b), 1e-30) * 1024  # fp16: 10-bit mantissa
@@ -331,4 +368,5 @@ def _agreement(qname: str, tensor: str, ort_value, sim_value, q) -> QuantizerAgr
             s = s.reshape(shape)
         steps = np.abs(a - b) / s
     worst = float(steps.max()) if steps.size else 0.0
-    return QuantizerAgreement(qname, tensor, worst, int((steps > 0.5).sum()), int(steps.size))
+    return QuantizerAgreement(check.qname, check.tensor, worst, int((steps > 0.5).sum()),
+                              int(steps.size), check.call)
