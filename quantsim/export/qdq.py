@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -247,17 +247,58 @@ class _Builder:
         return out
 
 
-_WIDE = {TensorProto.INT4: (TensorProto.INT8, -8, 7), TensorProto.UINT4: (TensorProto.UINT8, 0, 15)}
+#: the 4-bit ONNX types and their integer grids
+_FOUR_BIT = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+
+
+def container_grid(qmin: int, qmax: int) -> Tuple[int, int]:
+    """The code range of the 8-bit ONNX type that stores the integer grid ``[qmin, qmax]``:
+    uint8's ``(0, 255)`` for a grid without negative codes, int8's ``(-128, 127)`` otherwise.
+
+    A narrower grid (4 bits) keeps its values in that container when the tensor is first
+    clamped to :func:`grid_bounds`. This is the one rule for 4-bit pairs in 8-bit containers:
+    :func:`widen_4bit_pairs` applies it to a QDQ model, the QAT modules' export
+    (:mod:`quantsim.export.qat_onnx`) while tracing.
+
+    Raises:
+        ExportError: the grid does not fit 8 bits.
+    """
+    container = (0, 255) if qmin >= 0 else (-128, 127)
+    if qmin < container[0] or qmax > container[1]:
+        raise ExportError(f"the integer grid [{qmin}, {qmax}] does not fit an 8-bit ONNX "
+                          "QuantizeLinear; only grids of up to 8 bits have an 8-bit container")
+    return container
+
+
+def grid_bounds(scale: Any, zero_point: Any, qmin: int, qmax: int, ndim: int = 0,
+                axis: Optional[int] = None) -> Tuple[Any, Any]:
+    """The real values of the end codes of the grid ``[qmin, qmax]``:
+    ``(scale * (qmin - zero_point), scale * (qmax - zero_point))``, what a tensor is clamped to
+    before the QuantizeLinear of an 8-bit container (:func:`container_grid`).
+
+    Args:
+        scale, zero_point: numpy arrays or torch tensors (ONNX's zero point, ``-offset``), 0-d
+            or 1-d per channel.
+        qmin, qmax: the grid.
+        ndim, axis: for a per-channel scale, the rank of the quantized tensor and its channel
+            axis; the bounds are shaped to broadcast along it.
+    """
+    lo, hi = scale * (qmin - zero_point), scale * (qmax - zero_point)
+    if axis is not None and lo.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
+    return lo, hi
 
 
 def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
     """Store the 4-bit Q/DQ pairs of a QDQ model in 8-bit containers, with the same values.
 
-    Each int4/uint4 zero point becomes int8/uint8; the 16-level range is kept by clamping:
-    a weight initializer is clamped to its (per-channel) grid range, an activation gets a
-    ``Clip`` before its ``QuantizeLinear``. ONNX Runtime 1.32 then loads the model at every
-    optimisation level (it refuses a uint4 MaxPool input at opset 21), at ``opset`` when no
-    other type needs 21.
+    Each int4/uint4 zero point becomes int8/uint8 (:func:`container_grid`); the 16-level range
+    is kept by clamping to :func:`grid_bounds`: a weight initializer is clamped to its
+    (per-channel) grid range, an activation gets a ``Clip`` before its ``QuantizeLinear``.
+    ONNX Runtime 1.32 then loads the model at every optimisation level (it refuses a uint4
+    MaxPool input at opset 21), at ``opset`` when no other type needs 21.
 
     Returns:
         The number of pairs widened.
@@ -268,26 +309,25 @@ def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
     widened, zero_points = 0, set()
     for node in list(g.node):
         zp = inits.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
-        if zp is None or zp.data_type not in _WIDE:
+        if zp is None or zp.data_type not in _FOUR_BIT:
             continue
-        _, qmin, qmax = _WIDE[zp.data_type]
+        qmin, qmax = _FOUR_BIT[zp.data_type]
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(zp).astype(np.float32)
-        lo, hi = scale * (qmin - zero), scale * (qmax - zero)
         source = inits.get(node.input[0])
         if source is not None:
             w = numpy_helper.to_array(source)
+            axis = None
             if scale.ndim:
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            lo, hi = grid_bounds(scale, zero, qmin, qmax, w.ndim, axis)
             name = names.unique(f"{node.input[0]}_clamped")
             g.initializer.append(numpy_helper.from_array(np.clip(w, lo, hi).astype(w.dtype), name))
             node.input[0] = name
         else:
             if scale.size != 1:
                 raise ExportError(f"{node.name}: a per-channel 4-bit activation has no 8-bit form")
+            lo, hi = grid_bounds(scale, zero, qmin, qmax)
             lo_n, hi_n = names.unique(f"{node.name}_min"), names.unique(f"{node.name}_max")
             out = names.unique(f"{node.input[0]}_clipped4")
             g.initializer.extend([numpy_helper.from_array(np.float32(lo.reshape(())), lo_n),
@@ -299,8 +339,9 @@ def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
         widened += 1
     for name in zero_points:
         old = inits[name]
+        signed = container_grid(*_FOUR_BIT[old.data_type])[0] < 0
         values = numpy_helper.to_array(old).astype(np.int32)
-        old.CopyFrom(helper.make_tensor(name, _WIDE[old.data_type][0], list(old.dims),
+        old.CopyFrom(helper.make_tensor(name, _TYPES[(8, signed)], list(old.dims),
                                         values.reshape(-1).tolist()))
     _toposort(g)  # the Clips were appended; they must run before their QuantizeLinear
     quantized = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
