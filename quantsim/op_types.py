@@ -19,6 +19,10 @@ and AIMET's ``LayerNorm``, ``nn.GroupNorm`` to ``GroupNormalization`` and ``Grou
 * :func:`output_types_of` gives the op types of the op that produces the module's output,
   which the output quantizers follow: the module's own, or, for a class registered with
   ``output_op=``, those of a submodule (a fused conv-BN-ReLU's ReLU).
+* :func:`param_axis` gives the axis of a parameter that holds the op's output channels (where
+  per-channel encodings run): 0 unless :func:`register_param_axes` says otherwise
+  (``ConvTranspose`` weights keep output channels on axis 1). The sim's parameter quantizers
+  and the QAT modules of :mod:`quantsim.nn.qat` both read it.
 * :data:`KNOWN_ONNX_TYPES` holds every op name a config may use. Names outside it are a warning
   in ``op_type`` and an error inside a supergroup.
 
@@ -52,6 +56,9 @@ ParamsFn = Callable[[nn.Module], Dict[str, torch.Tensor]]
 OutputOpFn = Callable[[nn.Module], Optional[nn.Module]]
 _PARAMS: Dict[Type[nn.Module], ParamsFn] = {}
 _OUTPUT_OP: Dict[Type[nn.Module], OutputOpFn] = {}
+#: torch module class -> {parameter name: axis of its output channels}, for the parameters
+#: whose output channels are not on axis 0 (see :func:`param_axis`)
+_PARAM_AXES: Dict[Type[nn.Module], Dict[str, int]] = {}
 # the entries registered below, kept apart so the documented table ignores later registrations
 _BUILTIN: Dict[Type[nn.Module], Tuple[Tuple[str, ...], DataMovement]] = {}
 
@@ -228,6 +235,46 @@ def output_types_of(module: nn.Module) -> Tuple[str, ...]:
     return onnx_types_of(module)
 
 
+def register_param_axes(module_cls: Type[nn.Module], **param_axes: int) -> Type[nn.Module]:
+    """Declare the axis that holds the output channels of parameters of ``module_cls`` whose
+    output channels are not on axis 0 (``register_param_axes(nn.ConvTranspose2d, weight=1)``).
+
+    Adds to the class's earlier declarations; subclasses inherit them (see :func:`param_axis`).
+
+    Returns:
+        ``module_cls`` unchanged.
+
+    Raises:
+        TypeError: ``module_cls`` is not an ``nn.Module`` subclass, or an axis is not an int.
+    """
+    if not (isinstance(module_cls, type) and issubclass(module_cls, nn.Module)):
+        raise TypeError(f"register_param_axes: expected an nn.Module subclass, got {module_cls!r}")
+    bad = {n: a for n, a in param_axes.items() if isinstance(a, bool) or not isinstance(a, int)}
+    if bad:
+        raise TypeError(f"register_param_axes({module_cls.__name__}): axes must be ints, got {bad}")
+    _PARAM_AXES.setdefault(module_cls, {}).update(param_axes)
+    return module_cls
+
+
+def param_axis(module: Union[nn.Module, Type[nn.Module]], param_name: str) -> int:
+    """The axis of parameter ``param_name`` that holds the output channels of ``module`` (an
+    instance or a class): what the nearest class in its MRO declared with
+    :func:`register_param_axes`, else 0.
+
+    Example:
+        >>> param_axis(torch.nn.ConvTranspose2d(2, 3, 1), "weight")
+        1
+        >>> param_axis(torch.nn.Conv2d, "weight")
+        0
+    """
+    cls = module if isinstance(module, type) else type(module)
+    for base in cls.__mro__:
+        axes = _PARAM_AXES.get(base)
+        if axes is not None and param_name in axes:
+            return axes[param_name]
+    return 0
+
+
 def _nearest_upsample(module: nn.Module) -> bool:
     return getattr(module, "mode", "nearest") == "nearest"
 
@@ -244,6 +291,8 @@ def _builtin(names: Tuple[str, ...], classes: str, data_movement: DataMovement =
 # --- the built-in table: aimet-torch's entries first, then the obvious ONNX equivalents -----
 _builtin(("Conv",), "Conv1d Conv2d Conv3d")
 _builtin(("ConvTranspose",), "ConvTranspose1d ConvTranspose2d ConvTranspose3d")
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_param_axes(_cls, weight=1)  # (in, out / groups, *kernel): output channels on axis 1
 _builtin(("Gemm", "MatMul"), "Linear")
 _builtin(("BatchNormalization",), "BatchNorm1d BatchNorm2d BatchNorm3d")
 _builtin(("InstanceNormalization",), "InstanceNorm1d InstanceNorm2d InstanceNorm3d")

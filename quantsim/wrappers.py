@@ -22,9 +22,10 @@ allocated tensor: conv, linear, norms, activations without ``inplace``, elementw
 children or forward hooks, outside autograd, has its output fake-quantized in place: nothing but
 the float forward itself can have seen that tensor.
 
-The registry maps float classes to the axis along which their weight is quantized per channel
-(``ConvTranspose`` keeps output channels on axis 1); one :func:`register_quantized` call adds a
-type. Types the registry does not know still get wrapped generically (the sim warns once).
+The registry lists the float classes quantized as one layer; one :func:`register_quantized`
+call adds a type (and, where a parameter keeps its output channels on another axis than 0, that
+axis, recorded in :mod:`quantsim.op_types`). Types the registry does not know still get wrapped
+generically (the sim warns once).
 
 A float class that computes a parameter in ``forward`` instead of reading it from
 ``_parameters`` (``quantsim.nn``'s fused conv-BN modules fold the BatchNorm into the weight)
@@ -45,39 +46,35 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from quantsim.nn import elementwise as ew
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
+# param_axis is imported from here by the sim and the retrain session
+from quantsim.op_types import param_axis, register_param_axes  # noqa: F401
 from quantsim.quantizer import Quantizer, enabled_generation
 
-_PARAM_AXES: Dict[Type[nn.Module], Dict[str, int]] = {}
+_QUANTIZED_TYPES: Set[Type[nn.Module]] = set()
 _QUANTIZED_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}
 
 
 def register_quantized(module_cls: Type[nn.Module], **param_axes: int) -> None:
-    """Declare how ``module_cls`` is quantized: the per-channel axis of each parameter.
+    """Declare that ``module_cls`` is quantized as one layer, and the per-channel axis of each
+    parameter whose output channels are not on axis 0.
 
-    Parameters not named use axis 0. Example: ``register_quantized(nn.ConvTranspose2d,
-    weight=1)``.
+    The axes go to :func:`quantsim.op_types.register_param_axes`, the one table of them
+    (``ConvTranspose`` is there already). Example: ``register_quantized(MyConv, weight=1)``.
     """
-    _PARAM_AXES[module_cls] = dict(param_axes)
+    _QUANTIZED_TYPES.add(module_cls)
+    if param_axes:
+        register_param_axes(module_cls, **param_axes)
 
 
 def is_registered(module: nn.Module) -> bool:
     """True when the module's class (or a base class) was registered."""
-    return any(cls in _PARAM_AXES for cls in type(module).__mro__)
+    return any(cls in _QUANTIZED_TYPES for cls in type(module).__mro__)
 
 
-def param_axis(module: nn.Module, param_name: str) -> int:
-    """Per-channel axis of ``param_name`` of ``module`` (0 unless registered otherwise)."""
-    for cls in type(module).__mro__:
-        if cls in _PARAM_AXES:
-            return _PARAM_AXES[cls].get(param_name, 0)
-    return 0
-
-
-for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_quantized(_cls, weight=1)
-for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding, nn.EmbeddingBag,
-             nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-             nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.RMSNorm):
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+             nn.ConvTranspose3d, nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.BatchNorm1d,
+             nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+             nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.RMSNorm):
     register_quantized(_cls)
 # fused conv-BN modules are quantized as one layer (their children are not wrapped); the
 # folded weight keeps the layer's output-channel axis
