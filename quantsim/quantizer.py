@@ -470,6 +470,8 @@ class Quantizer(nn.Module):
                 f"{self.name or 'Quantizer'} has no encoding: run compute_encodings() (or "
                 "load_encodings()) first, or disable it with .enabled = False")
         scale, offset = self._scale_offset()
+        if state == "qat":  # the next call rewrites the buffers in place: autograd keeps copies
+            scale, offset = scale.clone(), offset.clone()
         qmin, qmax = self.qmin_qmax
         return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
 
