@@ -18,7 +18,7 @@ from quantsim.errors import (
 )
 from quantsim.graph import KeywordInputs
 from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from quantsim.qat_convert import ConvertedQATModel, convert_qat_model
+from quantsim.export.qat_onnx import ConvertedQATModel, convert_qat_model
 from quantsim.quantizer import Quantizer
 from quantsim.retrain import (create_quant_retrain_config, create_quant_retrain_model,
                               restore_quant_retrain_model, save_quant_retrain_model)

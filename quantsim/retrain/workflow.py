@@ -16,8 +16,9 @@ from torch import nn
 
 from quantsim.errors import (CalibrationError, CheckpointError, QuantizationSettingError,
                              UnsupportedModelError)
+from quantsim.export.qat_onnx import (DEPLOY_SUFFIX, FAKE_QUANT_SUFFIX, ConvertedQATModel,
+                                      convert_qat_model)
 from quantsim.export.qdq import widen_4bit_pairs
-from quantsim.qat_convert import DEPLOY_SUFFIX, FAKE_QUANT_SUFFIX, ConvertedQATModel, convert_qat_model
 from quantsim.retrain.config import (PathLike, RetrainConfig, _apply_definition,
                                      _check_against_model, _read_json, _scan)
 from quantsim.retrain.session import (QuantRetrainSession, _apply_layers, _unwrap,
