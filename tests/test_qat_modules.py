@@ -6,6 +6,7 @@ threads on a shared 2-core machine).
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import DEVICES
 from quantsim.encoding import Encoding, fake_quantize, integer_grid
 from quantsim.errors import (
     CalibrationError,
@@ -34,10 +36,16 @@ from quantsim.nn.qat import (
     ConvTranspose2dQAT,
     LinearQAT,
     QATConfig,
+    QATInputConfig,
+    QATWeightConfig,
     quantization_disabled,
     replace_with_qat,
 )
+from quantsim.export.qdq import QdqPlan, build_qdq_model, qdq_opset, widen_4bit_pairs
+from quantsim.op_types import param_axis, register_param_axes
 from quantsim.qat_convert import _cpu_lacks_vnni, convert_qat_model
+from quantsim.quantizer import Quantizer
+from quantsim.wrappers import register_quantized
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
@@ -371,7 +379,7 @@ def test_convert_refuses_a_model_without_qdq(tmp_path):
 
 def test_export_before_calibration_is_refused(tmp_path):
     """Exporting a QAT module that never saw a training batch names the fix."""
-    with pytest.raises(Exception, match="before calibration"):
+    with pytest.raises(ExportError, match="before calibration"):
         export(nn.Sequential(LinearQAT(4, 2)), torch.randn(2, 4), str(tmp_path / "u.onnx"),
                dynamo=False)
 
@@ -663,3 +671,197 @@ def test_config_defaults_and_round_trip():
                                   "channel_wise": False},
     }
     assert QATConfig.from_dict(cfg.to_dict()) == cfg == QATConfig.coerce(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# the quantizers are configured Quantizers; one registry; one 4-bit rule; the old import path
+# ----------------------------------------------------------------------------------------------
+def test_quantizers_are_configured_quantizers():
+    """The input quantizer is an asymmetric, learnable, ``tf``-calibrated Quantizer whose
+    min/max are the clip parameters (fixed_min: min pinned, not trained); the weight quantizer
+    a symmetric Quantizer in the 'qat' state with averaging constant 1, per channel along the
+    axis quantsim.op_types.param_axis gives the float class."""
+    int4_relu = {"retrain_data_config": {"dst_type": "INT4", "fixed_min": True}}
+    for qat, bits in ((Conv2dQAT(3, 4, 3, config=CONV_CFG), 8),
+                      (ConvTranspose2dQAT(3, 5, 3, config=CONV_CFG), 8),
+                      (LinearQAT(6, 2, config=int4_relu), 4)):
+        iq, wq = qat.input_quantizer, qat.weight_quantizer
+        assert isinstance(iq.quantizer, Quantizer) and isinstance(wq.quantizer, Quantizer)
+        s = iq.quantizer.settings()
+        assert (s["bitwidth"], s["symmetric"], s["learnable"], s["role"], s["scheme"],
+                s["state"]) == (bits, False, True, "input", "tf", "quantize")
+        assert iq.clip_max is iq.quantizer.max
+        if iq.config.fixed_min:
+            assert not iq.quantizer.min.requires_grad and float(iq.quantizer.min) == 0.0
+        else:
+            assert iq.clip_min is iq.quantizer.min and iq.clip_min.requires_grad
+        s = wq.quantizer.settings()
+        assert (s["symmetric"], s["state"], s["averaging_constant"], s["role"]) == (
+            True, "qat", 1.0, "param")
+        axis = param_axis(qat.FLOAT_CLASS, "weight")
+        if qat.qat_config.weight.channel_wise:
+            assert wq.quantizer.axis == axis and wq.quantizer.shape == (qat.weight.shape[axis],)
+        else:
+            assert wq.quantizer.axis is None and wq.quantizer.shape == ()
+    assert param_axis(nn.ConvTranspose2d, "weight") == 1 and param_axis(nn.Conv2d, "weight") == 0
+
+
+def test_state_dict_keys_unchanged_and_assign_load_keeps_the_tie():
+    """The state_dict holds what QAT checkpoints always held (the layer, clip_min, clip_max,
+    num_batches_calibrated; nothing of the weight quantizer); load_state_dict(assign=True)
+    leaves clip_min / clip_max the quantizer's own range, so training goes on identically."""
+    torch.manual_seed(0)
+    conv = Conv2dQAT(1, 2, 3, config={"retrain_data_config": {"batch_num": 1}})
+    assert set(conv.state_dict()) == {
+        "weight", "bias", "input_quantizer.clip_max", "input_quantizer.clip_min",
+        "input_quantizer.num_batches_calibrated"}
+    relu = LinearQAT(2, 2, config={"retrain_data_config": {"fixed_min": True}})
+    assert float(relu.state_dict()["input_quantizer.clip_min"]) == 0.0
+    x = torch.randn(4, 1, 6, 6)
+    conv(x)  # calibrates
+    twin = Conv2dQAT(1, 2, 3, config={"retrain_data_config": {"batch_num": 1}})
+    twin.load_state_dict(conv.state_dict(), assign=True)
+    iq = twin.input_quantizer
+    assert iq.clip_min is iq.quantizer.min and iq.clip_max is iq.quantizer.max
+    assert not iq.calibrating and iq.quantizer.is_initialized
+    for m in (conv, twin):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(x).square().sum().backward()
+        opt.step()
+    for k, v in conv.state_dict().items():
+        assert torch.equal(v, twin.state_dict()[k]), k
+
+
+def test_module_called_twice_before_backward():
+    """A QAT module applied twice in one forward trains: the weight quantizer's range is
+    rewritten in place by the second call, yet the gradients equal those of two copies."""
+    torch.manual_seed(0)
+    cfg = {"retrain_data_config": {"clip_min": -1.0, "clip_max": 1.5}}
+    fc = LinearQAT(4, 4, config=cfg)
+    a, b = copy.deepcopy(fc), copy.deepcopy(fc)
+    x1, x2 = torch.randn(3, 4), torch.randn(3, 4) * 3
+    fc(fc(x1) + x2).sum().backward()
+    y = a(x1)
+    b(y + x2).sum().backward()
+    for name, p in fc.named_parameters():
+        pa, pb = dict(a.named_parameters())[name], dict(b.named_parameters())[name]
+        assert torch.equal(p.grad, pa.grad + pb.grad), name
+    calibrating = LinearQAT(4, 4, config={"retrain_data_config": {"batch_num": 2}})
+    calibrating(calibrating(x1) + x2).sum().backward()
+    assert int(calibrating.input_quantizer.num_batches_calibrated) == 2
+
+
+def test_learned_clip_past_zero_reads_as_aimet_torch_reads_it():
+    """A learned clip_min above 0 is not snapped back to 0 (the old rule, which also cut its
+    gradient): as for every learnable range in quantsim and aimet-torch, scale is
+    (clip_max - clip_min) / 255 and the offset is clamped so that 0 stays on the grid, so the
+    grid is [0, clip_max - clip_min] and clip_min keeps a gradient."""
+    fc = LinearQAT(2, 1, config={"retrain_data_config": {"clip_min": 0.0, "clip_max": 2.0}})
+    with torch.no_grad():
+        fc.input_quantizer.clip_min.fill_(0.5)
+    enc = fc.input_quantizer.encoding()
+    assert int(enc.offset) == 0 and float(enc.min) == 0.0
+    assert float(enc.max) == pytest.approx(1.5, rel=1e-6)
+    fc(torch.tensor([[0.2, 1.9]])).sum().backward()
+    assert float(fc.input_quantizer.clip_min.grad) != 0.0
+
+
+class _Transposed(nn.ConvTranspose2d):
+    """A ConvTranspose2d subclass registered with the sim without naming axes."""
+
+
+def test_one_table_of_parameter_axes():
+    """op_types.param_axis is the one table of output-channel axes: the sim's registry writes
+    to it, subclasses inherit a parent's axis, and bad declarations are refused."""
+    register_quantized(_Transposed)
+    assert param_axis(_Transposed(2, 3, 1), "weight") == 1  # inherited, not reset to 0
+    assert param_axis(_Transposed, "bias") == 0
+    with pytest.raises(TypeError, match="axes must be ints"):
+        register_param_axes(_Transposed, weight="1")
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_param_axes(int, weight=1)
+
+
+def _qdq_outputs(path_or_model, x: torch.Tensor) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = DISABLE_ALL
+    model = path_or_model if isinstance(path_or_model, str) else \
+        path_or_model.SerializeToString()
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("channel_wise", [False, True])
+def test_int4_containers_follow_the_sim_rule(channel_wise, tmp_path):
+    """The INT4 pairs a QAT layer exports are what widen_4bit_pairs makes of the sim's 4-bit
+    QDQ model with the same encodings (one rule: 8-bit container of the grid's sign, clamp to
+    the grid's range): in ORT both give the same outputs, equal to PyTorch's."""
+    torch.manual_seed(0)
+    int4 = {"retrain_data_config": {"dst_type": "INT4", "clip_min": -1.0, "clip_max": 2.0},
+            "retrain_weight_config": {"dst_type": "INT4", "channel_wise": channel_wise}}
+    conv = Conv2dQAT(2, 3, 1, bias=False, config=int4).eval()
+    x = torch.randn(4, 2, 3, 3) * 2
+    path = export(nn.Sequential(conv), x, str(tmp_path / "c.onnx"), dynamo=False)
+    fq, _ = convert_qat_model(path, str(tmp_path / "c"), fake_quant_weight_dtype="int8")
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "conv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 2, 3, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3, 3, 3])],
+        [onnx.numpy_helper.from_array(conv.weight.detach().numpy(), "w")])
+    plan = QdqPlan(params={"w": ("w_q", conv.weight_quantizer.encoding(conv.weight))},
+                   tensors={"x": ("x_q", conv.input_quantizer.encoding())})
+    sim_qdq = build_qdq_model(onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 20)]), plan, qdq_opset(plan, 20))
+    assert widen_4bit_pairs(sim_qdq, 20) == 2
+    onnx.checker.check_model(sim_qdq, full_check=True)
+    assert sim_qdq.opset_import[0].version == 20
+
+    got_qat, got_sim = _qdq_outputs(fq, x), _qdq_outputs(sim_qdq, x)
+    np.testing.assert_array_equal(got_qat, got_sim)
+    with torch.no_grad():
+        want = conv(x).numpy()
+    np.testing.assert_allclose(got_sim, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_old_import_paths_keep_working():
+    """quantsim.convert_qat_model and quantsim.qat_convert name the converter that now lives in
+    quantsim.export.qat_onnx; the config sections' old names still resolve, with a warning."""
+    import quantsim
+    from quantsim import qat_convert
+    from quantsim.export import qat_onnx
+    from quantsim.nn import qat
+
+    assert quantsim.convert_qat_model is qat_convert.convert_qat_model is \
+        qat_onnx.convert_qat_model
+    assert qat_convert.ConvertedQATModel is qat_onnx.ConvertedQATModel
+    for old, new in (("RetrainDataConfig", QATInputConfig), ("RetrainWeightConfig",
+                                                             QATWeightConfig)):
+        with pytest.warns(DeprecationWarning, match=f"{old} is now quantsim.nn.qat.{new.__name__}"):
+            assert getattr(qat, old) is new
+    with pytest.raises(AttributeError):
+        qat.NoSuchName  # noqa: B018
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_step_on_device(device):
+    """On any device the quantizers live with the layer: calibration, a learned step and eval
+    run there, and the encodings equal the CPU run's (min/max and scalar arithmetic are exact)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 6, 6)
+    cfg = {"retrain_data_config": {"batch_num": 1}, "retrain_weight_config": {"channel_wise": True}}
+    start = Conv2dQAT(2, 4, 3, config=cfg).state_dict()
+    runs = {}
+    for dev in ("cpu", device):
+        conv = Conv2dQAT(2, 4, 3, config=cfg, device=dev)
+        conv.load_state_dict(start)
+        assert conv.input_quantizer.clip_max.device.type == torch.device(dev).type
+        assert conv.weight_quantizer.quantizer.scale.device.type == torch.device(dev).type
+        conv(x.to(dev))  # calibration
+        encodings = (conv.input_quantizer.encoding(), conv.weight_quantizer.encoding(conv.weight))
+        conv(x.to(dev)).square().mean().backward()
+        assert conv.input_quantizer.clip_max.grad is not None
+        with torch.no_grad():
+            conv.eval()(x.to(dev))
+        runs[dev] = encodings
+    assert runs["cpu"] == runs[device]

@@ -1,4 +1,6 @@
-"""The retrain config of the single-operator QAT modules: typed, validated, with defaults.
+"""The config of the single-operator QAT modules (:mod:`quantsim.nn.qat`): typed, validated,
+with defaults. Not the retrain workflow's config file (:mod:`quantsim.retrain.config`), which
+reuses :data:`DST_TYPES` and :func:`parse_bool` from here.
 
 A config is a dict of two sections (every key optional, unknown keys rejected)::
 
@@ -77,11 +79,11 @@ def _check_keys(section: Mapping[str, Any], cls: type, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class RetrainDataConfig:
+class QATInputConfig:
     """How a QAT module quantizes its input (``retrain_data_config``).
 
     Example:
-        >>> RetrainDataConfig.from_dict({"batch_num": 2, "fixed_min": "True"}).fixed_min
+        >>> QATInputConfig.from_dict({"batch_num": 2, "fixed_min": "True"}).fixed_min
         True
     """
 
@@ -105,7 +107,7 @@ class RetrainDataConfig:
         return DST_TYPES[self.dst_type]
 
     @classmethod
-    def from_dict(cls, section: Mapping[str, Any], where: str = DATA_SECTION) -> "RetrainDataConfig":
+    def from_dict(cls, section: Mapping[str, Any], where: str = DATA_SECTION) -> "QATInputConfig":
         """Validate ``section`` and fill in the defaults.
 
         Raises:
@@ -143,11 +145,11 @@ class RetrainDataConfig:
 
 
 @dataclass(frozen=True)
-class RetrainWeightConfig:
+class QATWeightConfig:
     """How a QAT module quantizes its weight (``retrain_weight_config``).
 
     Example:
-        >>> RetrainWeightConfig.from_dict({"channel_wise": True}).channel_wise
+        >>> QATWeightConfig.from_dict({"channel_wise": True}).channel_wise
         True
     """
 
@@ -167,7 +169,7 @@ class RetrainWeightConfig:
     @classmethod
     def from_dict(
         cls, section: Mapping[str, Any], where: str = WEIGHT_SECTION
-    ) -> "RetrainWeightConfig":
+    ) -> "QATWeightConfig":
         """Validate ``section`` and fill in the defaults.
 
         Raises:
@@ -187,7 +189,7 @@ class RetrainWeightConfig:
 
 @dataclass(frozen=True)
 class QATConfig:
-    """The whole retrain config of one QAT module: data and weight sections.
+    """The whole config of one QAT module: its input (data) and weight sections.
 
     Example:
         >>> cfg = QATConfig.from_dict({"retrain_weight_config": {"dst_type": "INT4"}})
@@ -195,8 +197,8 @@ class QATConfig:
         (8, 4)
     """
 
-    data: RetrainDataConfig = field(default_factory=RetrainDataConfig)
-    weight: RetrainWeightConfig = field(default_factory=RetrainWeightConfig)
+    data: QATInputConfig = field(default_factory=QATInputConfig)
+    weight: QATWeightConfig = field(default_factory=QATWeightConfig)
 
     @classmethod
     def from_dict(cls, config: Optional[Mapping[str, Any]]) -> "QATConfig":
@@ -217,8 +219,8 @@ class QATConfig:
             raise QuantizationSettingError(
                 f"QAT config: unknown section(s) {unknown}; allowed: {[DATA_SECTION, WEIGHT_SECTION]}"
             )
-        return cls(RetrainDataConfig.from_dict(config.get(DATA_SECTION, {})),
-                   RetrainWeightConfig.from_dict(config.get(WEIGHT_SECTION, {})))
+        return cls(QATInputConfig.from_dict(config.get(DATA_SECTION, {})),
+                   QATWeightConfig.from_dict(config.get(WEIGHT_SECTION, {})))
 
     @classmethod
     def coerce(cls, config: Union[None, Mapping[str, Any], "QATConfig"]) -> "QATConfig":

@@ -3,8 +3,11 @@ quantization of their input and weight.
 
 Each class subclasses its torch layer (same constructor arguments, plus ``config``), owns an
 ``input_quantizer`` (:class:`LearnedClipQuantizer`) and a ``weight_quantizer``
-(:class:`ArqWeightQuantizer`), and is registered against its float class in
-:data:`QAT_MODULES` (the registry :func:`quantsim.nn.qat.replace_with_qat` uses).
+(:class:`ArqWeightQuantizer`), both configured :class:`~quantsim.quantizer.Quantizer` s, and is
+registered against its float class in :data:`QAT_MODULES`: the one place that says which float
+class gets which QAT class (:func:`quantsim.nn.qat.replace_with_qat` uses it). The weight's
+output-channel axis is :func:`quantsim.op_types.param_axis`, the table the sim's per-channel
+quantizers read too.
 
 Switching quantization off (``module.quantize = False`` or
 :func:`quantization_disabled`) makes ``forward`` the float layer's own ``forward``: outputs are
@@ -25,6 +28,7 @@ from torch.nn import functional as F
 
 from quantsim.errors import QuantizationSettingError, UnsupportedModelError
 from quantsim.nn.qat.config import QATConfig
+from quantsim.op_types import param_axis
 from quantsim.nn.qat.quantizers import (
     ArqWeightQuantizer,
     LearnedClipQuantizer,
@@ -83,14 +87,15 @@ class QATModuleMixin:
     """
 
     FLOAT_CLASS: Type[nn.Module]
-    #: weight axis holding the output channels.
-    WEIGHT_AXIS = 0
 
     def _init_qat(self, config: ConfigLike) -> None:
         self.qat_config = QATConfig.coerce(config)
         self.check_config(self.qat_config)
-        self.input_quantizer = LearnedClipQuantizer(self.qat_config.data)
-        self.weight_quantizer = ArqWeightQuantizer(self.qat_config.weight, self.WEIGHT_AXIS)
+        axis = param_axis(self, "weight")
+        device = self.weight.device
+        self.input_quantizer = LearnedClipQuantizer(self.qat_config.data).to(device)
+        self.weight_quantizer = ArqWeightQuantizer(
+            self.qat_config.weight, self.weight.shape[axis], axis).to(device)
         self.quantize = True
 
     @classmethod
@@ -266,8 +271,6 @@ class ConvTranspose2dQAT(QATModuleMixin, nn.ConvTranspose2d):
         >>> up(torch.rand(1, 2, 3, 3)).shape
         torch.Size([1, 1, 6, 6])
     """
-
-    WEIGHT_AXIS = 1
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,

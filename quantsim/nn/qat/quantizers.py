@@ -1,21 +1,31 @@
-"""The two quantizers a single-operator QAT module holds.
+"""The two quantizers of a single-operator QAT module, each a configured
+:class:`~quantsim.quantizer.Quantizer` (``.quantizer``) with the schedule the module needs.
 
-* :class:`LearnedClipQuantizer` (the layer's input): an asymmetric grid whose clip range
-  ``[clip_min, clip_max]`` is first calibrated from the min/max of the first ``batch_num``
-  training batches and then learned as ``nn.Parameter`` s, LSQ-style: the gradients come from
-  :func:`quantsim.encoding.fake_quantize` through :func:`~quantsim.encoding.adjust_range` and
-  :func:`~quantsim.encoding.scale_offset_from_range` (``round`` is straight-through there).
-* :class:`ArqWeightQuantizer` (``arq_retrain``, the weight): a symmetric grid whose scale is
-  recomputed from the current weight on every forward, per tensor or per output channel, and
-  treated as a constant by autograd (the weight itself gets the straight-through gradient).
+* :class:`LearnedClipQuantizer` (the layer's input): an asymmetric ``Quantizer`` whose range is
+  learnable from the start (``set_learnable(init=...)``, so an optimizer built before training
+  holds it). Training-mode forwards ``1..batch_num`` calibrate it: its ``tf`` analyzer observes
+  the batch and the range becomes the running min/max with zero included (what aimet-torch sets
+  a range-learning quantizer to), while the output is fake-quantized with that encoding as a
+  constant. Later forwards are the ``Quantizer``'s own learnable forward, so the LSQ-style
+  gradients reach ``min`` / ``max``.
+* :class:`ArqWeightQuantizer` (``arq_retrain``, the weight): a symmetric ``Quantizer`` in the
+  ``'qat'`` state with ``averaging_constant`` 1.0, so its range is the current weight's min/max
+  on every forward (per tensor, or per output channel along the axis
+  :func:`quantsim.op_types.param_axis` gives); the scale is a buffer, a constant for autograd,
+  and the weight gets the straight-through gradient.
 
-Both export to ONNX as a ``QuantizeLinear``/``DequantizeLinear`` pair carrying the current
-scale and zero point (:func:`export_fake_quantize`, used only inside ``torch.onnx.export``).
+Checkpoints keep the names they always had: the input quantizer's range is ``clip_min`` /
+``clip_max`` (the very ``Parameter`` s of its ``Quantizer``), its progress
+``num_batches_calibrated``; the weight quantizer saves nothing, as its range is derived.
+
+Inside ``torch.onnx.export`` both emit a ``QuantizeLinear``/``DequantizeLinear`` pair
+(:func:`quantsim.export.qat_onnx.qdq_pair`) carrying the current scale and zero point, computed
+with traceable ops.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from typing import Any, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +34,6 @@ from quantsim.encoding import (
     Encoding,
     adjust_range,
     amin_amax,
-    channel_view,
     dequantize,
     fake_quantize,
     integer_grid,
@@ -32,65 +41,8 @@ from quantsim.encoding import (
     scale_offset_from_range,
 )
 from quantsim.errors import CalibrationError, ExportError
-from quantsim.nn.qat.config import RetrainDataConfig, RetrainWeightConfig
-
-
-def export_fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    axis: Optional[int] = None,
-) -> torch.Tensor:
-    """Export-time twin of :func:`quantsim.encoding.fake_quantize`: a QuantizeLinear /
-    DequantizeLinear pair in the ONNX graph.
-
-    * dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the default): the two ONNX nodes
-      are emitted directly with ``torch.onnx.ops.symbolic`` (works with dynamic shapes);
-    * TorchScript exporter (``dynamo=False``): torch's ``fake_quantize_per_{tensor,channel}_affine``,
-      which that exporter turns into the same pair.
-
-    The ONNX zero point is ``-offset``; only 8-bit containers are written (TOOLCHAIN §3: ORT
-    loads opset <= 20 QDQ graphs at every optimization level). A narrower grid (INT4) is stored
-    in the 8-bit container of its sign, preceded by a clamp to the grid's real range, so the pair
-    computes exactly the narrow fake-quant; weights need no clamp (their range is their own
-    min/max, so their codes never leave the narrow grid).
-
-    Args:
-        x: the tensor to quantize.
-        scale, offset: 0-d (per tensor) or 1-d along ``axis``, without gradient.
-        qmin, qmax: the internal grid (see :func:`quantsim.encoding.integer_grid`).
-        axis: channel axis of ``x`` for per-channel encodings.
-
-    Raises:
-        ExportError: the grid does not fit an 8-bit container.
-    """
-    container = (0, 255) if qmin >= 0 else (-128, 127)
-    if qmin < container[0] or qmax > container[1]:
-        raise ExportError(
-            f"QAT export: grid [{qmin}, {qmax}] does not fit an 8-bit ONNX QuantizeLinear; "
-            "allowed dst_type for export: INT8, INT4"
-        )
-    zero_point = torch.round(-offset)
-    if (qmin, qmax) != container:
-        lo = dequantize(torch.full_like(scale, qmin), scale, offset)
-        hi = dequantize(torch.full_like(scale, qmax), scale, offset)
-        x = torch.clamp(x, channel_view(lo, x.dim(), axis), channel_view(hi, x.dim(), axis))
-    if torch.jit.is_tracing():  # the TorchScript exporter
-        zp = zero_point.to(torch.int32)
-        if axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, scale, zp, *container)
-        return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, *container)
-    qdtype = torch.uint8 if container[0] == 0 else torch.int8
-    zp = zero_point.to(qdtype)
-    scale = scale.to(x.dtype)
-    attrs = {} if axis is None else {"axis": axis}
-    q = torch.onnx.ops.symbolic("QuantizeLinear", (x, scale, zp), attrs, dtype=qdtype,
-                                shape=x.shape)
-    return torch.onnx.ops.symbolic("DequantizeLinear", (q, scale, zp), attrs, dtype=x.dtype,
-                                   shape=x.shape)
-
+from quantsim.nn.qat.config import QATInputConfig, QATWeightConfig
+from quantsim.quantizer import Quantizer, QuantizerRole, QuantizerState
 
 #: Bitwidth of the bias grid (int32, as integer runtimes and ORT's QLinearConv store it).
 BIAS_BITWIDTH = 32
@@ -125,47 +77,84 @@ def fake_quantize_bias(
     return fake_quantize(bias, scale, offset, qmin, qmax, axis)
 
 
+def _export_qdq(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, q: Quantizer
+                ) -> torch.Tensor:
+    """The ONNX pair of ``q``'s grid, emitted while ``torch.onnx.export`` traces."""
+    # imported here: the export package imports the sim, which imports quantsim.nn
+    from quantsim.export.qat_onnx import qdq_pair
+
+    return qdq_pair(x, scale.detach(), offset.detach(), *q.qmin_qmax, q.axis)
+
+
+class OwnedQuantizer(Quantizer):
+    """A :class:`Quantizer` whose state its owning QAT quantizer keeps: it writes and reads no
+    ``state_dict`` entries of its own (its range is saved under the owner's names, everything
+    else is derived), so QAT checkpoints keep their keys."""
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        return
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        return
+
+
 class LearnedClipQuantizer(nn.Module):
-    """Asymmetric input quantizer with a calibrated, then learned, clip range.
+    """Input quantizer of a QAT module: calibrated over the first ``batch_num`` training
+    batches, then learned (see the module docstring).
 
-    State (all in the ``state_dict``): ``clip_max`` (parameter), ``clip_min`` (parameter, or a
-    buffer fixed at 0 when ``fixed_min``) and ``num_batches_calibrated`` (buffer).
-
-    * Training-mode forwards ``1..batch_num`` *calibrate*: the clips become the running
-      min/max of the data seen so far (a clip given in the config is kept instead) and the
-      output is fake-quantized with them, with gradients to the input only.
-    * Every later forward fake-quantizes with the current clips; in training the gradients of
-      the output reach ``clip_min``/``clip_max`` (LSQ-style), so an optimizer learns them.
+    * Training-mode forwards ``1..batch_num`` calibrate the ends the config does not give
+      (``clip_min``, unless given or ``fixed_min``; ``clip_max``, unless given); the output is
+      fake-quantized with the current range, with gradients to the input only.
+    * Every later forward is ``self.quantizer``'s learnable forward: in training the output's
+      gradients reach ``clip_min`` / ``clip_max`` (LSQ-style), so an optimizer learns them.
     * An eval-mode forward before any calibration raises :class:`CalibrationError`.
+
+    State (the ``state_dict``): ``clip_max`` and ``clip_min`` (``self.quantizer``'s ``max`` and
+    ``min``; with ``fixed_min`` the lower end is a buffer pinned at 0 and the quantizer's ``min``
+    does not learn) and ``num_batches_calibrated``.
 
     Args:
         config: the ``retrain_data_config`` section.
         name: where the quantizer sits, used in messages.
 
     Example:
-        >>> q = LearnedClipQuantizer(RetrainDataConfig(batch_num=1))
+        >>> q = LearnedClipQuantizer(QATInputConfig(batch_num=1))
         >>> _ = q(torch.tensor([-1.0, 2.0]))          # training mode: calibrates
         >>> q.clip_min.item(), q.clip_max.item()
         (-1.0, 2.0)
     """
 
-    def __init__(self, config: RetrainDataConfig, name: str = "") -> None:
+    def __init__(self, config: QATInputConfig, name: str = "") -> None:
         super().__init__()
         self.config = config
+        q = OwnedQuantizer(config.bitwidth, symmetric=False, scheme="tf",
+                            role=QuantizerRole.INPUT)
+        q.set_learnable(True, init=(config.clip_min or 0.0, config.clip_max or 0.0))
+        self.quantizer = q
         self.name = name
-        self.qmin, self.qmax = integer_grid(config.bitwidth, symmetric=False)
         self._calibrate_min = config.clip_min is None and not config.fixed_min
         self._calibrate_max = config.clip_max is None
-        self.clip_max = nn.Parameter(torch.tensor(config.clip_max or 0.0))
+        self.clip_max = q.max  # the same Parameter, under the name checkpoints use
         if config.fixed_min:
+            q.min.requires_grad_(False)  # pinned at 0 (how aimet-torch fixes one end)
             self.register_buffer("clip_min", torch.tensor(0.0))
         else:
-            self.clip_min = nn.Parameter(torch.tensor(config.clip_min or 0.0))
+            self.clip_min = q.min
         self.register_buffer("num_batches_calibrated", torch.tensor(0, dtype=torch.long))
         self._seen = 0  # python mirror of num_batches_calibrated (readable during export)
         self._warned_negative = False
+        q.initialized.fill_(self.ready)
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Where the quantizer sits (``conv1.input_quantizer``), used in messages."""
+        return self.quantizer.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.quantizer.name = self.quantizer.analyzer.name = value
+
     @property
     def needs_calibration(self) -> bool:
         """True when at least one clip comes from data rather than from the config."""
@@ -184,20 +173,20 @@ class LearnedClipQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._seen = int(self.num_batches_calibrated)
-
-    # -- arithmetic ---------------------------------------------------------------------------
-    def scale_offset(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Scale and offset of the current clips (differentiable w.r.t. the clips)."""
-        lo, hi = adjust_range(self.clip_min, self.clip_max, self.qmax - self.qmin, symmetric=False)
-        return scale_offset_from_range(lo, hi, self.qmin, self.qmax, symmetric=False)
+        q = self.quantizer
+        q.max = self.clip_max  # load_state_dict(assign=True) puts in new Parameters: tie again
+        if not self.config.fixed_min:
+            q.min = self.clip_min
+        q.initialized.fill_(self.ready)
 
     def encoding(self) -> Encoding:
         """The current encoding as an immutable :class:`~quantsim.encoding.Encoding`."""
-        with torch.no_grad():
-            scale, offset = self.scale_offset()
-        return Encoding(self.config.bitwidth, scale, offset, symmetric=False)
+        return self.quantizer.encoding
 
-    def _observe(self, x: torch.Tensor) -> None:
+    # -- calibration --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        q = self.quantizer
         lo, hi = amin_amax(x.detach().float(), None)
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise CalibrationError(
@@ -210,32 +199,38 @@ class LearnedClipQuantizer(nn.Module):
                 f"QAT input quantizer {self.name or '<unnamed>'}: fixed_min=True but the data "
                 f"has negative values (min {float(lo):.4g}); they are clipped to 0"
             )
-        first = self._seen == 0
+        q.analyzer.observe(x)
+        qmin, qmax = q.qmin_qmax
+        lo, hi = q.analyzer.compute_range(qmax - qmin, symmetric=False)
+        lo = lo if self._calibrate_min else q.min.detach()
+        hi = hi if self._calibrate_max else q.max.detach()
+        lo, hi = adjust_range(lo, hi, qmax - qmin, symmetric=False)
         if self._calibrate_min:
-            self.clip_min.copy_(lo if first else torch.minimum(self.clip_min, lo))
+            q.min.copy_(lo)
         if self._calibrate_max:
-            self.clip_max.copy_(hi if first else torch.maximum(self.clip_max, hi))
+            q.max.copy_(hi)
+        q.initialized.fill_(True)
         self.num_batches_calibrated += 1
         self._seen += 1
 
+    # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` (calibrating first while in the first training batches)."""
         return self.forward_with_scale(x)[0]
 
     def forward_with_scale(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`forward`, also returning the scale used (for the bias scale)."""
+        q = self.quantizer
         if torch.onnx.is_in_onnx_export():
             self._check_ready(ExportError, "exported")
-            scale, offset = (t.detach() for t in self.scale_offset())
-            return export_fake_quantize(x, scale, offset, self.qmin, self.qmax), scale
+            scale, offset = scale_offset_from_range(q.min, q.max, *q.qmin_qmax, symmetric=False)
+            return _export_qdq(x, scale, offset, q), scale
         if self.training and self.calibrating:
-            with torch.no_grad():
-                self._observe(x)
-                scale, offset = self.scale_offset()
-            return fake_quantize(x, scale, offset, self.qmin, self.qmax), scale
+            self._calibrate(x)
+            encoding = q.encoding  # a constant: the clips get no gradient while calibrating
+            return encoding.fake_quantize(x), encoding.scale
         self._check_ready(CalibrationError, "run in eval mode")
-        scale, offset = self.scale_offset()
-        return fake_quantize(x, scale, offset, self.qmin, self.qmax), scale
+        return q(x), q.get_scale()
 
     def _check_ready(self, error: type, action: str) -> None:
         if not self.ready:
@@ -246,53 +241,62 @@ class LearnedClipQuantizer(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        """Grid, batch_num and the calibration progress."""
-        return (f"{self.config.dst_type}, grid=[{self.qmin}, {self.qmax}], "
-                f"batch_num={self.config.batch_num}, calibrated={self._seen}, "
-                f"fixed_min={self.config.fixed_min}")
+        """dst_type, batch_num and the calibration progress."""
+        return (f"{self.config.dst_type}, batch_num={self.config.batch_num}, "
+                f"calibrated={self._seen}, fixed_min={self.config.fixed_min}")
 
 
 class ArqWeightQuantizer(nn.Module):
-    """``arq_retrain`` weight quantizer: symmetric, recomputed from the weight every forward.
+    """``arq_retrain`` weight quantizer: a symmetric :class:`Quantizer` (``self.quantizer``)
+    whose range is the current weight's min/max on every forward.
 
-    ``scale`` comes from the weight's current min/max (per tensor, or per output channel along
-    ``axis``) through :func:`~quantsim.encoding.adjust_range` with the signed symmetric grid
-    ``[-2^(b-1), 2^(b-1) - 1]``, so ``scale = max(max / (2^(b-1) - 1), -min / 2^(b-1))``. It holds
-    no state; the scale is a constant for autograd and the weight gets a straight-through
-    gradient (every weight lies inside its own range).
+    ``scale = max(max / (2^(b-1) - 1), -min / 2^(b-1))`` on the signed grid
+    ``[-2^(b-1), 2^(b-1) - 1]`` (:func:`~quantsim.encoding.adjust_range`'s symmetric rule),
+    per tensor or per output channel. The scale is a constant for autograd and the weight gets
+    a straight-through gradient (every weight lies inside its own range). Nothing is saved: the
+    range follows the weight.
 
     Args:
         config: the ``retrain_weight_config`` section.
-        axis: output-channel axis of the weight (0 for Conv/Linear, 1 for ConvTranspose);
-            used only when ``config.channel_wise``.
+        channels: the weight's output channels (its size along ``axis``).
+        axis: output-channel axis of the weight (:func:`quantsim.op_types.param_axis`: 0 for
+            Conv/Linear, 1 for ConvTranspose); used only when ``config.channel_wise``.
 
     Example:
-        >>> q = ArqWeightQuantizer(RetrainWeightConfig(), axis=0)
+        >>> q = ArqWeightQuantizer(QATWeightConfig(), channels=3)
         >>> q(torch.tensor([-1.0, 0.5, 1.27])).tolist()[2]
         1.2699999809265137
     """
 
-    def __init__(self, config: RetrainWeightConfig, axis: int = 0) -> None:
+    def __init__(self, config: QATWeightConfig, channels: int, axis: int = 0) -> None:
         super().__init__()
         self.config = config
-        self.qmin, self.qmax = integer_grid(config.bitwidth, symmetric=True)
-        self.axis: Optional[int] = axis if config.channel_wise else None
-
-    def scale_offset(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Scale and (zero) offset for ``weight`` as it is now; no gradient."""
-        w = weight.detach().float()
-        if self.axis is None:  # a one-row view: the dim= form exports to ONNX, dim-less does not
-            lo, hi = amin_amax(w.reshape(1, -1), 0)
-            lo, hi = lo.reshape(()), hi.reshape(())
-        else:
-            lo, hi = amin_amax(w, self.axis)
-        lo, hi = adjust_range(lo, hi, self.qmax - self.qmin, symmetric=True)
-        return scale_offset_from_range(lo, hi, self.qmin, self.qmax, symmetric=True)
+        shape, per_channel = ((channels,), axis) if config.channel_wise else ((), None)
+        q = OwnedQuantizer(config.bitwidth, symmetric=True, shape=shape, axis=per_channel,
+                            scheme="tf", role=QuantizerRole.PARAM)
+        q.state = QuantizerState.QAT
+        q.averaging_constant = 1.0  # the range is the current weight's own
+        self.quantizer = q
 
     def encoding(self, weight: torch.Tensor) -> Encoding:
-        """The encoding ``weight`` gets now, as an :class:`~quantsim.encoding.Encoding`."""
-        scale, offset = self.scale_offset(weight)
-        return Encoding(self.config.bitwidth, scale, offset, symmetric=True, axis=self.axis)
+        """The encoding ``weight`` gets now (the quantizer follows it) as an
+        :class:`~quantsim.encoding.Encoding`."""
+        with torch.no_grad():
+            self.quantizer(weight)
+        return self.quantizer.encoding
+
+    def _export_scale_offset(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """What the ``'qat'`` state computes from ``weight``, as traceable ops (an
+        :class:`Encoding` is built eagerly, which the dynamo exporter cannot trace)."""
+        q = self.quantizer
+        w = weight.detach().float()
+        if q.axis is None:  # a one-row view: the dim= form exports to ONNX, dim-less does not
+            lo, hi = (t.reshape(()) for t in amin_amax(w.reshape(1, -1), 0))
+        else:
+            lo, hi = amin_amax(w, q.axis)
+        qmin, qmax = q.qmin_qmax
+        lo, hi = adjust_range(lo, hi, qmax - qmin, symmetric=True)
+        return scale_offset_from_range(lo, hi, qmin, qmax, symmetric=True)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``weight`` with its own current range."""
@@ -300,14 +304,11 @@ class ArqWeightQuantizer(nn.Module):
 
     def forward_with_scale(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`forward`, also returning the scale used (for the bias scale)."""
-        scale, offset = self.scale_offset(weight)
         if torch.onnx.is_in_onnx_export():
-            out = export_fake_quantize(weight, scale, offset, self.qmin, self.qmax, self.axis)
-        else:
-            out = fake_quantize(weight, scale, offset, self.qmin, self.qmax, self.axis)
-        return out, scale
+            scale, offset = self._export_scale_offset(weight)
+            return _export_qdq(weight, scale, offset, self.quantizer), scale
+        return self.quantizer(weight), self.quantizer.get_scale()
 
     def extra_repr(self) -> str:
-        """Grid and granularity."""
-        where = "per tensor" if self.axis is None else f"per channel (axis {self.axis})"
-        return f"{self.config.dst_type}, grid=[{self.qmin}, {self.qmax}], {where}"
+        """dst_type (the grid and granularity are the quantizer's)."""
+        return self.config.dst_type
