@@ -52,3 +52,8 @@ class BalanceError(UnsupportedModelError, ValueError):
 
 class BalanceRecordError(CheckpointError, ValueError):
     """A balance record is malformed or was written for another architecture."""
+
+
+class BatchNormFoldError(UnsupportedModelError, ValueError):
+    """A BatchNorm cannot be folded: ``running_var + eps`` is not a finite number > 0 in some
+    channel, so the folded weight would be inf or NaN."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from quantsim import config as config_mod
 from quantsim.calibration import Calibration
+from quantsim.checks import require_flag, require_module
 from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
 from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
 from quantsim.graph import ModelGraph, eval_mode, leaf_modules, trace
@@ -116,11 +117,13 @@ class QuantizationSimModel:
     ``model.named_modules()`` order.
 
     Raises:
-        UnsupportedModelError: DataParallel models, or a forward that fails with dummy_input.
+        UnsupportedModelError: ``model`` is not an ``nn.Module`` instance (a class, a
+            function), a DataParallel model, or a forward that fails with dummy_input.
         DummyInputError: a dict dummy_input that ``forward``'s signature reads both ways (or
             neither); the message names both readings and how to choose one.
         ConfigError: the config file is missing or invalid.
-        QuantizationSettingError: a bitwidth, scheme, rounding mode or data type not allowed.
+        QuantizationSettingError: a bitwidth, scheme, rounding mode or data type not allowed,
+            or an ``in_place`` that is not a bool.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
@@ -143,7 +146,8 @@ class QuantizationSimModel:
         config_file: Union[str, dict, None] = None,
         default_data_type: Union[QuantizationDataType, str] = QuantizationDataType.int,
     ) -> None:
-        _refuse_data_parallel(model)
+        _refuse_data_parallel(require_module(model, "QuantizationSimModel(model=...)"))
+        require_flag(in_place, "in_place", "QuantizationSimModel", QuantizationSettingError)
         self._quant_scheme = QuantScheme.parse(quant_scheme)
         self._rounding = validate_rounding(rounding_mode, "QuantizationSimModel")
         self._data_type = validate_data_type(default_data_type, "QuantizationSimModel")
@@ -322,12 +326,17 @@ class QuantizationSimModel:
     def exclude_layers_from_quantization(self, layers: List[Union[str, nn.Module]]) -> None:
         """Disable every quantizer of the given modules (names, any of a module's paths, or
         module objects); export lists them, by first path, in ``excluded_layers``."""
+        if not isinstance(layers, (list, tuple, set)):
+            hint = " (wrap it in a list)" if isinstance(layers, (str, nn.Module)) else ""
+            raise UnsupportedModelError(
+                "exclude_layers_from_quantization: layers must be a list of module names or "
+                f"modules, got {type(layers).__name__} {layers!r:.60}{hint}")
         first_names = {m: n for n, m in self.named_qmodules()}
         by_path = {n: m for n, m in self.model.named_modules(remove_duplicate=False)
                    if m in first_names}
         for layer in layers:
             module = by_path.get(layer) if isinstance(layer, str) else layer
-            name = first_names.get(module)
+            name = first_names.get(module) if isinstance(module, nn.Module) else None
             if name is None:
                 raise UnsupportedModelError(
                     f"exclude_layers_from_quantization: {layer!r} is not a quantized module of "

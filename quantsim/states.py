@@ -34,7 +34,8 @@ from typing import Iterable, List, Union
 from torch import nn
 
 from quantsim.calibration import Calibration, calibrates
-from quantsim.errors import FakeQuantStateError, UnsupportedModelError
+from quantsim.checks import require_module
+from quantsim.errors import FakeQuantStateError, QuantizationSettingError, UnsupportedModelError
 from quantsim.quantizer import Quantizer, QuantizerRole, QuantizerState
 
 
@@ -45,13 +46,30 @@ class FakeQuantState(enum.Enum):
     QAT = "qat"
     VALIDATION = "validation"
 
+    @classmethod
+    def parse(cls, value: Union["FakeQuantState", str], where: str) -> "FakeQuantState":
+        """A member, its value (``'qat'``) or its name (``'QAT'``).
+
+        Raises:
+            QuantizationSettingError: anything else, naming ``where`` and the members.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if value.lower() == member.value:
+                    return member
+        raise QuantizationSettingError(
+            f"{where}: state {value!r} is not a FakeQuantState; allowed: "
+            f"{', '.join(f'FakeQuantState.{m.name}' for m in cls)} (or their names as strings)")
+
 
 _REQUIRED_MODE = {FakeQuantState.CALIBRATION: "eval", FakeQuantState.QAT: "train",
                   FakeQuantState.VALIDATION: "eval"}
 
 
-def _model_of(model_or_sim) -> nn.Module:
-    return getattr(model_or_sim, "model", model_or_sim)
+def _model_of(model_or_sim, where: str) -> nn.Module:
+    return require_module(getattr(model_or_sim, "model", model_or_sim), where)
 
 
 def _quantizers(model: nn.Module) -> List[Quantizer]:
@@ -68,14 +86,17 @@ def set_fake_quantize(model_or_sim: Union[nn.Module, object], state: FakeQuantSt
 
     Args:
         model_or_sim: a ``QuantizationSimModel`` or its ``.model``.
-        state: :class:`FakeQuantState` member.
+        state: :class:`FakeQuantState` member (or its name, ``'QAT'``).
 
     Raises:
         FakeQuantStateError: the model is not in the mode the state needs (eval for
             CALIBRATION and VALIDATION, train for QAT); later forwards check it again.
+        QuantizationSettingError: ``state`` is not a FakeQuantState.
+        UnsupportedModelError: ``model_or_sim`` is neither a sim nor an ``nn.Module``, or
+            has no quantizers.
     """
-    state = FakeQuantState(state)
-    model = _model_of(model_or_sim)
+    state = FakeQuantState.parse(state, "set_fake_quantize")
+    model = _model_of(model_or_sim, "set_fake_quantize")
     mode = "train" if model.training else "eval"
     if mode != _REQUIRED_MODE[state]:
         raise FakeQuantStateError(
@@ -99,7 +120,7 @@ def apply_phase(quantizers: Iterable[Quantizer], phase: FakeQuantState) -> None:
     (enabled, not frozen, range not fixed by the config) and do not learn their range follow the
     data with a moving average, weights following the current weight (averaging constant 1);
     every other quantizer quantizes with its encoding."""
-    phase = FakeQuantState(phase)
+    phase = FakeQuantState.parse(phase, "apply_phase")
     for q in quantizers:
         if (phase is FakeQuantState.QAT and calibrates(q) and q.data_type == "int"
                 and not q.learnable):
@@ -119,7 +140,7 @@ def set_high_precision_output(model_or_sim, *module_names: str) -> None:
     Raises:
         UnsupportedModelError: a name is not a quantized module of the model.
     """
-    model = _model_of(model_or_sim)
+    model = _model_of(model_or_sim, "set_high_precision_output")
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in module_names:
         module = modules.get(name)

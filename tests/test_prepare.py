@@ -263,7 +263,7 @@ def test_prepare_example_guided_tracing_specialises_and_guards():
     to its example value (None) is guarded at call time."""
     net = ShapeBranch().eval()
     x = torch.randn(3, 4)
-    with pytest.raises(Exception):
+    with pytest.raises(fx.proxy.TraceError, match="control flow"):
         fx.symbolic_trace(net)
     prepared = prepare_model(net, dummy_input=x)
     assert isinstance(prepared, fx.GraphModule) and isinstance(prepared.add, qnn.Add)

@@ -87,7 +87,7 @@ def test_high_precision_output(trained, digits):
     sim = QuantizationSimModel(trained, digits[0][:4])
     set_high_precision_output(sim, "fc")
     assert not sim.model.fc.output_quantizers[0].enabled
-    with pytest.raises(Exception, match="not a quantized module"):
+    with pytest.raises(UnsupportedModelError, match="not a quantized module"):
         set_high_precision_output(sim, "nope")
 
 
