@@ -10,8 +10,9 @@
     <prefix>_qdq.onnx          the ONNX graph with QuantizeLinear/DequantizeLinear, runs on ORT
     (export_to_torchscript=True: <prefix>.torchscript.pth instead of both .onnx files)
 
-All files are first written to a temporary directory next to ``path`` and moved into place only
-once every one of them succeeded: a failing export leaves earlier files untouched. See
+All files are first written to a temporary folder inside ``path`` and committed as one set
+(:func:`quantsim.atomic.replace_files`): a failing export, up to the last rename, leaves the
+files of an earlier export byte-identical, and other files in ``path`` are never touched. See
 ``docs/export.md`` for the naming rules and the decisions taken.
 
 Example:
@@ -26,6 +27,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,12 +35,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import onnx
 import torch
 
 from quantsim import encodings as enc_files
+from quantsim.atomic import PartialCommitError, replace_files
+from quantsim.checks import require_flag
 from quantsim.encoding import Encoding
 from quantsim.encodings import EncodingsFile, Int32BiasEncoding
 from quantsim.errors import ExportError
@@ -112,26 +116,31 @@ def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
             branches ``dummy_input`` takes.
 
     Raises:
-        ExportError: enabled quantizers without encodings (listed), an unwritable ``path``,
-            an unknown ``encoding_version`` or export argument, or a failing exporter
-            (:class:`ExportersFailedError` when both of torch's ONNX exporters fail).
+        ExportError: ``sim`` is not a QuantizationSimModel, enabled quantizers without
+            encodings (listed), an unwritable ``path``, a ``filename_prefix`` that is no plain
+            file name, a flag that is not a bool, an unknown ``encoding_version`` or export
+            argument, or a failing exporter (:class:`ExportersFailedError` when both of torch's
+            ONNX exporters fail).
     """
-    if encoding_version not in enc_files.VERSIONS:
-        raise ExportError(f"encoding_version {encoding_version!r}; allowed: {', '.join(enc_files.VERSIONS)}")
-    if not filename_prefix or os.sep in filename_prefix or filename_prefix in (".", ".."):
-        raise ExportError(f"filename_prefix {filename_prefix!r} must be a plain file name")
+    target = _check_arguments(sim, path, filename_prefix, propagate_encodings,
+                              export_to_torchscript, encoding_version)
     _refuse_uncalibrated(sim)
     export_args = onnx_export.normalize_export_args(onnx_export_args)
-    target = Path(path)
-    staging = _staging_dir(target)
+    staging, created = _staging_dir(target)
+    committed = False
     try:
         files = _write_all(sim, staging, filename_prefix, dummy_input, export_args,
                            propagate_encodings, export_to_torchscript, encoding_version)
         # files of the other mode (ONNX vs TorchScript) from an earlier export would not match
-        stale = {f"{filename_prefix}{s}" for s in (".onnx", "_qdq.onnx", ".torchscript.pth")}
-        _commit(staging, target, stale - {p.name for p in files.all()})
+        stale = {f"{filename_prefix}{s}" for s in _MODE_SUFFIXES}
+        names = [p.name for p in files.all()]
+        _commit(staging, target, names, stale - set(names))
+        committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not committed:
+            with contextlib.suppress(OSError):  # only if empty: never a user's file
+                target.rmdir()
     for name in ("pth", "state_dict", "onnx", "qdq_onnx", "torchscript", "encodings", "torch_encodings"):
         value = getattr(files, name)
         if value is not None:
@@ -142,6 +151,52 @@ def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
 # ----------------------------------------------------------------------------------------------
 # steps
 # ----------------------------------------------------------------------------------------------
+#: suffixes of the files only one mode (ONNX or TorchScript) writes
+_MODE_SUFFIXES = (".onnx", "_qdq.onnx", ".torchscript.pth")
+#: every suffix export appends to ``filename_prefix``
+_SUFFIXES = (".pth", "_state_dict.pth", ".encodings", "_torch.encodings") + _MODE_SUFFIXES
+
+
+def _check_arguments(sim: Any, path: Any, prefix: Any, propagate: Any, torchscript: Any,
+                     version: Any) -> Path:
+    """The export folder, once every argument export reads before running is checked."""
+    from quantsim.sim import QuantizationSimModel  # the sim module imports this one lazily
+
+    if not isinstance(sim, QuantizationSimModel):
+        raise ExportError(f"export: sim must be a QuantizationSimModel, got {type(sim).__name__}")
+    if not isinstance(path, (str, os.PathLike)) or "\0" in os.fsdecode(path):
+        raise ExportError(f"export: path must be a folder path (str or os.PathLike without NUL "
+                          f"characters), got {path!r}")
+    if not isinstance(prefix, str) or not prefix or prefix in (".", "..") or "\0" in prefix \
+            or os.sep in prefix or (os.altsep and os.altsep in prefix):
+        raise ExportError(f"export: filename_prefix {prefix!r} must be a plain file name (a "
+                          "non-empty str without path separators or NUL characters)")
+    require_flag(propagate, "propagate_encodings", "export", ExportError)
+    require_flag(torchscript, "export_to_torchscript", "export", ExportError)
+    if version not in enc_files.VERSIONS:
+        raise ExportError(f"export: encoding_version {version!r}; allowed: "
+                          f"{', '.join(enc_files.VERSIONS)}")
+    target = Path(path)
+    longest = max(len(os.fsencode(prefix + s)) for s in _SUFFIXES)
+    limit = _name_max(target)
+    if longest > limit:
+        raise ExportError(f"export: filename_prefix {prefix[:40]!r}... is too long: its file "
+                          f"names would have {longest} bytes; this file system allows {limit}")
+    return target
+
+
+def _name_max(target: Path) -> int:
+    """The longest file name the file system of ``target`` (or its nearest existing parent)
+    allows, 255 where it cannot be asked."""
+    folder = target.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
 def _refuse_uncalibrated(sim: Any) -> None:
     missing = [n for n, q in sim.named_quantizers() if q.enabled and not q.is_initialized]
     if missing:
@@ -303,18 +358,13 @@ def _excluded_layers(sim: Any) -> List[str]:
     return []
 
 
-def _quantizer_args(sim: Any) -> Optional[Dict[str, Any]]:
-    try:
-        defaults = sim.config.defaults
-        per_channel = any(q.axis is not None for n, q in sim.named_quantizers()
-                          if ".param_quantizers." in n and q.enabled)
-        return enc_files.quantizer_args(
-            sim.quant_scheme, activation_bitwidth=getattr(sim, "_output_bw", 8),
-            param_bitwidth=getattr(sim, "_param_bw", 8), dtype=getattr(sim, "_data_type", "int"),
-            param_symmetric=defaults.params.is_symmetric, per_channel_quantization=per_channel)
-    except Exception:  # informative only: never fail an export over it
-        logger.debug("quantizer_args left out", exc_info=True)
-        return None
+def _quantizer_args(sim: Any) -> Dict[str, Any]:
+    per_channel = any(q.axis is not None for n, q in sim.named_quantizers()
+                      if ".param_quantizers." in n and q.enabled)
+    return enc_files.quantizer_args(
+        sim.quant_scheme, activation_bitwidth=sim._output_bw, param_bitwidth=sim._param_bw,
+        dtype=sim._data_type, param_symmetric=sim.config.defaults.params.is_symmetric,
+        per_channel_quantization=per_channel)
 
 
 def _check_keys(doc: EncodingsFile, markers: Dict[str, int], graph: onnx.ModelProto, where: str) -> None:
@@ -372,33 +422,27 @@ def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _staging_dir(target: Path) -> Path:
+def _staging_dir(target: Path) -> Tuple[Path, bool]:
+    """A new temporary folder inside ``target`` (created if missing: True as second value),
+    so that committing is renames within one file system."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"cannot export to {target}: it exists and is not a directory")
-    parent = target.absolute().parent
+    created = not target.exists()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=parent))
+        target.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".quantsim-export-", dir=target)), created
     except OSError as exc:
-        raise ExportError(f"cannot export to {target}: {exc.strerror or exc} ({exc.filename or parent})") from None
+        raise ExportError(f"cannot export to {target}: {exc.strerror or exc} "
+                          f"({exc.filename or target})") from exc
 
 
-def _commit(staging: Path, target: Path, stale: Set[str]) -> None:
-    """Move the staged files into ``target`` (one rename when ``target`` does not exist yet;
-    else each file is replaced atomically, then ``stale`` names are removed)."""
+def _commit(staging: Path, target: Path, names: Sequence[str], stale: Set[str]) -> None:
+    """Replace ``target``'s files by the staged ``names`` and remove ``stale`` ones, as one
+    set (:func:`quantsim.atomic.replace_files`)."""
     try:
-        if not target.exists():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o777 & ~umask)
-            os.rename(staging, target)
-            return
-        if not os.access(target, os.W_OK):
-            raise PermissionError(13, "not writable", str(target))
-        for item in sorted(staging.iterdir()):
-            os.replace(item, target / item.name)
-        for name in stale:
-            if (target / name).is_file():
-                os.unlink(target / name)
+        replace_files(staging, target, names, sorted(stale))
+    except PartialCommitError as exc:
+        raise ExportError(f"export into {target} failed and was only partly undone: {exc}") from exc
     except OSError as exc:
-        raise ExportError(f"cannot write into {target}: {exc.strerror or exc}") from None
+        raise ExportError(f"cannot write into {target}: {exc.strerror or exc} "
+                          f"({exc.filename or target}); its files are unchanged") from exc
