@@ -144,18 +144,86 @@ def test_bad_files_and_architectures(tmp_path):
         load_checkpoint(tmp_path / "nope.qsim", model=DigitsCNN())
     with pytest.raises(CheckpointError, match="model="):
         load_checkpoint(path)
-
-    class Wider(DigitsCNN):
-        def __init__(self):
-            super().__init__()
-            self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-            self.extra = nn.ReLU()
-
-        def forward(self, x):
-            return self.extra(super().forward(x))
-
     with pytest.raises(CheckpointError, match="extra"):
-        load_checkpoint(path, model=Wider())
+        load_checkpoint(path, model=_Wider())
+
+
+class _Wider(DigitsCNN):
+    """DigitsCNN with a wider conv2 (its state_dict differs) and one more module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.extra = nn.ReLU()
+
+    def forward(self, x):
+        return self.extra(super().forward(x))
+
+
+class _Slim(DigitsCNN):
+    """DigitsCNN with one more parameterless module: same state_dict, one more quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.ReLU()
+
+    def forward(self, x):
+        return self.extra(super().forward(x))
+
+
+def _fingerprint(model: nn.Module):
+    """Every module's class and a copy of the state_dict."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_unchanged(model: nn.Module, fingerprint) -> None:
+    classes, state = fingerprint
+    assert [(n, type(m)) for n, m in model.named_modules()] == classes
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state), "weights were loaded"
+
+
+def _tamper(path, change) -> None:
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("case", ["other architecture", "parameterless module added",
+                                  "state_dict does not fit", "setting not allowed"])
+def test_failed_load_leaves_the_model_unchanged(case, tmp_path):
+    """load_checkpoint(path, model=m) that fails leaves m as it was: same module classes (no
+    quantized wrappers), same weights (none of the matching tensors loaded)."""
+    sim, _ = _sim(scheme="tf")
+    path = tmp_path / "c.qsim"
+    save_checkpoint(sim, path)
+    if case == "state_dict does not fit":  # every tensor fits but the last one
+        _tamper(path, lambda p: p["state_dict"].update({"fc.bias": torch.zeros(3)}))
+    if case == "setting not allowed":  # the last quantizer's: the others were applied first
+        last = list(sim.named_quantizers())[-1][0]
+        _tamper(path, lambda p: p["quantizers"][last].update(rounding="sideways"))
+    torch.manual_seed(1)
+    model = {"other architecture": _Wider, "parameterless module added": _Slim}.get(
+        case, DigitsCNN)()
+    before = _fingerprint(model)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path, model=model)
+    _assert_unchanged(model, before)
+
+
+def test_loaded_sim_wraps_a_copy(tmp_path):
+    """A successful load leaves the model passed in untouched too: the sim wraps a copy."""
+    sim, x = _sim(scheme="tf")
+    save_checkpoint(sim, tmp_path / "c.qsim")
+    model = DigitsCNN()
+    before = _fingerprint(model)
+    loaded = load_checkpoint(tmp_path / "c.qsim", model=model)
+    _assert_unchanged(model, before)
+    assert loaded.model is not model
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(x), sim.model.eval()(x))
 
 
 def _same_sims(a, b, x) -> None:
