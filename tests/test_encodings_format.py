@@ -71,6 +71,10 @@ def _through_json(obj):
     return json.loads(json.dumps(obj))
 
 
+def _as_float32(value: int) -> float:
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
 @st.composite
 def encodings(draw, bitwidths=st.integers(4, 31), min_channels=1, modes=MODES):
     """Integer encodings of every mode, per tensor or per channel along axis 0..3."""
@@ -81,7 +85,10 @@ def encodings(draw, bitwidths=st.integers(4, 31), min_channels=1, modes=MODES):
     scales = draw(st.lists(st.floats(2.0**-100, 2.0**90, width=32, allow_subnormal=False),
                            min_size=n, max_size=n))
     if mode == "asym":
-        offsets = draw(st.lists(st.integers(-(2**b - 1), 0), min_size=n, max_size=n))
+        # offsets float32 holds without leaving the grid (beyond 2^24 it rounds -(2^b - 1) to
+        # -2^b, which would put 0 off the grid; calibration rounds toward zero instead)
+        on_grid = st.integers(-(2**b - 1), 0).filter(lambda o: _as_float32(o) >= -(2**b - 1))
+        offsets = draw(st.lists(on_grid, min_size=n, max_size=n))
     else:
         offsets = [0] * n
     if not per_channel:

@@ -300,7 +300,10 @@ def _key(key: Any, first: bool = False) -> str:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int (or a container of one) beyond str()'s digit limit
+        text = f"<a number too long to print, type {type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

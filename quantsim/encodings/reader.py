@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from quantsim.encoding import INT_BITWIDTHS, Encoding
+from quantsim.encoding import INT_BITWIDTHS, Encoding, integer_grid
 from quantsim.encodings.common import (
     TORCH_LAYOUT,
     AnyEncoding,
@@ -76,13 +76,23 @@ def _as_bool(value: Any) -> bool:
     return value if isinstance(value, bool) else value == "True"
 
 
+def _finite_positive(value: Any) -> bool:
+    try:
+        return 0 < float(value) < float("inf")
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def _int_encoding(bitwidth: int, scales: Sequence[float], offsets: Sequence[int], symmetric: bool,
                   per_channel: bool, axis: Optional[int], where: str) -> AnyEncoding:
-    """Rebuild an integer encoding from unsigned-view (legacy) offsets."""
+    """Rebuild an integer encoding from unsigned-view (legacy) offsets, checked as the writer
+    checks what it writes: scales finite and > 0, a bitwidth quantsim simulates, and 0 on the
+    grid (:func:`_check_zero_on_grid`)."""
+    bitwidth = int(bitwidth)  # the schema let an integral float (8.0) through
     offsets = [int(o) for o in offsets]
     if len(scales) != len(offsets):
         raise EncodingsError(f"{where}: {len(scales)} scales but {len(offsets)} offsets")
-    bad = [(i, s) for i, s in enumerate(scales) if not 0 < float(s) < float("inf")]
+    bad = [(i, s) for i, s in enumerate(scales) if not _finite_positive(s)]
     if bad:
         raise EncodingsError(f"{where}: scale[{bad[0][0]}] = {bad[0][1]!r}; every scale must be "
                              "finite and > 0")
@@ -114,8 +124,28 @@ def _int_encoding(bitwidth: int, scales: Sequence[float], offsets: Sequence[int]
             )
         strict, unsigned = kinds[offsets[0]] == "strict", kinds[offsets[0]] == "unsigned"
         offsets = [0] * len(offsets)
+    else:
+        _check_zero_on_grid(bitwidth, scales, offsets, where)
     return _make(Encoding, where, bitwidth, _tensor(scales, per_channel),
                  _tensor(offsets, per_channel), symmetric, strict, unsigned, axis, "int")
+
+
+def _check_zero_on_grid(bitwidth: int, scales: Sequence[float], offsets: Sequence[int],
+                        where: str) -> None:
+    """An asymmetric grid ``(q + offset) * scale``, ``q`` in ``[0, 2^b - 1]``, must hold 0:
+    ``-(2^b - 1) <= offset <= 0``. (An offset of +500 at 8 bits makes every value at least
+    ``500 * scale``; no calibration or writer produces it.)"""
+    qmin, qmax = integer_grid(bitwidth, symmetric=False)
+    for i, o in enumerate(offsets):
+        if not qmin <= -o <= qmax:
+            try:
+                span = (f" (it represents [{float(scales[i]) * (o + qmin):.6g}, "
+                        f"{float(scales[i]) * (o + qmax):.6g}] only)")
+            except OverflowError:
+                span = ""
+            raise EncodingsError(
+                f"{where}: offset[{i}] = {_short(o)} leaves 0 off the {bitwidth}-bit grid"
+                f"{span}; an asymmetric {bitwidth}-bit offset must be in {-qmax}..{-qmin}")
 
 
 def _tensor(values: Sequence[float], per_channel: bool) -> torch.Tensor:
@@ -133,7 +163,7 @@ def _make(cls: Any, where: str, *args: Any) -> Any:
 def _check_bitwidth(bitwidth: int, where: str) -> None:
     if bitwidth not in INT_BITWIDTHS:
         raise EncodingsError(
-            f"{where}: integer bitwidth {bitwidth} is not supported; allowed: "
+            f"{where}: integer bitwidth {_short(bitwidth)} is not supported; allowed: "
             f"{INT_BITWIDTHS.start}..{INT_BITWIDTHS.stop - 1} (32 only for int32 biases)"
         )
 
@@ -185,6 +215,13 @@ def _read_1_0_0(entry: Dict[str, Any], where: str, axis: Optional[int]) -> AnyEn
 _ONNX_INT = re.compile(r"(u?)int([0-9]+)")
 
 
+def _integral(value: Any) -> bool:
+    """An int, or a float holding one (``3.0``); never a bool or a list."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
 def _read_2_0_0(entry: Dict[str, Any], where: str) -> AnyEncoding:
     if "per_block_int_scale" in entry or "per_channel_float_scale" in entry:
         raise EncodingsError(f"{where}: LPBQ encodings (per_block_int_scale) are not supported")
@@ -210,8 +247,7 @@ def _read_2_0_0(entry: Dict[str, Any], where: str) -> AnyEncoding:
     per_channel = axis is not None
     zp = entry.get("y_zero_point", 0)
     zps = zp if isinstance(zp, list) else [zp] * len(scales)
-    if len(zps) != len(scales) or any(isinstance(z, list) or not float(z).is_integer()
-                                      for z in zps):
+    if len(zps) != len(scales) or not all(_integral(z) for z in zps):
         raise EncodingsError(
             f"{where}: y_zero_point must be integer(s) matching y_scale, got {_short(zp)}"
         )
@@ -227,7 +263,7 @@ def _read_2_0_0(entry: Dict[str, Any], where: str) -> AnyEncoding:
     lo, hi = (0, 2**b - 1) if unsigned else (-half, half - 1)
     if any(not lo <= z <= hi for z in zps):
         raise EncodingsError(
-            f"{where}: y_zero_point {zps[:4]} out of the {dtype} range [{lo}, {hi}]"
+            f"{where}: y_zero_point {_short(zps[:4])} out of the {dtype} range [{lo}, {hi}]"
         )
     # signed with zero point 0 -> signed symmetric; otherwise asymmetric on the unsigned view
     symmetric = not unsigned and not any(zps)
@@ -270,6 +306,8 @@ def _read_source(source: Union[PathLike, Mapping[str, Any]]) -> Tuple[Any, str]:
     if not isinstance(source, (str, os.PathLike)):
         return (dict(source) if isinstance(source, Mapping) else source), "<dict>"
     label = str(source)
+    if "\0" in os.fsdecode(source):
+        raise EncodingsError(f"{label!r}: a file path cannot hold a NUL character")
 
     def reject(constant: str) -> None:
         raise EncodingsError(f"{label}: {constant} is not valid JSON (non-finite number)")
@@ -278,10 +316,18 @@ def _read_source(source: Union[PathLike, Mapping[str, Any]]) -> Tuple[Any, str]:
         with open(source, encoding="utf-8") as fh:
             return json.load(fh, parse_constant=reject), label
     except OSError as exc:
-        raise EncodingsError(f"{label}: cannot read: {exc.strerror or exc}") from None
+        raise EncodingsError(f"{label}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise EncodingsError(f"{label}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                             f"offset {exc.start}); encodings files are UTF-8 JSON") from exc
     except json.JSONDecodeError as exc:
         raise EncodingsError(f"{label}: not valid JSON: {exc.msg} (line {exc.lineno}, "
-                             f"column {exc.colno})") from None
+                             f"column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise EncodingsError(f"{label}: JSON nested too deeply to read (an encodings file "
+                             "nests a few levels)") from exc
+    except ValueError as exc:  # Python's limit on the digits of an integer
+        raise EncodingsError(f"{label}: a number in the file cannot be read: {exc}") from exc
 
 
 def _parse_1_0_0(doc: Dict[str, Any], label: str) -> EncodingsFile:

@@ -36,12 +36,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from torch.utils import _pytree as pytree
 
 from quantsim import encodings as enc_files
 from quantsim.encoding import Encoding
 from quantsim.encodings import EncodingsFile
-from quantsim.errors import EncodingsError, QuantizationSettingError
+from quantsim.checks import require_flag
+from quantsim.errors import EncodingsError
 from quantsim.export.onnx_export import (DATA_MOVEMENT_OPS, TensorMap, module_from_tensor_name,
                                          qmodules, stored_quantizer_map, tensor_map)
 from quantsim.graph import forward_signature, module_aliases, split_dummy_input
@@ -76,10 +78,25 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
     Returns:
         The names of the quantizers that received an encoding.
 
+    Every encoding is checked before any quantizer changes: the file's values as the writer
+    checks them (:mod:`quantsim.encodings.reader`: 0 on the grid, scales finite and > 0, a
+    bitwidth quantsim simulates) and their fit to the quantizers (:func:`_misfit`); with
+    ``strict`` a problem raises and leaves the sim as it was.
+
     Raises:
         EncodingsError: the file is malformed or of an unknown version, or (strict) a name or
-            shape does not match, naming the key.
+            shape does not match, naming the key; a flag that is not a bool (None allowed for
+            ``requires_grad``).
     """
+    from quantsim.sim import QuantizationSimModel  # the sim module imports this one lazily
+
+    if not isinstance(sim, QuantizationSimModel):
+        raise EncodingsError(f"load_encodings: sim must be a QuantizationSimModel, got "
+                             f"{type(sim).__name__}")
+    for flag, value in (("strict", strict), ("partial", partial),
+                        ("allow_overwrite", allow_overwrite)):
+        require_flag(value, flag, "load_encodings", EncodingsError)
+    require_flag(requires_grad, "requires_grad", "load_encodings", EncodingsError, optional=True)
     param_names = [n for n, _ in sim.model.named_parameters(remove_duplicate=False)]
     # and the tensors a module computes in their place (a fused conv-BN's folded weight)
     param_names += [f"{m}.{p}" if m else p for m, module in qmodules(sim.model).items()
@@ -94,14 +111,23 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
             raise EncodingsError(message + " (load with strict=False to skip them)")
         logger.warning("%s; skipped", message)
     quantizers = dict(sim.named_quantizers())
-    loaded: List[str] = []
-    for qname, (key, enc) in resolved.items():
-        q = quantizers[qname]
-        if q.frozen:
+    accepted: List[Tuple[str, str, Encoding]] = []
+    for qname, (key, enc) in resolved.items():  # check all before changing any
+        if quantizers[qname].frozen:
             logger.info("%s is frozen (allow_overwrite=False earlier); %r not applied", qname, key)
             continue
-        if not _apply(q, qname, key, enc, strict, label):
-            continue
+        problem = _misfit(quantizers[qname], enc, strict)
+        if problem is None:
+            accepted.append((qname, key, enc))
+        elif strict:
+            raise EncodingsError(f"{label}: {key!r} -> {qname}: {problem} (load with "
+                                 "strict=False to skip it)")
+        else:
+            logger.warning("%s: %r -> %s: %s; skipped", label, key, qname, problem)
+    loaded: List[str] = []
+    for qname, key, enc in accepted:
+        q = quantizers[qname]
+        _apply(q, qname, key, enc, label)
         loaded.append(qname)
         if requires_grad is not None and q.data_type == "int":
             q.set_learnable(bool(requires_grad))
@@ -121,36 +147,33 @@ def _label(encodings: Any) -> str:
     return str(encodings) if isinstance(encodings, (str, os.PathLike)) else "<dict>"
 
 
-def _apply(q: Any, qname: str, key: str, enc: Encoding, strict: bool, label: str) -> bool:
-    """Set ``enc`` on quantizer ``q``; False when skipped (non-strict mismatch)."""
-    where = f"{label}: {key!r} -> {qname}"
-    problem = None
+def _misfit(q: Any, enc: Encoding, strict: bool) -> Optional[str]:
+    """Why a loaded encoding cannot be set on quantizer ``q`` (None: it fits): data type, the
+    number of scales (one, or one per channel of ``q``'s axis) and, when ``strict``, the
+    bitwidth (otherwise it is adopted). The encoding's own values were checked on reading."""
     if enc.is_float != (q.data_type == "float"):
-        problem = f"data type {enc.data_type} does not fit the {q.data_type} quantizer"
-    elif not enc.is_float and tuple(enc.scale.shape) != tuple(q.shape):
-        problem = (f"{enc.scale.numel()} scale(s) ({'per channel' if enc.per_channel else 'per tensor'}) "
-                   f"do not fit the quantizer's shape {tuple(q.shape) or '(per tensor)'}")
-    elif enc.bitwidth != q.bitwidth and strict:
-        problem = f"bitwidth {enc.bitwidth} != the quantizer's {q.bitwidth}"
-    if problem is not None:
-        if strict:
-            raise EncodingsError(f"{where}: {problem} (load with strict=False to skip it)")
-        logger.warning("%s: %s; skipped", where, problem)
-        return False
+        return f"data type {enc.data_type} does not fit the {q.data_type} quantizer"
+    if not enc.is_float and tuple(enc.scale.shape) != tuple(q.shape):
+        return (f"{enc.scale.numel()} scale(s) ({'per channel' if enc.per_channel else 'per tensor'}) "
+                f"do not fit the quantizer's shape {tuple(q.shape) or '(per tensor)'}")
+    if enc.bitwidth != q.bitwidth and strict:
+        return f"bitwidth {enc.bitwidth} != the quantizer's {q.bitwidth}"
+    return None
+
+
+def _apply(q: Any, qname: str, key: str, enc: Encoding, label: str) -> None:
+    """Set ``enc``, which :func:`_misfit` accepted, on quantizer ``q``."""
+    where = f"{label}: {key!r} -> {qname}"
     if not enc.is_float:
         if enc.bitwidth != q.bitwidth:
             logger.warning("%s: bitwidth %d adopted (was %d)", where, enc.bitwidth, q.bitwidth)
             q.bitwidth = enc.bitwidth
         enc = Encoding(enc.bitwidth, enc.scale, enc.offset, enc.symmetric, enc.strict,
                        enc.unsigned, q.axis, "int")
-    try:
-        q.set_encoding(enc)
-    except QuantizationSettingError as exc:
-        raise EncodingsError(f"{where}: {exc}") from None
+    q.set_encoding(enc)
     if not q.enabled:
         q.enabled = True
         logger.info("%s was disabled; enabled by the encoding %r", qname, key)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +270,9 @@ def _graph_map(sim, source, onnx_model) -> Optional[TensorMap]:
     if not isinstance(onnx_model, onnx.ModelProto):
         try:
             onnx_model = onnx.load(str(onnx_model), load_external_data=False)
-        except Exception as exc:
-            raise EncodingsError(f"cannot read the ONNX model {onnx_model}: {exc}") from None
+        except (OSError, ValueError, DecodeError) as exc:
+            raise EncodingsError(f"cannot read the ONNX model {onnx_model}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
     stored = stored_quantizer_map(onnx_model)
     known = {n for n, _ in sim.named_quantizers()}
     if stored is not None and all(q in known for names in stored.activations.values()
