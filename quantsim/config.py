@@ -222,6 +222,8 @@ def _read(source: Any) -> Tuple[str, Any]:
             return "<dict>", json.loads(json.dumps(source))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"<dict>: not JSON-serialisable: {err}") from err
+        except RecursionError as err:
+            raise ConfigError(f"<dict>: nested too deeply to be a config ({_DEPTH_HINT})") from err
     if isinstance(source, str) and source in BUILTIN_CONFIGS:
         return f"builtin:{source}", _parse(BUILTIN_CONFIGS[source], f"builtin:{source}")
     if not isinstance(source, (str, os.PathLike)):
@@ -230,7 +232,12 @@ def _read(source: Any) -> Tuple[str, Any]:
             f"got {type(source).__name__}"
         )
     path = Path(source)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as err:  # a name too long for the file system, a loop of links
+        raise ConfigError(f"config file cannot be opened: {_short_path(source)}: "
+                          f"{err.strerror or err}") from err
+    if not is_file:
         what = "is a directory, not a file" if path.is_dir() else "not found"
         hint = _did_you_mean(path.stem, BUILTIN_CONFIGS)
         raise ConfigError(
@@ -238,6 +245,15 @@ def _read(source: Any) -> Tuple[str, Any]:
             f"path): {_builtin_names()}"
         )
     return str(source), _parse(path, str(source))
+
+
+#: how deep a config nests, for the message about one that nests far deeper
+_DEPTH_HINT = "a hardware config nests a few levels"
+
+
+def _short_path(source: Any) -> str:
+    text = os.fsdecode(source)
+    return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
 
 
 def _builtin_names() -> str:
@@ -262,6 +278,10 @@ def _parse(path: Path, label: str) -> Any:
         raise ConfigError(
             f"{label}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from err
+    except RecursionError as err:
+        raise ConfigError(f"{label}: JSON nested too deeply to read ({_DEPTH_HINT})") from err
+    except ValueError as err:  # Python's limit on the digits of an integer
+        raise ConfigError(f"{label}: a number in the file cannot be read: {err}") from err
     for key in duplicates:
         _warn(f"{label}: key {key!r} appears twice in one JSON object; the last value is used")
     return data
@@ -362,11 +382,18 @@ def _constraint_problems(
         return []
     low, high = constraints["min"], constraints.get("max")
     path = f"{label}: {where}.encoding_constraints"
-    if not all(math.isfinite(v) for v in (low, high) if v is not None):
+    if not all(_finite(v) for v in (low, high) if v is not None):
         return [f"{path}: min and max must be finite numbers, got min={low}, max={high}"]
     if high is not None and low >= high:
         return [f"{path}: min ({low}) must be less than max ({high})"]
     return []
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _warn_unknown_names(data: Dict[str, Any], label: str) -> None:
