@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantsim.errors import UnsupportedModelError
+from quantsim.errors import BatchNormFoldError, UnsupportedModelError
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -83,6 +83,27 @@ def check_foldable(layer: nn.Module, bn: nn.Module) -> None:
             f"normalises {bn.num_features}")
 
 
+def check_statistics(bn: nn.Module, name: str) -> None:
+    """Raise if folding ``bn`` would give inf or NaN: ``running_var + eps`` must be a finite
+    number > 0 and ``running_mean`` finite in every channel (``var = 0`` with ``eps = 0``, a
+    dead channel of a BatchNorm built with ``eps=0``, divides by zero).
+
+    Raises:
+        BatchNormFoldError: naming ``name``, the channels and the values.
+    """
+    denominator = bn.running_var.double() + bn.eps
+    bad = ~(torch.isfinite(denominator) & (denominator > 0)) | ~torch.isfinite(bn.running_mean)
+    if bool(bad.any()):  # one device sync; callers run it once per fold, not per step
+        channels = bad.nonzero().flatten().tolist()
+        raise BatchNormFoldError(
+            f"{name} ({type(bn).__name__}): cannot fold its statistics: running_var + eps = "
+            f"{denominator[channels[0]].item():g} and running_mean = "
+            f"{bn.running_mean[channels[0]].item():g} in channel {channels[0]} (eps = {bn.eps:g}; "
+            f"{len(channels)} channel(s) affected: {channels[:8]}); the folded weight would be "
+            "inf or NaN. Give the BatchNorm eps > 0 (PyTorch's default is 1e-05) or repair its "
+            "running statistics")
+
+
 def _bn_scale_shift(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(gamma / sqrt(var + eps), beta - mean * scale)`` in float64 (differentiable in the
     affine parameters; the running statistics are buffers)."""
@@ -122,8 +143,10 @@ def fold_batch_norm_(layer: nn.Module, bn: nn.Module) -> None:
 
     Raises:
         UnsupportedModelError: see :func:`check_foldable`.
+        BatchNormFoldError: statistics that give no finite fold (:func:`check_statistics`).
     """
     check_foldable(layer, bn)
+    check_statistics(bn, "the BatchNorm given to fold_batch_norm_")
     with torch.no_grad():
         weight, bias = _folded(layer, bn)
         layer.weight.copy_(weight)
@@ -186,6 +209,10 @@ class _FusedBn(nn.Module):
         version counter, or by identity); then they are updated in place. Like parameters,
         they keep their identity and their version counter tells a change, which the sim's
         caches (the quantized weight, calibration) key on.
+
+        Raises:
+            BatchNormFoldError: (without grad mode, where the statistics are checked once per
+                change) statistics that give no finite fold, see :func:`check_statistics`.
         """
         if torch.is_grad_enabled():
             weight, bias = _folded(self.layer, self.bn)
@@ -201,6 +228,7 @@ class _FusedBn(nn.Module):
             # plain tensors even under inference_mode, so that their version counters work
             # (leaving inference mode turns grad mode on: off again)
             with torch.inference_mode(False), torch.no_grad():
+                check_statistics(self.bn, f"the BatchNorm of this {type(self).__name__}")
                 folded = dict(zip(("weight", "bias"), _folded(self.layer, self.bn)))
                 if cached is not None and all(_same_layout(cached[1][k], t)
                                               for k, t in folded.items()):

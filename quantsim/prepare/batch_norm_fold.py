@@ -21,9 +21,11 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from quantsim.errors import UnsupportedModelError
+from quantsim.checks import require_module
+from quantsim.errors import QuantSimError, UnsupportedModelError
 from quantsim.graph import eval_mode
-from quantsim.nn.fused import check_foldable, fold_batch_norm_, fuse_conv_bn, relative_slot
+from quantsim.nn.fused import (check_foldable, check_statistics, fold_batch_norm_, fuse_conv_bn,
+                               relative_slot)
 from quantsim.prepare._recording import RuntimeTrace, record_run
 
 __all__ = ["ConvBnPair", "find_conv_bn_pairs", "fold_all_batch_norms", "fuse_all_conv_bn"]
@@ -51,10 +53,19 @@ def _dummy(model: nn.Module, input_shapes: Shapes, dummy_input: Any) -> Any:
             "fold_all_batch_norms: give input_shapes (e.g. (1, 3, 224, 224)) or a dummy_input")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    shapes = list(input_shapes)
-    if shapes and all(isinstance(s, int) for s in shapes):
-        return torch.randn(*shapes, device=device)
-    return tuple(torch.randn(*s, device=device) for s in shapes)
+    if _is_shape(input_shapes):
+        return torch.randn(*input_shapes, device=device)
+    if isinstance(input_shapes, (list, tuple)) and input_shapes and all(
+            _is_shape(s) for s in input_shapes):
+        return tuple(torch.randn(*s, device=device) for s in input_shapes)
+    raise UnsupportedModelError(
+        f"fold_all_batch_norms: input_shapes must be one shape such as (1, 3, 224, 224) or a "
+        f"list of shapes, each a tuple of positive ints; got {input_shapes!r:.80}")
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, (list, tuple, torch.Size)) and len(value) > 0 and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
 
 
 def _sole_leaf_consumer(trace: RuntimeTrace, tensor: torch.Tensor) -> Optional[str]:
@@ -120,12 +131,33 @@ def find_conv_bn_pairs(model: nn.Module, input_shapes: Shapes = None,
 
     Returns:
         One :class:`ConvBnPair` per foldable BatchNorm.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not an ``nn.Module``, ``input_shapes`` is not a
+            shape (or list of shapes), or the model's forward fails with the input.
     """
+    require_module(model, "find_conv_bn_pairs(model=...)")
     if isinstance(model, nn.DataParallel):
         model = model.module
-    with eval_mode(model):
-        trace = record_run(model, _dummy(model, input_shapes, dummy_input), ops=True)
+    dummy = _dummy(model, input_shapes, dummy_input)
+    try:
+        with eval_mode(model):
+            trace = record_run(model, dummy, ops=True)
+    except QuantSimError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own forward: any error is its input's
+        given = "dummy_input" if dummy_input is not None else f"input_shapes {input_shapes!r}"
+        raise UnsupportedModelError(
+            f"finding foldable BatchNorms: the model's forward failed with the {given} "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+            "give the shapes (or dummy_input) the model takes") from exc
     return _pairs_from_trace(model, trace)
+
+
+def _check_statistics(model: nn.Module, pairs: List[ConvBnPair]) -> None:
+    """Every pair's BatchNorm folds to finite values; checked before any module changes."""
+    for pair in pairs:
+        check_statistics(model.get_submodule(pair.bn), f"module {pair.bn!r}")
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -152,7 +184,10 @@ def fold_all_batch_norms(model: nn.Module, input_shapes: Shapes,
         ``[(layer, bn), ...]``: the layer modules and the BatchNorm modules folded into them.
 
     Raises:
-        UnsupportedModelError: neither ``input_shapes`` nor ``dummy_input`` was given.
+        UnsupportedModelError: neither ``input_shapes`` nor ``dummy_input`` was given, or see
+            :func:`find_conv_bn_pairs`.
+        BatchNormFoldError: a BatchNorm whose ``running_var + eps`` is not > 0 (e.g. ``eps=0``
+            and a dead channel), named by its path; the model is left unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
@@ -162,8 +197,10 @@ def fold_all_batch_norms(model: nn.Module, input_shapes: Shapes,
     """
     if isinstance(model, nn.DataParallel):
         model = model.module
+    pairs = find_conv_bn_pairs(model, input_shapes, dummy_input)
+    _check_statistics(model, pairs)
     folded = []
-    for pair in find_conv_bn_pairs(model, input_shapes, dummy_input):
+    for pair in pairs:
         layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.bn)
         fold_batch_norm_(layer, bn)
         _replace(model, pair.bn, nn.Identity())
@@ -191,10 +228,15 @@ def fuse_all_conv_bn(model: nn.Module, input_shapes: Shapes = None,
 
     Returns:
         The fused chains.
+
+    Raises:
+        UnsupportedModelError: see :func:`find_conv_bn_pairs`.
+        BatchNormFoldError: as :func:`fold_all_batch_norms`; the model is left unchanged.
     """
     if isinstance(model, nn.DataParallel):
         model = model.module
     pairs = find_conv_bn_pairs(model, input_shapes, dummy_input)
+    _check_statistics(model, pairs)
     for pair in pairs:
         layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.bn)
         act = model.get_submodule(pair.activation) if pair.activation else None
