@@ -34,6 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from quantsim.encoding import quantize
@@ -458,8 +459,9 @@ def convert_qat_model(
         ``<prefix>_deploy_model.onnx``.
 
     Raises:
-        ExportError: no Q/DQ pair in the model (quantization was off, or no QAT module), a
-            non-constant weight scale, a bad dtype, a file that fails ``onnx.checker`` or ORT.
+        ExportError: ``onnx_path`` is missing or not an ONNX model, no Q/DQ pair in the model
+            (quantization was off, or no QAT module), a non-constant weight scale, a bad dtype,
+            a file that fails ``onnx.checker`` or ORT.
 
     Example:
         >>> # torch.onnx.export(model.eval(), (x,), "m.onnx", external_data=False)
@@ -471,9 +473,15 @@ def convert_qat_model(
         model = onnx.ModelProto()
         model.CopyFrom(onnx_path)
     else:
-        if not os.path.isfile(onnx_path):
-            raise ExportError(f"convert_qat_model: no such ONNX file: {onnx_path}")
-        model = onnx.load(os.fspath(onnx_path))
+        if not isinstance(onnx_path, (str, os.PathLike)) or not os.path.isfile(onnx_path):
+            raise ExportError(f"convert_qat_model: no such ONNX file: {onnx_path!r}")
+        try:
+            model = onnx.load(os.fspath(onnx_path))
+        except DecodeError as exc:
+            raise ExportError(f"convert_qat_model: {onnx_path} is not an ONNX model (protobuf "
+                              f"cannot parse it: {exc})") from exc
+        if not model.HasField("graph"):  # an empty file parses as an empty ModelProto
+            raise ExportError(f"convert_qat_model: {onnx_path} is not an ONNX model (no graph)")
     fold_constants(model)
     weights, activations = _qdq_pairs(model.graph)
     if not weights and not activations:
