@@ -734,7 +734,9 @@ def test_state_dict_keys_unchanged_and_assign_load_keeps_the_tie():
 
 def test_module_called_twice_before_backward():
     """A QAT module applied twice in one forward trains: the weight quantizer's range is
-    rewritten in place by the second call, yet the gradients equal those of two copies."""
+    rewritten in place by the second call, yet the gradients equal those of two copies (the
+    weight and bias exactly; a clip's gradient may sum its per-call terms in another order,
+    so up to float32 rounding of that sum)."""
     torch.manual_seed(0)
     cfg = {"retrain_data_config": {"clip_min": -1.0, "clip_max": 1.5}}
     fc = LinearQAT(4, 4, config=cfg)
@@ -745,7 +747,11 @@ def test_module_called_twice_before_backward():
     b(y + x2).sum().backward()
     for name, p in fc.named_parameters():
         pa, pb = dict(a.named_parameters())[name], dict(b.named_parameters())[name]
-        assert torch.equal(p.grad, pa.grad + pb.grad), name
+        if "clip" in name:  # a handful of float32 terms per call, summed in another order
+            bound = 7 * torch.finfo(torch.float32).eps * float(pa.grad.abs() + pb.grad.abs())
+            torch.testing.assert_close(p.grad, pa.grad + pb.grad, rtol=0, atol=bound)
+        else:
+            assert torch.equal(p.grad, pa.grad + pb.grad), name
     calibrating = LinearQAT(4, 4, config={"retrain_data_config": {"batch_num": 2}})
     calibrating(calibrating(x1) + x2).sum().backward()
     assert int(calibrating.input_quantizer.num_batches_calibrated) == 2
