@@ -52,8 +52,9 @@ def save_checkpoint(sim, file_path: PathLike, optimizer: Optional[torch.optim.Op
         optimizer: optional optimizer whose state resumes with the sim.
 
     Raises:
-        CheckpointError: ``sim`` or ``optimizer`` of another type, or the file cannot be
-            written (no folder, a file where a folder should be, no space, a file-size
+        CheckpointError: ``sim`` or ``optimizer`` of another type, a ``dummy_input`` holding
+            objects weights-only loading cannot read back (custom classes), or the file cannot
+            be written (a folder, a file where a folder should be, no space, a file-size
             limit, no permission), naming it; an existing file is then left as it was.
     """
     from quantsim.sim import QuantizationSimModel  # the sim module imports much; load late
@@ -91,7 +92,7 @@ def save_checkpoint(sim, file_path: PathLike, optimizer: Optional[torch.optim.Op
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write the checkpoint: {exc.strerror or exc}"
                               f"{_culprit(exc, path)}") from exc
-    except RuntimeError as exc:  # torch.save reports a failed write (no space, size limit) so
+    except RuntimeError as exc:  # how torch.save reports a failed write (no space, size limit)
         raise CheckpointError(f"{path}: cannot write the checkpoint: torch.save failed "
                               f"({_first_line(exc)}){_space_hint(path)}; the file is "
                               "unchanged") from exc
