@@ -32,6 +32,7 @@ from quantsim.errors import (BatchNormFoldError, CheckpointError, ConfigError, E
                              ExportError, QuantizationSettingError, QuantSimError,
                              UnsupportedModelError)
 from quantsim.export import ExportersFailedError, export, load_encodings
+from quantsim.nn.qat import replace_with_qat
 from quantsim.prepare import fold_all_batch_norms, fuse_all_conv_bn
 
 HERE = Path(__file__).resolve().parent
@@ -363,6 +364,9 @@ ROWS = [
     Row("set_fake_quantize of a function (AttributeError)",
         lambda ctx: set_fake_quantize(lambda x: x, FakeQuantState.QAT),
         UnsupportedModelError, "set_fake_quantize: expected a torch.nn.Module"),
+    Row("replace_with_qat of a function (AttributeError)",
+        lambda ctx: replace_with_qat(lambda x: x),
+        UnsupportedModelError, "replace_with_qat(model=...): expected a torch.nn.Module"),
     # -- BatchNorm folding ---------------------------------------------------------------------
     Row("fold_all_batch_norms with var = 0 and eps = 0 (silent inf weights)",
         lambda ctx: fold_all_batch_norms(_bn_model(eps=0.0, var=0.0), (1, 1, 8, 8)),

@@ -7,6 +7,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
+from quantsim.checks import require_module
 from quantsim.errors import QuantizationSettingError, UnsupportedModelError
 from quantsim.nn.qat.modules import QAT_MODULES, ConfigLike, qat_class_for
 from quantsim.nn.qat.config import QATConfig
@@ -63,9 +64,10 @@ def replace_with_qat(
         ``(model, swapped)``: the model and the qualified names of the swapped layers.
 
     Raises:
-        UnsupportedModelError: a layer shares its weight or bias with another layer (tied or
-            reused module), or breaks a QAT restriction (padding_mode, Conv3d depth dilation);
-            a type in ``types`` has no QAT module.
+        UnsupportedModelError: ``model`` is not an ``nn.Module`` instance; a layer shares its
+            weight or bias with another layer (tied or reused module), or breaks a QAT
+            restriction (padding_mode, Conv3d depth dilation); a type in ``types`` has no QAT
+            module.
         QuantizationSettingError: a ``skip`` name matches no module; a bad config.
 
     Example:
@@ -74,6 +76,7 @@ def replace_with_qat(
         >>> swapped
         ['0', '3']
     """
+    require_module(model, "replace_with_qat(model=...)")
     config = QATConfig.coerce(config)
     types = _check_types(types)
     names = {name for name, _ in model.named_modules()}
