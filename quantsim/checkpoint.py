@@ -155,9 +155,10 @@ def _read(file_path: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:
+    except PermissionError as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {exc.strerror or exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - damaged bytes fail the unpickler in many types
+    except Exception as exc:  # noqa: BLE001 - damaged bytes fail the reader in many types
+        # (an OSError "Invalid argument" from seeking in a truncated archive among them)
         raise CheckpointError(
             f"{path}: not a readable quantsim checkpoint (truncated, damaged, foreign, or "
             f"holding objects other than tensors and plain data): {type(exc).__name__}: "
