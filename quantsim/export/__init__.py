@@ -52,6 +52,7 @@ from quantsim.export.onnx_export import (ExporterFallbackWarning, ExportersFaile
                                          graph_tensor_names, tensor_map)
 from quantsim.export.verify import VerifyReport, verify
 from quantsim.op_types import onnx_types_of, params_of
+from quantsim.quantizer import QuantizerRole
 
 __all__ = ["export", "ExportedFiles", "load_encodings", "save_encodings_to_json", "verify",
            "VerifyReport", "tensor_map", "TensorMap", "ExporterFallbackWarning",
@@ -359,8 +360,8 @@ def _excluded_layers(sim: Any) -> List[str]:
 
 
 def _quantizer_args(sim: Any) -> Dict[str, Any]:
-    per_channel = any(q.axis is not None for n, q in sim.named_quantizers()
-                      if ".param_quantizers." in n and q.enabled)
+    per_channel = any(q.axis is not None for q in sim.quantizers()
+                      if q.role is QuantizerRole.PARAM and q.enabled)
     return enc_files.quantizer_args(
         sim.quant_scheme, activation_bitwidth=sim._output_bw, param_bitwidth=sim._param_bw,
         dtype=sim._data_type, param_symmetric=sim.config.defaults.params.is_symmetric,

@@ -45,6 +45,7 @@ from quantsim.export.onnx_export import stored_quantizer_map
 from quantsim.export.qdq import QDQ_MAP_KEY
 from quantsim.graph import eval_mode, run_forward, split_dummy_input
 from quantsim.op_types import params_of
+from quantsim.quantizer import QuantizerRole
 
 
 @dataclass
@@ -194,7 +195,8 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
     report.first_divergence = diverging[0] if diverging else None
 
     # every activation quantizer's consumers read the sim's value of the same call
-    forced = {c.tensor: c.value for c in checks if ".param_quantizers." not in c.qname}
+    forced = {c.tensor: c.value for c in checks
+              if quantizers[c.qname].role is not QuantizerRole.PARAM}
     iso_feeds = dict(feeds, **{f"{t}{_SIM_SUFFIX}": v for t, v in forced.items()})
     isolated = _run(ort, _with_outputs(_isolated(model, forced), dq_tensors), iso_feeds, disabled)
     report.isolated_max_diff, report.isolated_max_diff_lsb, _ = _compare(
@@ -270,7 +272,7 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, List[
     captured: Dict[str, List[np.ndarray]] = {}
     handles = []
     for qname in dq_of:
-        if ".param_quantizers." in qname:
+        if quantizers[qname].role is QuantizerRole.PARAM:
             continue
 
         def hook(_module, _args, output, qname=qname):
@@ -281,7 +283,7 @@ def _run_sim(sim, dummy_input, dq_of) -> Tuple[List[np.ndarray], Dict[str, List[
         with eval_mode(sim.model), torch.no_grad():
             out = run_forward(sim.model, dummy_input)
             for qname in dq_of:
-                if ".param_quantizers." in qname:
+                if quantizers[qname].role is QuantizerRole.PARAM:
                     module_name, pname = qname.split(".param_quantizers.")
                     param = params_of(modules[module_name])[pname]
                     captured[qname] = [quantizers[qname](param).detach().float().cpu().numpy()]
