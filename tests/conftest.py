@@ -24,6 +24,33 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tests" / "data" / "aimet"
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits as (x_train, y_train, x_test, y_test) (tests/models.py)."""
+    from models import digits_data
+    return digits_data()
+
+
+@pytest.fixture(scope="session")
+def trained_digits_cnn(digits):
+    """tests/models.DigitsCNN trained 6 epochs on ``digits`` (eval mode). Tests must not change
+    it: build a sim (a copy) or deepcopy it."""
+    from models import DigitsCNN, train
+    torch.manual_seed(0)
+    return train(DigitsCNN(), digits[0], digits[1], epochs=6)
+
+
+def assert_qdq_agrees(report) -> None:
+    """A :class:`quantsim.export.VerifyReport` within one quantization step: the outputs chained
+    through the QDQ model, the outputs with every quantizer fed the sim's inputs, and each
+    quantizer on its own; the default ORT session loads the model."""
+    assert report.output_scale is not None
+    assert report.max_diff_lsb <= 1.001, str(report)
+    assert report.isolated_max_diff_lsb <= 1.001, str(report)
+    assert report.default_error is None
+    assert report.quantizers and all(q.max_diff_lsb <= 1.001 for q in report.quantizers), str(report)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run several times faster on one intra-op thread; use it per module with

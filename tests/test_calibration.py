@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from models import DigitsCNN, digits_data, randomize_batch_norms, train
+from models import randomize_batch_norms
 from quantsim import QuantizationSimModel
 from quantsim.analyzers import create_analyzer
 from quantsim.encoding import INT32_BIAS_STEPS, MIN_REQUANT_SCALE, Encoding, int32_bias_weight_scale
@@ -23,14 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return digits_data()
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    return train(DigitsCNN(), digits[0], digits[1], epochs=3)
+def trained(trained_digits_cnn):
+    return trained_digits_cnn
 
 
 def _batches(digits) -> List[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, assert_qdq_agrees
 from models import (DictInputNet, DigitsCNN, KeywordNet, NestedOutputNet, ResidualNet,
                     SharedBlockNet, digits_data, randomize_batch_norms, train, transformer_block)
 from quantsim import EncodingsError, ExportError
@@ -216,11 +216,7 @@ def test_qdq_model_matches_sim(case, digits, digits_files, residual, transformer
         _, sim, x, files = {"residual": residual, "transformer": transformer}[case]
     report = verify(sim, files.qdq_onnx, x)
     print(f"\n{case}: {report}")
-    assert report.output_scale is not None
-    assert report.max_diff_lsb <= 1.001, str(report)
-    assert report.isolated_max_diff_lsb <= 1.001, str(report)
-    assert report.default_error is None
-    assert report.quantizers and all(q.max_diff_lsb <= 1.001 for q in report.quantizers), str(report)
+    assert_qdq_agrees(report)
 
 
 def test_qdq_loads_with_default_session_options(digits_files):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_qdq_agrees
 from quantsim import ExportError
 from quantsim.export import ExporterFallbackWarning, ExportersFailedError, load_encodings, verify
 from quantsim.export import torchscript_onnx
@@ -184,11 +185,7 @@ def test_fallback_qdq_matches_sim(cnn, cnn_files):
     files, _ = cnn_files
     report = verify(sim, files.qdq_onnx, x)
     print(f"\nBranchyCNN (TorchScript export): {report}")
-    assert report.output_scale is not None
-    assert report.max_diff_lsb <= 1.001, str(report)
-    assert report.isolated_max_diff_lsb <= 1.001, str(report)
-    assert report.default_error is None
-    assert report.quantizers and all(q.max_diff_lsb <= 1.001 for q in report.quantizers), str(report)
+    assert_qdq_agrees(report)
 
 
 def test_fallback_records_the_branch_dummy_input_takes(cnn, tmp_path):

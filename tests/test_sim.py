@@ -10,18 +10,13 @@ from torch import nn
 
 from conftest import EXAMPLES
 from models import (DictInputNet, DigitsCNN, KeywordNet, ResidualNet, SharedBlockNet, accuracy,
-                    digits_data, randomize_batch_norms, train, transformer_block)
+                    randomize_batch_norms, train, transformer_block)
 from quantsim import (CalibrationError, ConfigError, DummyInputError, KeywordInputs,
                       QuantizationSettingError, UnsupportedModelError)
 from quantsim.encoding import Encoding
 from quantsim.graph import run_forward
 from quantsim.sim import QuantizationSimModel, QuantScheme
 from quantsim.wrappers import quantizer_items
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_data()
 
 
 @pytest.fixture(scope="module")

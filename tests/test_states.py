@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import DigitsCNN, SharedBlockNet, accuracy, digits_data, train
+from models import SharedBlockNet, accuracy
 from quantsim import QuantizationSimModel, UnsupportedModelError
 from quantsim.encoding import MINIMUM_SCALE
 from quantsim.errors import FakeQuantStateError
@@ -15,14 +15,8 @@ from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precisio
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return digits_data()
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    return train(DigitsCNN(), digits[0], digits[1], epochs=6)
+def trained(trained_digits_cnn):
+    return trained_digits_cnn
 
 
 def test_state_cycle_and_mode_checks(trained, digits):
