@@ -501,7 +501,9 @@ class Quantizer(nn.Module):
         device."""
         key = self.version_key()
         cached = self._fast_cache
-        if cached is not None and cached[0] == key:
+        # torch.jit.trace records how the constants derive from the buffers: a cached copy
+        # would enter the graph as a constant, and only when warm (the trace check fails)
+        if cached is not None and cached[0] == key and not torch.jit.is_tracing():
             return cached[1]
         value = None
         if (self.rounding == "nearest" and self.data_type == "int" and not self.learnable

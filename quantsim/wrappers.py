@@ -15,7 +15,7 @@ wrapper's forward runs, ``self.weight`` read *in that thread (context)* resolves
 fake-quantized tensor (a :class:`contextvars.ContextVar` consulted by ``__getattr__``), so the
 float parameters stay in ``_parameters`` for optimizers, ``state_dict`` and other threads, and
 keep receiving gradients. In eval (no grad) a quantized parameter is computed once and reused
-until the parameter or its encoding changes.
+until the parameter or its encoding changes, up to a size (:func:`set_param_cache_limit`).
 
 A module of a type registered with :func:`register_fresh_output` (its forward returns a newly
 allocated tensor: conv, linear, norms, activations without ``inplace``, elementwise ops), without
@@ -36,6 +36,7 @@ Which tensors those are is :func:`quantsim.op_types.params_of`.
 from __future__ import annotations
 
 import contextvars
+import numbers
 from typing import Any, Dict, Optional, Set, Tuple, Type
 
 import torch
@@ -44,6 +45,7 @@ from torch.utils import _pytree as pytree
 
 from torch.nn.modules.module import _global_forward_hooks
 
+from quantsim.errors import QuantizationSettingError
 from quantsim.nn import elementwise as ew
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
 # param_axis is imported from here by the sim and the retrain session
@@ -111,6 +113,54 @@ register_fresh_output(
 #: in this thread / context; read by ``QuantizationMixin.__getattr__``
 _SUBSTITUTED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
     "quantsim_substituted_parameters", default=None)
+
+
+#: quantized parameters of at most this many elements are kept between eval calls (None: all)
+_param_cache_limit: Optional[int] = 1 << 20
+#: modules whose call reads a few rows of their weight: theirs is cached whatever its size
+_LOOKUP_TABLES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def set_param_cache_limit(max_elements: Optional[int]) -> None:
+    """Keep the fake-quantized copy of a parameter between eval calls only when it has at most
+    ``max_elements`` elements (default ``2**20``, 4 MiB of float32); ``None`` keeps every one,
+    ``0`` none.
+
+    Outside autograd a quantized module computes the fake-quantized value of each parameter
+    once and reuses it until the parameter or its encoding changes. That makes small layers
+    fast (a fake-quant call costs more than a small layer's own work) but holds a second copy
+    of every weight; larger parameters are instead fake-quantized on every call, which costs
+    about what their layer's own call costs at small batches (one pass over the weight, where
+    a Linear layer of batch 64 does 64 multiply-adds per weight) and keeps the sim's memory
+    near the float model's. Embedding tables are cached whatever their size: a call reads a
+    few rows, so quantizing the whole table per call would cost many times the lookup.
+
+    The setting applies to every sim in the process; copies kept under a higher limit are
+    dropped on their next use (or at once with :func:`clear_param_cache`).
+
+    Raises:
+        QuantizationSettingError: ``max_elements`` is not None or an integer >= 0.
+    """
+    global _param_cache_limit
+    if max_elements is not None and (isinstance(max_elements, bool) or not isinstance(
+            max_elements, numbers.Integral) or max_elements < 0):
+        raise QuantizationSettingError(
+            f"set_param_cache_limit: max_elements must be None or an integer >= 0, got "
+            f"{max_elements!r}")
+    _param_cache_limit = None if max_elements is None else int(max_elements)
+
+
+def param_cache_limit() -> Optional[int]:
+    """The limit set by :func:`set_param_cache_limit` (elements; None: no limit)."""
+    return _param_cache_limit
+
+
+def clear_param_cache(model: nn.Module) -> None:
+    """Drop the fake-quantized parameter copies that the quantized modules of ``model`` keep
+    (e.g. after an evaluation, to give the memory back); the next eval call recomputes them."""
+    for module in model.modules():
+        if isinstance(module, QuantizationMixin):
+            module._qparam_cache.clear()
 
 
 class QuantizationMixin:
@@ -222,6 +272,12 @@ class QuantizationMixin:
             return quantizer(param)
         if quantizer.state != "quantize" or quantizer.rounding != "nearest":
             return quantizer(param)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return quantizer(param)  # a trace or graph must compute it, not capture a cached copy
+        if (_param_cache_limit is not None and param.numel() > _param_cache_limit
+                and not isinstance(self, _LOOKUP_TABLES)):
+            self._qparam_cache.pop(name, None)  # a copy kept before the limit was lowered
+            return quantizer(param)
         key = (param._version, id(param), quantizer.version_key())
         cached = self._qparam_cache.get(name)
         if cached is not None and cached[0] == key:
@@ -233,6 +289,25 @@ class QuantizationMixin:
 
     def extra_repr(self) -> str:  # keeps the float module's own description
         return super().extra_repr()
+
+    # -- copying and pickling -------------------------------------------------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        """The module's state for pickle and ``copy.deepcopy``, minus the cached quantized
+        parameters (derived data as large as the weights) and with the plan of active
+        quantizers marked stale (its generation counter means nothing in another process)."""
+        state = super().__getstate__()
+        state["_qparam_cache"] = {}
+        state["_plan"] = (-1,) + tuple(state["_plan"][1:])
+        return state
+
+    def __reduce_ex__(self, protocol: int):
+        """Pickle as the float class plus a rebuild step (:func:`_rebuild_quantized`), because
+        ``Quantized<Cls>`` is made at run time and cannot be looked up by name: a process that
+        never built a sim can ``torch.load`` a pickled ``sim.model``."""
+        reconstruct, args, *rest = super().__reduce_ex__(protocol)
+        float_cls, qcls = unwrap_class(self), type(self)
+        args = tuple(float_cls if a is qcls else a for a in args)
+        return (_rebuild_quantized, (float_cls, reconstruct, args), *rest)
 
 
 def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:
@@ -247,31 +322,64 @@ def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:
     return pytree.tree_unflatten(leaves, spec)
 
 
+def _quantized_class(float_cls: Type[nn.Module]) -> Type[nn.Module]:
+    """``Quantized<Cls>(QuantizationMixin, Cls)``, created once per float class (threads that
+    race here all get the class stored first)."""
+    qcls = _QUANTIZED_CLASSES.get(float_cls)
+    if qcls is None:
+        qcls = _QUANTIZED_CLASSES.setdefault(float_cls, type(
+            f"Quantized{float_cls.__name__}", (QuantizationMixin, float_cls), {
+                "__module__": __name__,
+                "__doc__": f"{float_cls.__name__} with quantizers (quantsim)."}))
+    return qcls
+
+
+def _rebuild_quantized(float_cls: Type[nn.Module], reconstruct: Any, args: tuple) -> nn.Module:
+    """Unpickling step of a quantized module (see ``QuantizationMixin.__reduce_ex__``): build
+    the float object as pickle would have, then give it its quantized class. Pickle files
+    name this function: keep its name and signature."""
+    module = reconstruct(*args)
+    module.__class__ = _quantized_class(float_cls)
+    return module
+
+
+#: attribute names that ``_init_quantizers`` adds to a module's ``__dict__`` (besides the
+#: quantizer containers), which the float copy of :func:`original_module` leaves out
+_MIXIN_ATTRIBUTES: Set[str] = set()
+
+
 def quantize_module(module: nn.Module) -> nn.Module:
-    """Turn ``module`` into its quantized class in place (quantizer lists start empty)."""
-    cls = type(module)
+    """Turn ``module`` into its quantized class in place (quantizer lists start empty).
+
+    The module keeps its identity, parameters and buffers; its class becomes
+    ``Quantized<Cls>``, a subclass of both :class:`QuantizationMixin` and its float class.
+    A module that is already quantized is returned as it is.
+    """
     if isinstance(module, QuantizationMixin):
         return module
-    qcls = _QUANTIZED_CLASSES.get(cls)
-    if qcls is None:
-        qcls = type(f"Quantized{cls.__name__}", (QuantizationMixin, cls), {
-            "__module__": __name__, "__doc__": f"{cls.__name__} with quantizers (quantsim)."})
-        _QUANTIZED_CLASSES[cls] = qcls
-    module.__class__ = qcls
+    before = set(module.__dict__)
+    module.__class__ = _quantized_class(type(module))
     module._init_quantizers()
+    _MIXIN_ATTRIBUTES.update(set(module.__dict__) - before)
     return module
 
 
 def original_module(module: nn.Module) -> nn.Module:
-    """A float copy of a quantized module, sharing its parameters (quantizers dropped)."""
+    """A float copy of a quantized module: an instance of its float class sharing its
+    parameters, buffers and children (quantizers and the wrapper's own attributes dropped).
+
+    The copy has its own ``_parameters`` / ``_buffers`` / ``_modules`` dicts, so assigning a
+    parameter or child on one does not change the other. A float module is returned as is.
+    """
     float_cls = unwrap_class(module)
     if float_cls is None:
         return module
     clone = float_cls.__new__(float_cls)
-    clone.__dict__ = dict(module.__dict__)
+    clone.__dict__ = {k: v for k, v in module.__dict__.items() if k not in _MIXIN_ATTRIBUTES}
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
     clone._modules = {k: v for k, v in module._modules.items()
                       if k not in ("input_quantizers", "output_quantizers", "param_quantizers")}
-    clone.__dict__.pop("_qparam_cache", None)
     return clone
 
 

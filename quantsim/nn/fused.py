@@ -208,13 +208,14 @@ class _FusedBn(nn.Module):
         tensors are computed once and reused until a source tensor changes (in place, by
         version counter, or by identity); then they are updated in place. Like parameters,
         they keep their identity and their version counter tells a change, which the sim's
-        caches (the quantized weight, calibration) key on.
+        caches (the quantized weight, calibration) key on. ``torch.jit.trace`` always records
+        the fold (a reused tensor would enter the graph as a constant).
 
         Raises:
             BatchNormFoldError: (without grad mode, where the statistics are checked once per
                 change) statistics that give no finite fold, see :func:`check_statistics`.
         """
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
             weight, bias = _folded(self.layer, self.bn)
             return {"weight": weight, "bias": bias}
         # BatchNorm's kernel updates the running statistics without moving their version

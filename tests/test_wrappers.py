@@ -1,0 +1,304 @@
+"""quantsim.wrappers: the quantized classes and their float copies; a sim's model through the
+ordinary torch round trips (deepcopy, pickling into a fresh process, state_dict, TorchScript
+tracing, torch.compile); the cache of fake-quantized parameters and its size limit."""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from models import DigitsCNN, randomize_batch_norms
+from quantsim import QuantizationSettingError
+from quantsim.encoding import Encoding
+from quantsim.nn.attention import QuantizableMultiheadAttention
+from quantsim.nn.fused import ConvBn
+from quantsim.prepare import fuse_all_conv_bn
+from quantsim.quantizer import Quantizer
+from quantsim.sim import QuantizationSimModel
+from quantsim.wrappers import (QuantizationMixin, clear_param_cache, original_module,
+                               param_cache_limit, quantize_module, quantizer_items,
+                               set_param_cache_limit, unwrap_class)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor, data: torch.Tensor) -> QuantizationSimModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # functional ops and attention internals
+        sim = QuantizationSimModel(model, x, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(data), None)
+    sim.model.eval()
+    return sim
+
+
+def digits_cnn() -> nn.Module:
+    """A model class of the user's (tests/models.py), loaded from its module by pickle."""
+    torch.manual_seed(0)
+    return randomize_batch_norms(DigitsCNN()).eval()
+
+
+def fused_attention_net() -> nn.Module:
+    """Fused conv-BN-ReLU (quantsim.nn.ConvBn) and a transformer layer whose attention the
+    sim replaces by QuantizableMultiheadAttention: torch and quantsim classes only."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(2),
+        nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True),
+        nn.Flatten(), nn.Linear(128, 5))).eval()
+    fuse_all_conv_bn(model, dummy_input=torch.zeros(1, 3, 4, 4))
+    return model
+
+
+MODELS = {"digits_cnn": (digits_cnn, (1, 8, 8)), "fused_attention": (fused_attention_net, (3, 4, 4))}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def sim_case(request):
+    """(name, calibrated sim, a batch the sim was not calibrated on)."""
+    make, shape = MODELS[request.param]
+    g = torch.Generator().manual_seed(1)
+    data, x = torch.randn(64, *shape, generator=g), torch.randn(16, *shape, generator=g)
+    return request.param, _calibrated(make(), x[:2], data), x
+
+
+@pytest.fixture
+def default_cache_limit():
+    """Tests that change the process-wide cache limit put the default back."""
+    saved = param_cache_limit()
+    yield
+    set_param_cache_limit(saved)
+
+
+# -- the quantized class --------------------------------------------------------------------------
+def test_quantize_module_gives_the_instance_its_quantized_class():
+    """The same object, now of Quantized<Cls>: a subclass of its float class (isinstance,
+    parameter names and state_dict keys unchanged) with empty quantizer containers."""
+    linear = nn.Linear(4, 3)
+    weight, keys = linear.weight, list(linear.state_dict())
+    assert quantize_module(linear) is linear
+    assert type(linear).__name__ == "QuantizedLinear" and type(linear).__module__ == "quantsim.wrappers"
+    assert isinstance(linear, nn.Linear) and isinstance(linear, QuantizationMixin)
+    assert linear.weight is weight and list(linear.state_dict()) == keys
+    assert (len(linear.input_quantizers), len(linear.output_quantizers),
+            len(linear.param_quantizers)) == (0, 0, 0)
+
+
+def test_one_quantized_class_per_float_class_and_no_double_wrapping():
+    a, b = quantize_module(nn.ReLU()), quantize_module(nn.ReLU())
+    assert type(a) is type(b)
+    a.output_quantizers.append(nn.Identity())
+    assert quantize_module(a) is a and len(a.output_quantizers) == 1  # not reset
+    assert type(a) is not type(quantize_module(nn.ReLU6()))
+
+
+def test_original_module_is_a_float_copy_sharing_the_tensors():
+    """Float class, same parameter and buffer tensors, none of the wrapper's state, and its
+    own dicts: replacing a parameter of the copy leaves the quantized module alone."""
+    bn = nn.BatchNorm1d(4)
+    quantize_module(bn)
+    bn.output_quantizers.append(Quantizer(8))
+    clone = original_module(bn)
+    assert type(clone) is nn.BatchNorm1d and not isinstance(clone, QuantizationMixin)
+    assert clone.weight is bn.weight and clone.running_mean is bn.running_mean
+    assert list(clone.state_dict()) == list(nn.BatchNorm1d(4).state_dict())
+    assert not {"_qparam_cache", "_plan"} & set(vars(clone))
+    clone.weight = nn.Parameter(torch.zeros(4))
+    assert bn.weight is not clone.weight and "output_quantizers" in bn._modules
+    plain = nn.ReLU()
+    assert original_module(plain) is plain
+
+
+def test_quantizer_items_and_unwrap_class():
+    linear = quantize_module(nn.Linear(4, 3))
+    a, b, c = nn.Identity(), nn.Identity(), nn.Identity()
+    linear.input_quantizers.append(a)
+    linear.output_quantizers.append(b)
+    linear.param_quantizers["weight"] = c
+    assert list(quantizer_items(linear)) == [
+        ("input_quantizers.0", a), ("output_quantizers.0", b), ("param_quantizers.weight", c)]
+    assert list(quantizer_items(nn.Linear(4, 3))) == []
+    assert unwrap_class(linear) is nn.Linear and unwrap_class(nn.Linear(4, 3)) is None
+
+
+# -- copies ---------------------------------------------------------------------------------------
+def test_deepcopy_computes_the_same_and_shares_nothing(sim_case):
+    """A deep copy of sim.model gives the same outputs, has its own parameters and
+    quantizers, and starts without cached quantized weights (they are derived data)."""
+    _, sim, x = sim_case
+    with torch.no_grad():
+        expected = sim.model(x)  # fills the originals' caches
+        dup = copy.deepcopy(sim.model)
+        assert all(not m._qparam_cache for m in dup.modules() if isinstance(m, QuantizationMixin))
+        assert torch.equal(dup(x), expected)
+    originals = dict(sim.model.named_parameters())
+    assert all(p is not originals[n] for n, p in dup.named_parameters())
+    name, q = next((n, q) for n, q in sim.named_quantizers() if q.enabled and q.axis is None)
+    dup_q = dup.get_submodule(name)
+    dup_q.set_encoding(Encoding.from_range(torch.tensor(-0.25), torch.tensor(0.25), q.bitwidth))
+    assert not torch.equal(q.get_scale(), dup_q.get_scale())
+
+
+def test_pickled_model_loads_in_a_process_that_never_built_a_sim(sim_case, tmp_path):
+    """torch.save(sim.model) + torch.load(weights_only=False) in a fresh interpreter: the
+    quantized classes are rebuilt from their float classes (nothing generated exists there
+    before loading), and the loaded model computes exactly what the sim computes."""
+    name, sim, x = sim_case
+    with torch.no_grad():
+        expected = sim.model(x)
+    path = tmp_path / "model.pt"
+    torch.save(sim.model, path)
+    torch.save({"x": x, "expected": expected,
+                "types": [type(m).__name__ for m in sim.model.modules()]}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        torch.set_num_threads({torch.get_num_threads()})
+        from quantsim import wrappers
+        assert not wrappers._QUANTIZED_CLASSES, "a quantized class exists before loading"
+        model = torch.load({str(path)!r}, weights_only=False)
+        ref = torch.load({str(tmp_path / 'io.pt')!r})
+        assert [type(m).__name__ for m in model.modules()] == ref["types"]
+        assert any(isinstance(m, wrappers.QuantizationMixin) for m in model.modules())
+        with torch.no_grad():
+            assert torch.equal(model(ref["x"]), ref["expected"]), "outputs differ"
+        """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    if name == "fused_attention":
+        assert isinstance(sim.model[0], ConvBn)
+        assert isinstance(sim.model[4].self_attn, QuantizableMultiheadAttention)
+
+
+def test_pickle_holds_no_cached_quantized_weights():
+    """The cache is derived data: a pickled sim.model after an eval forward is the float
+    model's size plus the quantizers, not another copy of every weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    x = torch.randn(8, 256)
+    sim = _calibrated(copy.deepcopy(model), x, x)
+    with torch.no_grad():
+        sim.model(x)
+    assert all(m._qparam_cache for m in (sim.model[0], sim.model[2]))
+
+    def size(m: nn.Module) -> int:
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        return buf.tell()
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert size(sim.model) - size(model) < weights / 4
+
+
+def test_state_dict_loads_into_a_fresh_sim(sim_case):
+    """torch.save(sim.model.state_dict()) restores weights and encodings into a fresh,
+    uncalibrated sim built around a differently initialized model of the same kind."""
+    name, sim, x = sim_case
+    buf = io.BytesIO()
+    torch.save(sim.model.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)  # other weights than the sim's
+    fresh_model = MODELS[name][0]()
+    for p in fresh_model.parameters():
+        nn.init.normal_(p)
+    fresh = _uncalibrated(fresh_model, x[:2])
+    fresh.model.load_state_dict(torch.load(buf))
+    fresh.model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh.model(x), sim.model(x))
+
+
+def _uncalibrated(model: nn.Module, x: torch.Tensor) -> QuantizationSimModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return QuantizationSimModel(model, x, quant_scheme="tf")
+
+
+# -- TorchScript and torch.compile ----------------------------------------------------------------
+def test_jit_trace_under_no_grad_records_the_sim(sim_case):
+    """torch.jit.trace under no_grad, straight after calibration (cold caches): torch's own
+    re-trace check passes (no cached tensor enters the graph as a constant), the traced
+    module computes what the sim computes on other inputs, and survives jit.save / load."""
+    name, sim, x = sim_case
+    fresh = copy.deepcopy(sim.model)  # no cached values anywhere
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(fresh, x[:2])  # check_trace=True re-traces with warm caches
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        expected = sim.model(x)
+        assert torch.equal(traced(x), expected)
+        assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_within_one_step():
+    """torch.compile(sim.model) computes the simulated model: every output within one step
+    of the output quantizer of eager (inductor may fuse the float arithmetic before the
+    last quantizer differently, moving a value across a rounding boundary)."""
+    torch._dynamo.reset()
+    sim = _calibrated(digits_cnn(), torch.randn(2, 1, 8, 8), torch.randn(64, 1, 8, 8))
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = sim.model(x)
+        compiled = torch.compile(sim.model)(x)
+    step = float(sim.model.fc.output_quantizers[0].get_scale())
+    assert (compiled - eager).abs().max() <= step * (1 + 1e-6)
+    assert (compiled != eager).float().mean() < 0.01  # boundary cases only
+
+
+# -- the cache of fake-quantized parameters -------------------------------------------------------
+def _cached(module: nn.Module) -> set:
+    return set(module._qparam_cache)
+
+
+def test_parameters_above_the_cache_limit_are_fake_quantized_per_call(default_cache_limit):
+    """Only parameters of at most the limit's elements keep their quantized copy; the
+    outputs are bit-identical either way (the same arithmetic runs)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    sim = _calibrated(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), x, x)
+    big, small = sim.model[0], sim.model[2]  # 2048 and 128 weight elements
+    assert param_cache_limit() == 1 << 20  # the documented default
+    with torch.no_grad():
+        unlimited = sim.model(x)
+        assert _cached(big) == _cached(small) == {"weight"}
+        set_param_cache_limit(1000)
+        limited = sim.model(x)
+        assert _cached(big) == set() and _cached(small) == {"weight"}  # dropped on next use
+        assert torch.equal(limited, unlimited)
+        set_param_cache_limit(0)
+        assert torch.equal(sim.model(x), unlimited) and _cached(small) == set()
+        set_param_cache_limit(None)
+        sim.model(x)
+        assert _cached(big) == _cached(small) == {"weight"}
+        clear_param_cache(sim.model)
+        assert _cached(big) == _cached(small) == set()
+
+
+def test_embedding_tables_are_cached_whatever_their_size(default_cache_limit):
+    """A lookup reads a few rows: the table (1600 elements) keeps its quantized copy above the
+    limit, a Linear weight (256) does not."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (4, 6))
+    sim = _calibrated(nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 16)), ids, ids)
+    set_param_cache_limit(100)
+    with torch.no_grad():
+        sim.model(ids)
+    assert _cached(sim.model[0]) == {"weight"} and _cached(sim.model[1]) == set()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1000"])
+def test_bad_cache_limit_is_refused(bad, default_cache_limit):
+    with pytest.raises(QuantizationSettingError, match="max_elements"):
+        set_param_cache_limit(bad)
+    assert param_cache_limit() == 1 << 20
