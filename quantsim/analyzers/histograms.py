@@ -15,29 +15,37 @@ from quantsim.errors import CalibrationError, QuantizationSettingError
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def _histogram(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_bins: int,
-               finite: Optional[torch.Tensor]) -> torch.Tensor:
-    """Counts of each row of ``rows`` in ``num_bins`` equal bins over ``[lo, hi]`` per row.
+def _add_histogram(counts: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   finite: Optional[torch.Tensor]) -> None:
+    """Add to ``counts`` (float64 ``(C, num_bins)``, in place) the counts of each row of
+    ``rows`` in ``num_bins`` equal bins over ``[lo, hi]`` per row.
 
     Values on or past the last edge land in the last bin. Entries where ``finite`` is False
-    are not counted. Returns float64 counts of shape ``(C, num_bins)``.
+    are not counted. Blocks of rows (or slices of one long row) with at most
+    :data:`_BLOCK_ELEMENTS` values and bins are binned at a time, so the temporaries stay
+    small whatever the number of channels: no ``(C, num_bins)`` tensor is made besides
+    ``counts``.
     """
     channels, length = rows.shape
+    num_bins = counts.shape[1]
     seen = lo <= hi
     origin = torch.where(seen, lo, torch.zeros_like(lo))[:, None]
     per_unit = torch.where(seen, num_bins / (hi - lo), torch.zeros_like(lo))[:, None]
-    dump = channels * num_bins  # one extra bin that collects the non-finite entries
-    itype = torch.int32 if dump < 2**31 - 1 else torch.int64
-    base = (torch.arange(channels, device=rows.device) * num_bins).to(itype)[:, None]
-    total = torch.zeros(dump + 1, dtype=torch.int64, device=rows.device)
-    step = max(1, _BLOCK_ELEMENTS // channels)
-    for start in range(0, length, step):
-        block = rows[:, start:start + step]
-        idx = ((block - origin) * per_unit).to(itype).clamp_(0, num_bins - 1).add_(base)
-        if finite is not None:
-            idx.masked_fill_(~finite[:, start:start + step], dump)
-        total += torch.bincount(idx.reshape(-1), minlength=dump + 1)
-    return total[:dump].reshape(channels, num_bins).to(torch.float64)
+    row_step = max(1, _BLOCK_ELEMENTS // max(length, num_bins, 1))
+    col_step = max(1, _BLOCK_ELEMENTS // row_step)
+    for r in range(0, channels, row_step):
+        n = min(row_step, channels - r)
+        dump = n * num_bins  # one extra bin that collects the non-finite entries
+        itype = torch.int32 if dump < 2**31 - 1 else torch.int64
+        base = (torch.arange(n, device=rows.device) * num_bins).to(itype)[:, None]
+        for c in range(0, length, col_step):
+            block = rows[r:r + n, c:c + col_step]
+            idx = ((block - origin[r:r + n]) * per_unit[r:r + n]).to(itype)
+            idx.clamp_(0, num_bins - 1).add_(base)
+            if finite is not None:
+                idx.masked_fill_(~finite[r:r + n, c:c + col_step], dump)
+            binned = torch.bincount(idx.reshape(-1), minlength=dump + 1)
+            counts[r:r + n].add_(binned[:dump].view(n, num_bins))
 
 
 def _rebin(counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -120,7 +128,9 @@ class _HistogramAnalyzer(EncodingAnalyzer):
         lo, hi = _widen_degenerate(torch.minimum(stats["lo"], batch_min),
                                    torch.maximum(stats["hi"], batch_max))
         counts = _rebin(stats["counts"], stats["lo"], stats["hi"], lo, hi)
-        counts = counts + _histogram(rows, lo, hi, self.num_bins, finite)
+        # in place, also into the old statistics' tensor when the range stayed: they are
+        # replaced by the result, and a second (C, num_bins) tensor would double the memory
+        _add_histogram(counts, rows, lo, hi, finite)
         return {"min": torch.minimum(stats["min"], batch_min),
                 "max": torch.maximum(stats["max"], batch_max), "lo": lo, "hi": hi, "counts": counts}
 

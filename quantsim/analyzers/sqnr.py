@@ -105,19 +105,31 @@ class SqnrAnalyzer(_HistogramAnalyzer):
         cache-sized block of channels at once; clipped bins then get their extra ``gamma - 1``
         share in closed form from prefix sums (the clipped bins of a row are a prefix and a
         suffix of its sorted midpoints). Only non-empty bins are evaluated: a weight row of a
-        few hundred values fills a small part of its 2048 bins. ``shared_offset``: every
-        candidate has the offset ``offsets[0, 0]`` (symmetric search)."""
-        mids, counts = _nonempty_bins(stats["lo"], stats["hi"], stats["counts"].to(torch.float32))
-        step = max(1, _NOISE_ELEMENTS // (deltas.shape[1] * mids.shape[1]))
+        few hundred values fills a small part of its 2048 bins. Channels are compacted a
+        block at a time (the bins of a weight with thousands of channels would otherwise make
+        several copies of its histograms), every row to the same width, so a row's noise
+        does not depend on the block it is in. ``shared_offset``: every candidate has the
+        offset ``offsets[0, 0]`` (symmetric search)."""
+        counts = stats["counts"]
+        width = _compact_width(counts)
+        step = max(1, _NOISE_ELEMENTS // (deltas.shape[1] * width))
+        block = max(step, _NOISE_ELEMENTS // counts.shape[1] // step * step)
         offset = float(offsets[0, 0]) if shared_offset and offsets.numel() else None
-        noise = torch.cat([
-            _squared_error(mids[i:i + step], counts[i:i + step], deltas[i:i + step],
-                           offsets[i:i + step] if offset is None else offset, num_steps)
-            for i in range(0, deltas.shape[0], step)])
-        if self.gamma != 1.0:
-            noise = noise + (self.gamma - 1.0) * _clipping_error(
-                mids, counts, deltas, offsets, num_steps).to(noise.dtype)
-        return noise
+        parts = []
+        for b in range(0, counts.shape[0], block):
+            rows = slice(b, b + block)
+            mids, cnt = _nonempty_bins(stats["lo"][rows], stats["hi"][rows],
+                                       counts[rows].to(torch.float32), width)
+            d, o = deltas[rows], offsets[rows]
+            noise = torch.cat([
+                _squared_error(mids[i:i + step], cnt[i:i + step], d[i:i + step],
+                               o[i:i + step] if offset is None else offset, num_steps)
+                for i in range(0, d.shape[0], step)])
+            if self.gamma != 1.0:
+                noise = noise + (self.gamma - 1.0) * _clipping_error(
+                    mids, cnt, d, o, num_steps).to(noise.dtype)
+            parts.append(noise)
+        return torch.cat(parts)
 
 
 def _squared_error(mids, counts, deltas, offsets, num_steps) -> torch.Tensor:
@@ -153,21 +165,27 @@ def _clipping_error(mids, counts, deltas, offsets, num_steps) -> torch.Tensor:
     return low + high
 
 
-def _nonempty_bins(lo: torch.Tensor, hi: torch.Tensor,
-                   counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Midpoints and counts of the bins of each row that hold data, in order, cut to the
-    widest row's count.
+def _compact_width(counts: torch.Tensor) -> int:
+    """How many bins per row :func:`_nonempty_bins` keeps: the most non-empty bins of any
+    row, or all of them when that is most (the compaction would not pay)."""
+    num_bins = counts.shape[1]
+    width = max(int((counts > 0).sum(dim=1).max()) if counts.numel() else 0, 1)
+    return num_bins if width > 0.75 * num_bins else width
+
+
+def _nonempty_bins(lo: torch.Tensor, hi: torch.Tensor, counts: torch.Tensor,
+                   width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints and counts of the bins of each row that hold data, in order, in rows of
+    ``width`` (:func:`_compact_width`; all bins when it is their number).
 
     Shorter rows are padded with zero-count bins at ``hi`` (past every midpoint), so rows
-    still ascend and the padding adds no error. Histograms that fill most of their bins are
-    returned whole (the compaction would not pay)."""
+    still ascend and the padding adds no error."""
     num_bins = counts.shape[1]
-    nonempty = counts > 0
-    filled = nonempty.sum(dim=1)
-    width = max(int(filled.max()) if counts.numel() else 0, 1)
-    if width > 0.75 * num_bins:
+    if width == num_bins:
         return _bin_positions(lo, hi, num_bins,
                               torch.arange(num_bins, device=counts.device) + 0.5), counts
+    nonempty = counts > 0
+    filled = nonempty.sum(dim=1)
     rows, cols = nonempty.nonzero(as_tuple=True)
     slots = torch.arange(rows.numel(), device=counts.device) - (filled.cumsum(0) - filled)[rows]
     origin, bin_width = _bin_geometry(lo, hi, num_bins)
