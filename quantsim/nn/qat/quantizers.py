@@ -223,7 +223,9 @@ class LearnedClipQuantizer(nn.Module):
         q = self.quantizer
         if torch.onnx.is_in_onnx_export():
             self._check_ready(ExportError, "exported")
-            scale, offset = scale_offset_from_range(q.min, q.max, *q.qmin_qmax, symmetric=False)
+            # the exported scale is a constant of the graph: no autograd node to trace
+            scale, offset = scale_offset_from_range(q.min.detach(), q.max.detach(), *q.qmin_qmax,
+                                                    symmetric=False)
             return _export_qdq(x, scale, offset, q), scale
         if self.training and self.calibrating:
             self._calibrate(x)
