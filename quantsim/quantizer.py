@@ -285,7 +285,8 @@ class Quantizer(nn.Module):
             return Encoding.float16()
         if not self.is_initialized:
             return None
-        scale, offset = (t.detach() for t in self._scale_offset())
+        # copies: an Encoding is a value, unchanged when this quantizer gets another one later
+        scale, offset = (t.detach().clone() for t in self._scale_offset())
         return Encoding(self._bitwidth, scale, offset, self.symmetric, self.strict,
                         self._unsigned, self.axis, "int")
 

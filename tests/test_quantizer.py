@@ -462,3 +462,12 @@ def test_unsigned_symmetric_applies_to_non_negative_data_with_every_scheme(schem
     q(x - 0.01)  # a little negative data: the signed grid again
     q.compute_encoding()
     assert not q.encoding.unsigned
+
+
+def test_an_encoding_is_a_value_not_a_view_of_the_quantizer():
+    """An Encoding read from a quantizer keeps its numbers when the quantizer gets another."""
+    q = calibrated(torch.randn(100))
+    enc = q.encoding
+    scale = enc.scale.clone()
+    q.set_encoding(Encoding.from_range(torch.tensor(-5.0), torch.tensor(5.0), 8))
+    assert torch.equal(enc.scale, scale) and not torch.equal(q.get_scale(), scale)
