@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import SharedBlockNet, accuracy
+from models import DuplicateReLU, SharedBlockNet, accuracy
 from quantsim import QuantizationSimModel, UnsupportedModelError
 from quantsim.encoding import MINIMUM_SCALE
 from quantsim.errors import FakeQuantStateError
@@ -120,3 +120,24 @@ def test_range_learning_qat_recovers_w4(trained, digits):
     qat = accuracy(sim.model, x_test, y_test)
     assert qat >= ptq - 0.005
     assert qat >= accuracy(trained, x_test, y_test) - 0.02
+
+
+def test_qat_state_with_a_module_called_several_times():
+    """A module called three times per forward (one ReLU after conv1, conv2 and fc1) trains in
+    the QAT state: its moving-average observer rewrites the encoding between the calls, and
+    the backward still finds the encodings each call used."""
+    torch.manual_seed(0)
+    model = DuplicateReLU()
+    x = torch.randn(8, 3, 32, 32)
+    sim = QuantizationSimModel(model, x, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x), None)
+    sim.model.train()
+    set_fake_quantize(sim, FakeQuantState.QAT)
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.01)
+    before = sim.model.conv1.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        sim.model(x).square().mean().backward()
+        opt.step()
+    assert not torch.equal(before, sim.model.conv1.weight)
+    assert sim.model.relu.output_quantizers[0].state == "qat"
