@@ -26,6 +26,7 @@ the QDQ exporter's reference) calls the functions here; nothing re-derives the m
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -163,15 +164,81 @@ def scale_offset_from_range(
 
     ``scale = (max - min) / (qmax - qmin)`` floored at :data:`MINIMUM_SCALE`;
     ``offset = round(min / scale) - qmin`` for asymmetric grids (clamped so that 0 stays on the
-    grid), 0 for symmetric ones. Works with autograd (``round`` is straight-through), so
-    learnable ranges train through it.
+    grid), 0 for symmetric ones. Differentiable (``round`` is straight-through), so learnable
+    ranges train through it; see :func:`_range_encoding_backward` for the gradients.
     """
-    scale = ((max_val - min_val) / (qmax - qmin)).clamp(min=MINIMUM_SCALE)
+    if torch.is_grad_enabled() and (min_val.requires_grad or max_val.requires_grad):
+        return _ScaleOffsetFromRange.apply(min_val, max_val, qmin, qmax, symmetric)
+    return _range_encoding(min_val, max_val, qmin, qmax, symmetric)[:2]
+
+
+@functools.lru_cache(maxsize=None)
+def _range_constants(qmin: int, qmax: int, dtype: torch.dtype, device: torch.device):
+    """``(steps, floor, qmin, offset_lo, offset_hi, zero)`` as 0-d tensors: the numbers of the
+    range arithmetic, which runs on tiny tensors once per quantizer and step, where a Python
+    number would cost a scalar conversion per op (the values, hence the results, are the same)."""
+    low, high = _offset_bounds(qmin, qmax)
+    return tuple(torch.tensor(v, dtype=dtype, device=device)
+                 for v in (qmax - qmin, MINIMUM_SCALE, qmin, low, high, 0))
+
+
+def _range_encoding(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int,
+                    symmetric: bool):
+    """``(scale, offset, masks)``: :func:`scale_offset_from_range`'s values (no autograd) and
+    what :func:`_range_encoding_backward` needs: whether the scale is above its floor, and
+    (asymmetric grids) ``min / scale`` and whether the offset is inside its clamp."""
+    steps, floor, q_min, low, high, _ = _range_constants(qmin, qmax, min_val.dtype,
+                                                         min_val.device)
+    raw = torch.sub(max_val, min_val).div_(steps)
+    scale = torch.maximum(raw, floor)
+    scale_learns = raw >= floor
     if symmetric:
-        return scale, torch.zeros_like(scale)
+        return scale, torch.zeros_like(scale), (scale_learns, None, None)
     ratio = min_val / scale
-    offset = ratio + (torch.round(ratio) - ratio).detach() - qmin
-    return scale, offset.clamp(_float32_toward_zero(-qmax), _float32_toward_zero(-qmin))
+    unclamped = torch.round(ratio).sub_(q_min)
+    offset = torch.clamp(unclamped, low, high)
+    return scale, offset, (scale_learns, ratio, offset == unclamped)
+
+
+def _range_encoding_backward(scale: torch.Tensor, masks: tuple, grad_scale: torch.Tensor,
+                             grad_offset: Optional[torch.Tensor], qmin: int, qmax: int
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_min, grad_max)`` of :func:`scale_offset_from_range`, in closed form.
+
+    ``scale`` takes its gradient while ``(max - min) / (qmax - qmin)`` is at or above the
+    floor, and passes it on as ``+1/N`` to ``max`` and ``-1/N`` to ``min``; the offset
+    ``round(min / scale) - qmin`` passes its gradient (``round`` straight-through) while
+    inside its clamp, to ``min`` as ``1 / scale`` and to ``scale`` as ``-min / scale^2``.
+    ``scale`` and ``masks`` are what :func:`_range_encoding` returned for the range.
+    """
+    scale_learns, ratio, offset_learns = masks
+    steps, _, _, _, _, zero = _range_constants(qmin, qmax, scale.dtype, scale.device)
+    from_offset = None
+    if ratio is not None and grad_offset is not None:
+        grad_ratio = torch.where(offset_learns, grad_offset, zero)
+        grad_scale = torch.addcmul(grad_scale, grad_ratio, ratio / scale, value=-1)
+        from_offset = grad_ratio / scale
+    grad_max = torch.where(scale_learns, grad_scale, zero) / steps
+    return (-grad_max if from_offset is None else from_offset - grad_max), grad_max
+
+
+class _ScaleOffsetFromRange(torch.autograd.Function):
+    """:func:`scale_offset_from_range` as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, min_val, max_val, qmin, qmax, symmetric):  # noqa: D102
+        scale, offset, masks = _range_encoding(min_val, max_val, qmin, qmax, symmetric)
+        if symmetric:
+            ctx.mark_non_differentiable(offset)
+        ctx.save_for_backward(scale, *masks)
+        ctx.grid = (qmin, qmax)
+        return scale, offset
+
+    @staticmethod
+    def backward(ctx, grad_scale, grad_offset):  # noqa: D102
+        scale, *masks = ctx.saved_tensors
+        return _range_encoding_backward(scale, masks, grad_scale, grad_offset, *ctx.grid) + (
+            None, None, None)
 
 
 #: Largest |int32 bias code| allowed when widening weight scales: 2^31 less a margin of 2^15 for
@@ -228,6 +295,12 @@ def int32_bias_weight_scale(
     return s_w.to(weight_scale.dtype).reshape(weight_scale.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _offset_bounds(qmin: int, qmax: int) -> Tuple[int, int]:
+    """The clamp bounds of an asymmetric offset: 0 stays on the grid, in float32."""
+    return _float32_toward_zero(-qmax), _float32_toward_zero(-qmin)
+
+
 def _float32_toward_zero(v: int) -> int:
     """``v`` with its low bits cleared so float32 holds it exactly (rounded toward zero).
 
@@ -245,13 +318,6 @@ def channel_view(t: torch.Tensor, ndim: int, axis: Optional[int]) -> torch.Tenso
     shape = [1] * ndim
     shape[axis] = -1
     return t.reshape(shape)
-
-
-def reduce_to_channels(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
-    """Sum ``t`` over every axis but ``axis`` (all axes when ``axis`` is None)."""
-    if axis is None:
-        return t.sum()
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1).sum(dim=1)
 
 
 def amin_amax(x: torch.Tensor, axis: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -331,43 +397,78 @@ def rounding_error_in_steps(t: torch.Tensor, offset: Union[float, torch.Tensor],
     return t.sub_(codes)
 
 
+def _fake_quantize_forward(x, scale, offset, qmin, qmax, axis, rounding, lsq):
+    """``(out, inside, ds)`` of :func:`quantsim.kernels.qdq_train` for an encoding (autograd
+    does not record inside a Function's forward)."""
+    dtype = _compute_dtype(qmin, qmax)
+    if scale.dtype != dtype:
+        scale, offset = scale.to(dtype), offset.to(dtype)
+    elif offset.dtype != dtype:
+        offset = offset.to(dtype)
+    return kernels.qdq_train(x, scale, offset, qmin, qmax, axis, rounding, lsq)
+
+
+def _fake_quantize_backward(grad, inside, ds, scale, need_x, need_scale, need_offset):
+    """``(grad_x, grad_scale, grad_offset)`` from one pass over ``grad`` (None where not
+    needed): straight-through for ``x``, LSQ for ``scale`` and ``offset``, from what
+    :func:`_fake_quantize_forward` kept."""
+    grad_x, sum_ds, sum_out = kernels.qdq_backward(grad, inside, ds, need_offset)
+    grad_s = grad_o = None
+    if need_scale:  # d qdq / ds: round(x/s) - x/s inside the grid, the clamped code outside
+        grad_s = _as_encoding(sum_ds, scale)
+    if need_offset:  # d qdq / do: s outside the grid, 0 inside
+        grad_o = _as_encoding(sum_out * _as_encoding(scale, sum_out), scale)
+    return grad_x if need_x else None, grad_s, grad_o
+
+
+def _as_encoding(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s shape and dtype (no op where it has them: this runs per step)."""
+    if t.shape != like.shape:
+        t = t.reshape(like.shape)
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """qdq with straight-through input gradients and LSQ-style scale/offset gradients."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, axis, rounding):  # noqa: D102
-        dtype = _compute_dtype(qmin, qmax)
-        s = channel_view(scale.detach().to(dtype), x.dim(), axis)
-        o = channel_view(offset.detach().to(dtype), x.dim(), axis)
-        out = kernels.qdq(x, s, o, qmin, qmax, rounding)
-        ctx.save_for_backward(x, scale, offset)
-        ctx.grid = (qmin, qmax, axis)
+        lsq = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        out, inside, ds = _fake_quantize_forward(x, scale, offset, qmin, qmax, axis, rounding,
+                                                 lsq)
+        ctx.save_for_backward(inside, ds, scale if lsq else None)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, scale, offset = ctx.saved_tensors
-        qmin, qmax, axis = ctx.grid
-        need_x, need_s, need_o = ctx.needs_input_grad[:3]
-        dtype = _compute_dtype(qmin, qmax)
-        s = channel_view(scale.detach().to(dtype), x.dim(), axis)
-        o = channel_view(offset.detach().to(dtype), x.dim(), axis)
-        lo, hi = o + qmin, o + qmax
-        v = x.detach().to(dtype) / s
-        r = torch.round(v) if need_s else v.round_()
-        inside = (r >= lo).logical_and_(r <= hi)
-        g = grad.to(dtype)
-        g_inside = torch.where(inside, g, 0.0)
-        grad_x = g_inside.to(x.dtype) if need_x else None
-        grad_s = grad_o = None
-        if need_s:  # d qdq / ds: round(x/s) - x/s inside the grid, the clamped code outside
-            ds = torch.where(inside, r - v, r.clamp(lo, hi))
-            grad_s = reduce_to_channels(g * ds, axis if scale.dim() else None)
-            grad_s = grad_s.reshape(scale.shape).to(scale.dtype)
-        if need_o:  # d qdq / do: s outside the grid, 0 inside
-            outside = reduce_to_channels(g - g_inside, axis if offset.dim() else None)
-            grad_o = (outside.reshape(offset.shape) * scale.detach().to(dtype)).to(offset.dtype)
-        return grad_x, grad_s, grad_o, None, None, None, None
+        return _fake_quantize_backward(grad, *ctx.saved_tensors, *ctx.needs_input_grad[:3]
+                                       ) + (None,) * 4
+
+
+class _FakeQuantizeRange(torch.autograd.Function):
+    """:class:`_FakeQuantize` with the encoding :func:`scale_offset_from_range` derives from a
+    learnable range: one node for the range, the qdq and all three gradients."""
+
+    @staticmethod
+    def forward(ctx, x, min_val, max_val, qmin, qmax, symmetric, axis, rounding):  # noqa: D102
+        scale, offset, masks = _range_encoding(min_val, max_val, qmin, qmax, symmetric)
+        lsq = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        out, inside, ds = _fake_quantize_forward(x, scale, offset, qmin, qmax, axis, rounding,
+                                                 lsq)
+        ctx.save_for_backward(inside, ds, scale, *masks)
+        ctx.grid = (qmin, qmax, symmetric, lsq)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        qmin, qmax, symmetric, lsq = ctx.grid
+        inside, ds, scale, *masks = ctx.saved_tensors
+        grad_x, grad_s, grad_o = _fake_quantize_backward(
+            grad, inside, ds, scale, ctx.needs_input_grad[0], lsq, lsq and not symmetric)
+        if not lsq:
+            return grad_x, None, None, None, None, None, None, None
+        grad_min, grad_max = _range_encoding_backward(scale, masks, grad_s, grad_o, qmin, qmax)
+        return grad_x, grad_min, grad_max, None, None, None, None, None
 
 
 def fake_quantize(
@@ -383,14 +484,17 @@ def fake_quantize(
 
     Gradients (when autograd records): straight-through to ``x`` inside the grid and zero
     outside; LSQ-style to ``scale`` (``clamp(round(x/s), o+qmin, o+qmax) - x/s * inside``) and to
-    ``offset`` (``s`` outside the grid), summed over the elements that share them.
+    ``offset`` (``s`` outside the grid), summed over the elements that share them. The forward
+    pass keeps a mask (and, when ``scale`` or ``offset`` learns, the per-element scale factor)
+    so that the backward pass is one pass over the gradient.
 
     Args:
         x: input of any float dtype.
-        scale, offset: 0-d tensors (per tensor) or 1-d along ``axis`` (per channel).
+        scale, offset: 0-d tensors (per tensor) or 1-d along ``axis`` (per channel), one shape.
         qmin, qmax: the integer grid.
         axis: channel axis of ``x`` for per-channel encodings.
-        rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
+        rounding: ``'nearest'`` (half to even) or ``'stochastic'`` (whose gradients use the
+            nearest code).
     """
     if rounding != "nearest":
         validate_rounding(rounding, "fake_quantize")
@@ -402,6 +506,43 @@ def fake_quantize(
     s = channel_view(scale.to(dtype), x.dim(), axis)
     o = channel_view(offset.to(dtype), x.dim(), axis)
     return kernels.qdq(x, s, o, qmin, qmax, rounding)
+
+
+def fake_quantize_range(
+    x: torch.Tensor,
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    axis: Optional[int] = None,
+    rounding: str = "nearest",
+) -> torch.Tensor:
+    """:func:`fake_quantize` with the encoding :func:`scale_offset_from_range` derives from the
+    range ``(min_val, max_val)`` (range learning).
+
+    The result and the gradients are those of ``fake_quantize(x, *scale_offset_from_range(...))``
+    under autograd, computed in one autograd node: the scale / offset sums come from the same
+    pass over the gradient as the input gradient, and reach ``min_val`` and ``max_val`` through
+    :func:`_range_encoding_backward`.
+
+    Args:
+        x: input of any float dtype.
+        min_val, max_val: the range, 0-d (per tensor) or 1-d along ``axis`` (per channel).
+        qmin, qmax: the integer grid.
+        symmetric: the grid is signed symmetric (offset 0).
+        axis: channel axis of ``x`` for per-channel ranges.
+        rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
+    """
+    if rounding != "nearest":
+        validate_rounding(rounding, "fake_quantize_range")
+    if torch.is_grad_enabled() and (
+        x.requires_grad or min_val.requires_grad or max_val.requires_grad
+    ):
+        return _FakeQuantizeRange.apply(x, min_val, max_val, qmin, qmax, symmetric, axis,
+                                        rounding)
+    scale, offset = scale_offset_from_range(min_val, max_val, qmin, qmax, symmetric)
+    return fake_quantize(x, scale, offset, qmin, qmax, axis, rounding)
 
 
 def fake_quantize_float(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:

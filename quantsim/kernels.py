@@ -14,12 +14,27 @@ The backend is chosen by :func:`set_backend` or the ``QUANTSIM_KERNEL`` environm
 (``auto`` | ``eager`` | ``compiled``). ``auto`` (default) uses ``compiled`` for tensors of at
 least :data:`AUTO_MIN_ELEMENTS` elements, where the fused pass pays for itself, and ``eager``
 below. Both backends produce bit-identical results (tested).
+
+Training (autograd records) runs the same arithmetic as two fused passes, chosen the same way:
+
+* :func:`qdq_train` (forward): the result, the straight-through mask ``inside`` and, when the
+  scale or offset learns, the per-element LSQ factor ``ds``, all from one pass over ``x``;
+* :func:`qdq_backward`: the input gradient ``grad * inside`` and the per-channel sums
+  ``sum(grad * ds)`` and ``sum(grad * (1 - inside))`` from one pass over the gradient.
+
+Nothing is recomputed from ``x`` in the backward pass, and masks are float tensors of ``x``'s
+dtype (CPU kernels for bool tensors, ``torch.where`` in particular, are several times slower
+than float arithmetic). Elementwise results are bit-identical across backends; the sums agree
+to float rounding (inductor adds in another order, as eager's own sums do across thread
+counts).
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -28,9 +43,11 @@ BACKENDS = ("auto", "eager", "compiled")
 #: 2-core CPU: eager wins up to 2^18 elements (activations still in cache, and the compiled
 #: call has ~40 us of fixed cost), the two tie at 2^19..2^21, compiled is ~3x faster beyond.
 AUTO_MIN_ELEMENTS = 1 << 21
+#: The same for the training passes (:func:`qdq_train`, :func:`qdq_backward`), which fuse
+#: several more eager passes: measured on the same CPU, compiled wins from 2^17 elements.
+AUTO_MIN_ELEMENTS_TRAIN = 1 << 17
 
 _backend: str = os.environ.get("QUANTSIM_KERNEL", "auto")
-_compiled: Optional[Callable] = None
 _compile_failed = False
 
 
@@ -59,11 +76,20 @@ def _eager_nearest(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch
     return v.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _compile(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True)
+
+
 def _get_compiled() -> Optional[Callable]:
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_nearest, dynamic=True)
-    return _compiled
+    return _compile(_nearest)
+
+
+def _wants_compiled(numel: int, auto_min: int = AUTO_MIN_ELEMENTS) -> bool:
+    """Whether the backend selection sends a tensor of ``numel`` elements to torch.compile
+    (``auto_min``: the size from which ``auto`` does)."""
+    return not _compile_failed and (
+        _backend == "compiled" or (_backend == "auto" and numel >= auto_min))
 
 
 def _canonical(x: torch.Tensor, s: torch.Tensor):
@@ -93,10 +119,7 @@ def qdq(
         v = x.to(s.dtype) / s
         v = torch.floor(v + torch.rand_like(v)).clamp_(lo, hi).mul_(s)
         return v.to(x.dtype)
-    use_compiled = _backend == "compiled" or (
-        _backend == "auto" and x.numel() >= AUTO_MIN_ELEMENTS
-    )
-    if use_compiled and not _compile_failed:
+    if _wants_compiled(x.numel()):
         return _run_compiled(x, s, lo, hi)
     return _eager_nearest(x, s, lo, hi)
 
@@ -111,10 +134,7 @@ def qdq_per_tensor(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
     costs a scalar wrap in ``div`` / ``mul_``, a tensor bound makes ``clamp_`` take a slow
     broadcasting kernel); the arithmetic is that of :func:`qdq`, bit for bit.
     """
-    use_compiled = _backend == "compiled" or (
-        _backend == "auto" and x.numel() >= AUTO_MIN_ELEMENTS
-    )
-    if use_compiled and not _compile_failed:
+    if _wants_compiled(x.numel()):
         return _run_compiled(x, *tensors)
     if x.dtype == torch.float32:
         v = torch.div(x, scale)
@@ -135,17 +155,161 @@ def qdq_per_tensor_(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
 
 
 def _run_compiled(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    global _compile_failed
     shape = x.shape
     xc, sc, _ = _canonical(x, s)
-    loc = lo.reshape(sc.shape) if lo.numel() > 1 else lo.reshape(())
-    hic = hi.reshape(sc.shape) if hi.numel() > 1 else hi.reshape(())
+    out = _try_compiled(_get_compiled, xc, sc, _like(lo, sc), _like(hi, sc))
+    return _eager_nearest(x, s, lo, hi) if out is None else out.reshape(shape)
+
+
+def _like(t: torch.Tensor, canonical_s: torch.Tensor) -> torch.Tensor:
+    """A per-channel constant in the canonical layout of :func:`_canonical` (0-d per tensor)."""
+    return t.reshape(canonical_s.shape) if t.numel() > 1 else t.reshape(())
+
+
+def _try_compiled(get: Callable[[], Callable], *args):
+    """``get()(*args)``, or None after switching to eager for good (with one warning)."""
+    global _compile_failed
     try:
-        return _get_compiled()(xc, sc, loc, hic).reshape(shape)
+        return get()(*args)
     except Exception as exc:  # inductor missing a compiler, an unsupported device, ...
         _compile_failed = True
         warnings.warn(
             f"quantsim: the compiled fake-quant kernel is unavailable ({type(exc).__name__}: "
             f"{exc}); falling back to eager torch ops (slower, identical results)."
         )
-        return _eager_nearest(x, s, lo, hi)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# training: the forward pass keeps what the backward pass needs
+# ----------------------------------------------------------------------------------------------
+Bound = Union[float, torch.Tensor]
+
+
+def _train_nearest(x: torch.Tensor, s: torch.Tensor, lo: Bound, hi: Bound, lsq: bool):
+    # The one expression both backends run, in the canonical layout: (out, inside, ds). With
+    # lsq, an infinite v becomes the largest finite value first (it clips to the same end), so
+    # that v * 0 cannot turn its factor, the clipped code, into NaN; NaN stays NaN.
+    v = x.to(s.dtype) / s
+    if lsq:
+        v = torch.nan_to_num(v, nan=math.nan)
+    r = torch.round(v)
+    c = r.clamp(lo, hi)
+    inside = (c == r).to(s.dtype)
+    ds = c - v * inside if lsq else None  # r - v on the grid, the clipped code elsewhere
+    return (c * s).to(x.dtype), inside.to(x.dtype), ds
+
+
+def _eager_train_nearest(x: torch.Tensor, s: torch.Tensor, lo: Bound, hi: Bound, lsq: bool):
+    # _train_nearest in as few new buffers as it can: each result overwrites an input it no
+    # longer needs (inside overwrites the codes, ds the quotients, out the clamped codes).
+    v = torch.div(x if x.dtype == s.dtype else x.to(s.dtype), s)
+    ds = None
+    if lsq:
+        r = torch.round(v.nan_to_num_(nan=math.nan))
+        c = torch.clamp(r, lo, hi)
+        inside = torch.eq(c, r, out=r)
+        ds = torch.addcmul(c, v, inside, value=-1, out=v)
+    else:
+        c = torch.clamp(v.round_(), lo, hi)
+        inside = torch.eq(c, v, out=v)
+    out = c.mul_(s)
+    if x.dtype != s.dtype:
+        out, inside = out.to(x.dtype), inside.to(x.dtype)
+    return out, inside, ds
+
+
+def _backward_sums(grad: torch.Tensor, inside: torch.Tensor, ds: torch.Tensor, need_out: bool):
+    # The one expression of the backward pass with ds, in the canonical layout (1-d or
+    # (pre, C, post)): the input gradient, the sum of grad * ds and that of grad where the
+    # value clipped (grad - grad * inside is exactly grad there and 0 elsewhere).
+    grad_x = grad * inside
+    g = grad.to(ds.dtype)
+    dims = (0, 2) if g.dim() == 3 else (0,)
+    sum_out = (g - grad_x.to(ds.dtype)).sum(dim=dims) if need_out else None
+    return grad_x, (g * ds).sum(dim=dims), sum_out
+
+
+def _eager_backward_sums(grad: torch.Tensor, inside: torch.Tensor, ds: torch.Tensor,
+                         need_out: bool):
+    # _backward_sums; per tensor (float32), one dot product instead of a product and its sum.
+    if grad.dim() != 1 or grad.dtype != ds.dtype:
+        return _backward_sums(grad, inside, ds, need_out)
+    grad_x = grad * inside
+    return grad_x, torch.dot(grad, ds), (grad - grad_x).sum() if need_out else None
+
+
+def qdq_train(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
+              axis: Optional[int] = None, rounding: str = "nearest", lsq: bool = False
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The forward pass of fake-quantization under autograd: ``(out, inside, ds)``.
+
+    ``scale`` and ``offset`` have the encoding's shape (0-d per tensor, ``(C,)`` along ``axis``)
+    and the dtype to compute in. ``out`` is :func:`qdq`'s result (``x``'s shape and dtype).
+    ``inside`` is 1 where the code ``round(x / s)`` lies on the grid ``[o + qmin, o + qmax]``
+    (the straight-through estimator passes the gradient there) and 0 elsewhere, in ``x``'s
+    dtype. With ``lsq``, ``ds`` is each element's derivative of ``qdq(x)`` with respect to
+    ``s`` (LSQ): ``round(x / s) - x / s`` on the grid, the clipped code elsewhere, in the
+    compute dtype; else None. ``inside`` and ``ds`` are in the layout :func:`qdq_backward`
+    takes (opaque to callers). Stochastic rounding gives ``out`` its random codes while the
+    mask and ``ds`` come from the nearest code.
+    """
+    if scale.numel() == 1:
+        xc = x.reshape(-1)
+        sc, oc = (scale, offset) if scale.dim() == 0 else (scale.reshape(()), offset.reshape(()))
+    else:
+        axis = x.dim() - 1 if axis is None else axis  # broadcast along the last axis
+        pre = 1
+        for n in x.shape[:axis]:
+            pre *= n
+        xc, sc, oc = (x.reshape(pre, x.shape[axis], -1), scale.reshape(1, -1, 1),
+                      offset.reshape(1, -1, 1))
+    result = None
+    if rounding == "nearest" and _wants_compiled(x.numel(), AUTO_MIN_ELEMENTS_TRAIN):
+        result = _try_compiled(lambda: _compile(_train_nearest), xc, sc, oc + qmin, oc + qmax,
+                               lsq)
+    if result is None:
+        if sc.dim() == 0 and x.device.type == "cpu":  # float bounds: a much faster clamp
+            lo, hi = _float_bounds(oc, qmin, qmax)
+        else:
+            lo, hi = oc + qmin, oc + qmax
+        result = _eager_train_nearest(xc, sc, lo, hi, lsq)
+    out, inside, ds = result
+    if rounding != "nearest":
+        view = (sc if sc.dim() == 0 else scale.reshape([-1 if i == axis else 1
+                                                         for i in range(x.dim())]))
+        return qdq(x, view, offset.reshape(view.shape), qmin, qmax, rounding), inside, ds
+    return out.view(x.shape), inside, ds
+
+
+def _float_bounds(offset: torch.Tensor, qmin: int, qmax: int) -> Tuple[float, float]:
+    """``o + qmin`` and ``o + qmax`` of a 0-d CPU offset as Python floats, equal to the sums
+    in the offset's dtype: exact in float64, and exact in float32 for integral offsets of
+    magnitude <= 2^23 (every encoding's, on grids of <= 2^21 steps); others are summed there."""
+    o = offset.item()
+    if offset.dtype == torch.float64 or (o.is_integer() and abs(o) <= 2**23):
+        return o + qmin, o + qmax
+    return float(offset + qmin), float(offset + qmax)
+
+
+def qdq_backward(grad: torch.Tensor, inside: torch.Tensor, ds: Optional[torch.Tensor],
+                 need_out: bool = True
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients from what :func:`qdq_train` kept: ``(grad_x, sum_ds, sum_out)``.
+
+    ``grad_x = grad * inside`` (``grad``'s shape and dtype). With ``ds``: ``sum_ds`` is the sum
+    of ``grad * ds`` and (with ``need_out``) ``sum_out`` that of ``grad`` where the value
+    clipped, per channel (``(C,)``) or over everything (0-d), in ``ds``'s dtype; None
+    otherwise. Without ``ds`` the pass is one multiplication, which nothing can fuse: it always
+    runs eagerly.
+    """
+    g = grad.reshape(inside.shape)
+    if ds is None:
+        return (g * inside).view(grad.shape), None, None
+    result = None
+    if _wants_compiled(g.numel(), AUTO_MIN_ELEMENTS_TRAIN):
+        result = _try_compiled(lambda: _compile(_backward_sums), g, inside, ds, need_out)
+    if result is None:
+        result = _eager_backward_sums(g, inside, ds, need_out)
+    grad_x, sum_ds, sum_out = result
+    return grad_x.view(grad.shape), sum_ds, sum_out

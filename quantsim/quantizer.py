@@ -32,6 +32,7 @@ from quantsim.encoding import (
     amin_amax,
     fake_quantize,
     fake_quantize_float,
+    fake_quantize_range,
     grid_point,
     integer_grid,
     scale_offset_from_range,
@@ -244,11 +245,15 @@ class Quantizer(nn.Module):
         self.scheme = scheme
 
     # -- encoding access (aimet-torch names) ----------------------------------------------------
+    @property
+    def _grid_symmetric(self) -> bool:
+        """The grid is signed symmetric (offset 0); unsigned symmetric grids are not."""
+        return self.symmetric and not self._unsigned
+
     def _scale_offset(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.learnable:
             qmin, qmax = self.qmin_qmax
-            grid_symmetric = self.symmetric and not self._unsigned
-            return scale_offset_from_range(self.min, self.max, qmin, qmax, grid_symmetric)
+            return scale_offset_from_range(self.min, self.max, qmin, qmax, self._grid_symmetric)
         return self.scale, self.offset
 
     def get_scale(self) -> Optional[torch.Tensor]:
@@ -470,10 +475,14 @@ class Quantizer(nn.Module):
             raise CalibrationError(
                 f"{self.name or 'Quantizer'} has no encoding: run compute_encodings() (or "
                 "load_encodings()) first, or disable it with .enabled = False")
-        scale, offset = self._scale_offset()
+        qmin, qmax = self.qmin_qmax
+        lo = self._parameters["min"]
+        if lo is not None:  # learnable: one autograd node from (min, max) to the gradients
+            return fake_quantize_range(x, lo, self._parameters["max"], qmin, qmax,
+                                       self._grid_symmetric, self.axis, self.rounding)
+        scale, offset = self.scale, self.offset
         if state == "qat":  # the next call rewrites the buffers in place: autograd keeps copies
             scale, offset = scale.clone(), offset.clone()
-        qmin, qmax = self.qmin_qmax
         return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
 
     def forward_owned(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,9 @@ from quantsim.encoding import (
     MINIMUM_SCALE,
     Encoding,
     fake_quantize,
+    fake_quantize_range,
     integer_grid,
+    scale_offset_from_range,
 )
 
 KINDS = ("asymmetric", "symmetric", "strict", "unsigned")
@@ -572,6 +574,321 @@ def test_gradients_on_float16_input_keep_dtype():
     assert y.dtype == torch.float16
     y.sum().backward()
     assert x.grad.dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused gradient pass against the op-by-op reference
+# ----------------------------------------------------------------------------------------------
+# The reference is the arithmetic as quantsim wrote it before the fused pass, kept here and
+# nowhere in the package: the range becomes (scale, offset) through autograd ops (``round``
+# straight-through), and one autograd node recomputes the STE/LSQ gradients from ``x``.
+def _toward_zero(v: int) -> int:
+    """The offset clamp bound: ``v`` rounded toward zero to a float32-exact integer."""
+    drop = max(0, abs(v).bit_length() - 24)
+    return int(math.copysign(abs(v) >> drop << drop, v))
+
+
+def reference_scale_offset(lo, hi, qmin: int, qmax: int, symmetric: bool):
+    """(scale, offset) of a learnable range, op by op under autograd."""
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=MINIMUM_SCALE)
+    if symmetric:
+        return scale, torch.zeros_like(scale)
+    ratio = lo / scale
+    offset = ratio + (torch.round(ratio) - ratio).detach() - qmin
+    return scale, offset.clamp(_toward_zero(-qmax), _toward_zero(-qmin))
+
+
+def _reference_dtype(qmin: int, qmax: int) -> torch.dtype:
+    return torch.float32 if qmax - qmin <= 2**21 else torch.float64
+
+
+def _reduce(t: torch.Tensor, axis, shape) -> torch.Tensor:
+    if len(shape) == 0:
+        return t.sum()
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1).sum(dim=1)
+
+
+class ReferenceFakeQuantize(torch.autograd.Function):
+    """qdq (nearest) with the STE input gradient and the LSQ scale / offset gradients."""
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, axis):  # noqa: D102
+        dtype = _reference_dtype(qmin, qmax)
+        s = bview(scale.detach().to(dtype), x, axis)
+        o = bview(offset.detach().to(dtype), x, axis)
+        ctx.save_for_backward(x, scale, offset)
+        ctx.grid = (qmin, qmax, axis)
+        return (torch.round(x.to(dtype) / s).clamp(o + qmin, o + qmax) * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, scale, offset = ctx.saved_tensors
+        qmin, qmax, axis = ctx.grid
+        dtype = _reference_dtype(qmin, qmax)
+        s = bview(scale.detach().to(dtype), x, axis)
+        o = bview(offset.detach().to(dtype), x, axis)
+        lo, hi = o + qmin, o + qmax
+        v = x.detach().to(dtype) / s
+        r = torch.round(v)
+        inside = (r >= lo) & (r <= hi)
+        g = grad.to(dtype)
+        g_inside = torch.where(inside, g, 0.0)
+        ds = torch.where(inside, r - v, r.clamp(lo, hi))
+        grad_s = _reduce(g * ds, axis, scale.shape).reshape(scale.shape).to(scale.dtype)
+        outside = _reduce(g - g_inside, axis, offset.shape).reshape(offset.shape)
+        grad_o = (outside * scale.detach().to(dtype)).to(offset.dtype)
+        return g_inside.to(x.dtype), grad_s, grad_o, None, None, None
+
+
+def reference_range_grads(x, lo, hi, qmin, qmax, symmetric, axis, grad):
+    """(dx, dmin, dmax) of the reference, and its float64 intermediates for the tolerance."""
+    x, lo, hi = (t.detach().clone().requires_grad_() for t in (x, lo, hi))
+    scale, offset = reference_scale_offset(lo, hi, qmin, qmax, symmetric)
+    scale.retain_grad()
+    if offset.requires_grad:
+        offset.retain_grad()
+    y = ReferenceFakeQuantize.apply(x, scale, offset, qmin, qmax, axis)
+    y.backward(grad)
+    return x.grad, lo.grad, hi.grad, scale, offset
+
+
+def gradient_tolerance(x, scale, offset, qmin, qmax, axis, grad, symmetric, lo):
+    """Bounds on |fused - reference| for (dmin, dmax) from float arithmetic alone.
+
+    The two differ only in the order of the sums over the elements that share a scale (any
+    order of ``n`` float additions is within ``(n - 1) u sum|terms|`` of the exact sum, so two
+    orders are within twice that) and in the order of the few float ops that carry the sums to
+    ``min`` / ``max`` (a few ``u`` of the magnitudes involved each)."""
+    dtype = _reference_dtype(qmin, qmax)
+    u = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    u32 = 2.0**-24
+    s = bview(scale.detach().to(dtype), x, axis)
+    o = bview(offset.detach().to(dtype), x, axis)
+    v = x.detach().to(dtype) / s
+    r = torch.round(v)
+    inside = (r >= o + qmin) & (r <= o + qmax)
+    ds = torch.where(inside, r - v, r.clamp(o + qmin, o + qmax)).double()
+    g = grad.double()
+    shape = scale.shape
+    n = x.numel() // max(1, scale.numel())
+    sum_abs_s = _reduce((g * ds).abs(), axis, shape).reshape(shape)
+    sum_abs_o = _reduce((g * (~inside)).abs(), axis, shape).reshape(shape)
+    sd = scale.detach().double()
+    g_s = _reduce(g * ds, axis, shape).reshape(shape)
+    g_o = _reduce(g * (~inside), axis, shape).reshape(shape) * sd
+    e_s = 2 * n * u * sum_abs_s + u32 * g_s.abs()
+    e_o = (2 * n * u * sum_abs_o + u32 * sum_abs_o) * sd + u32 * g_o.abs()
+    steps = qmax - qmin
+    if symmetric:
+        e_max = (e_s + 4 * u32 * g_s.abs()) / steps
+        return e_max, e_max
+    ratio_s = (lo.detach().double() / sd) / sd
+    e_max = (e_s + ratio_s.abs() * e_o + 8 * u32 * (g_s.abs() + (g_o * ratio_s).abs())) / steps
+    e_min = e_o / sd + e_max + 8 * u32 * ((g_o / sd).abs() + (g_s.abs() + (g_o * ratio_s).abs())
+                                         / steps)
+    return e_min, e_max
+
+
+@st.composite
+def range_cases(draw):
+    """A learnable range as training leaves it: an encoding's ends moved by random factors
+    (sometimes crossed or collapsed below the minimum scale), inputs around it, and a grid."""
+    enc, x, axis, g = draw(cases())
+    symmetric = enc.symmetric and not enc.unsigned
+    lo, hi = enc.min.clone(), enc.max.clone()
+    how = draw(st.sampled_from(["aligned", "moved", "moved", "crossed", "collapsed"]))
+    if how == "moved":
+        lo = lo * (0.5 + torch.rand(lo.shape, generator=g)) - 0.01 * torch.rand(lo.shape,
+                                                                                generator=g)
+        hi = hi * (0.5 + torch.rand(hi.shape, generator=g)) + 0.01 * torch.rand(hi.shape,
+                                                                                generator=g)
+    elif how == "crossed":
+        lo, hi = hi.abs() + 0.5, -lo.abs() - 0.25
+    elif how == "collapsed":
+        hi = lo + MINIMUM_SCALE * torch.rand(lo.shape, generator=g)
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16]))
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    rounding = draw(st.sampled_from(["nearest", "nearest", "stochastic"]))
+    grad = torch.randn(x.shape, generator=g).to(dtype)
+    return x.to(dtype), lo, hi, enc.qmin, enc.qmax, symmetric, axis, grad, rounding
+
+
+def _check_against_reference(x, lo, hi, qmin, qmax, symmetric, axis, grad, dx, dmin, dmax):
+    ref_dx, ref_min, ref_max, scale, offset = reference_range_grads(
+        x, lo, hi, qmin, qmax, symmetric, axis, grad)
+    assert dx.dtype == x.dtype and dmin.shape == lo.shape and dmax.shape == hi.shape
+    assert torch.equal(dx, ref_dx)  # g where on the grid, 0 elsewhere: no arithmetic
+    e_min, e_max = gradient_tolerance(x, scale, offset, qmin, qmax, axis, grad, symmetric, lo)
+    assert bool(((dmin.double() - ref_min.double()).abs() <= e_min).all()), (dmin, ref_min, e_min)
+    assert bool(((dmax.double() - ref_max.double()).abs() <= e_max).all()), (dmax, ref_max, e_max)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(range_cases())
+def test_range_learning_gradients_match_op_by_op_reference(case):
+    """fake_quantize_range's one fused node gives the op-by-op reference's gradients: dx
+    exactly, dmin / dmax within the float32 rounding of their sums; the values are those of
+    fake_quantize with the derived encoding, bit for bit. Every grid kind, bitwidths 4..31
+    (float64 arithmetic beyond 21 bits), per tensor and per channel, float16 inputs,
+    stochastic rounding (its gradients use the nearest code, as before)."""
+    x, lo, hi, qmin, qmax, symmetric, axis, grad, rounding = case
+    xr, lor, hir = (t.clone().requires_grad_() for t in (x, lo, hi))
+    torch.manual_seed(0)
+    y = fake_quantize_range(xr, lor, hir, qmin, qmax, symmetric, axis, rounding)
+    y.backward(grad)
+    scale, offset = scale_offset_from_range(lo, hi, qmin, qmax, symmetric)
+    torch.manual_seed(0)
+    assert torch.equal(y.detach(), fake_quantize(x, scale, offset, qmin, qmax, axis, rounding))
+    _check_against_reference(x, lo, hi, qmin, qmax, symmetric, axis, grad,
+                             xr.grad, lor.grad, hir.grad)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(range_cases())
+def test_scale_offset_gradients_match_reference(case):
+    """fake_quantize with a trainable (scale, offset) pair (the QAT modules' use) gives the
+    reference's dx exactly and its d scale / d offset within float32 summation rounding."""
+    x, lo, hi, qmin, qmax, symmetric, axis, grad, _ = case
+    scale, offset = scale_offset_from_range(lo, hi, qmin, qmax, symmetric)
+    xr, sr, orr = (t.clone().requires_grad_() for t in (x, scale, offset))
+    fake_quantize(xr, sr, orr, qmin, qmax, axis).backward(grad)
+    xf, sf, of = (t.clone().requires_grad_() for t in (x, scale, offset))
+    ReferenceFakeQuantize.apply(xf, sf, of, qmin, qmax, axis).backward(grad)
+    assert torch.equal(xr.grad, xf.grad)
+    dtype = _reference_dtype(qmin, qmax)
+    u = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    n = x.numel() // max(1, scale.numel())
+    s = bview(scale.to(dtype), x, axis)
+    o = bview(offset.to(dtype), x, axis)
+    v = x.to(dtype) / s
+    r = torch.round(v)
+    inside = (r >= o + qmin) & (r <= o + qmax)
+    ds = torch.where(inside, r - v, r.clamp(o + qmin, o + qmax)).double()
+    g = grad.double()
+    bound_s = _reduce((g * ds).abs(), axis, scale.shape).reshape(scale.shape)
+    bound_o = _reduce((g * (~inside)).abs(), axis, scale.shape).reshape(scale.shape)
+    tol_s = 2 * n * u * bound_s + 2.0**-24 * sf.grad.double().abs()
+    tol_o = (2 * n * u * bound_o) * scale.double() + 2.0**-24 * of.grad.double().abs()
+    assert bool(((sr.grad.double() - sf.grad.double()).abs() <= tol_s).all())
+    assert bool(((orr.grad.double() - of.grad.double()).abs() <= tol_o).all())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(range_cases())
+def test_scale_offset_from_range_gradients_match_reference(case):
+    """scale_offset_from_range as one autograd node (what the QAT modules train through):
+    the reference's values bit for bit and its d/dmin, d/dmax for any upstream gradients
+    within a few float32 roundings of the terms (the same ops, the same order)."""
+    _, lo, hi, qmin, qmax, symmetric, _, _, _ = case
+    g = torch.Generator().manual_seed(int(qmax) % 1000)
+    g_s, g_o = torch.randn(lo.shape, generator=g), torch.randn(lo.shape, generator=g)
+    results = []
+    for derive in (scale_offset_from_range, reference_scale_offset):
+        lor, hir = lo.clone().requires_grad_(), hi.clone().requires_grad_()
+        scale, offset = derive(lor, hir, qmin, qmax, symmetric)
+        ((scale * g_s).sum() + (offset * g_o).sum()).backward()
+        results.append((scale.detach(), offset.detach(), lor.grad, hir.grad))
+    (s1, o1, dmin1, dmax1), (s2, o2, dmin2, dmax2) = results
+    assert torch.equal(s1, s2) and torch.equal(o1, o2)
+    ratio_s = (lo.double() / s2.double()).abs() / s2.double()
+    terms = g_s.double().abs() + (g_o.double() * ratio_s).abs()
+    tol_max = 4 * 2.0**-24 * terms / (qmax - qmin)
+    tol_min = tol_max + 4 * 2.0**-24 * (g_o.double() / s2.double()).abs()
+    assert bool(((dmax1.double() - dmax2.double()).abs() <= tol_max).all())
+    assert bool(((dmin1.double() - dmin2.double()).abs() <= tol_min).all())
+
+
+@pytest.mark.parametrize("learn_x,learn_range", [(True, False), (False, True)])
+def test_range_learning_with_frozen_inputs(learn_x, learn_range):
+    """Only what requires a gradient gets one: a frozen range (x trains) or a constant input
+    (an input quantizer on the model's input: the range trains), each as the reference."""
+    torch.manual_seed(3)
+    qmin, qmax = integer_grid(8, symmetric=False)
+    x = torch.randn(4, 6) * 2
+    lo, hi = torch.tensor([-1.0, -2.0, -0.5, -3.0]), torch.tensor([1.0, 0.5, 2.5, 3.0])
+    grad = torch.randn(4, 6)
+    xr = x.clone().requires_grad_(learn_x)
+    lor, hir = lo.clone().requires_grad_(learn_range), hi.clone().requires_grad_(learn_range)
+    fake_quantize_range(xr, lor, hir, qmin, qmax, False, 0).backward(grad)
+    ref_dx, ref_min, ref_max, scale, offset = reference_range_grads(x, lo, hi, qmin, qmax,
+                                                                    False, 0, grad)
+    assert (xr.grad is not None) == learn_x and (lor.grad is not None) == learn_range
+    if learn_x:
+        assert torch.equal(xr.grad, ref_dx)
+    else:
+        e_min, e_max = gradient_tolerance(x, scale, offset, qmin, qmax, 0, grad, False, lo)
+        assert bool(((lor.grad.double() - ref_min.double()).abs() <= e_min).all())
+        assert bool(((hir.grad.double() - ref_max.double()).abs() <= e_max).all())
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_range_gradients_of_infinite_and_nan_inputs(symmetric):
+    """An infinite input clips: no input gradient, and its clipped code reaches the range as
+    in the reference (finite); a NaN input gives no input gradient and NaN range gradients,
+    as the reference does."""
+    qmin, qmax = integer_grid(8, symmetric)
+    lo, hi = torch.tensor(-1.5), torch.tensor(2.0)
+    x = torch.tensor([float("inf"), -float("inf"), 0.3, -4.0, 1.2])
+    grad = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.75])
+    xr, lor, hir = (t.clone().requires_grad_() for t in (x, lo, hi))
+    fake_quantize_range(xr, lor, hir, qmin, qmax, symmetric).backward(grad)
+    assert bool(torch.isfinite(lor.grad)) and bool(torch.isfinite(hir.grad))
+    assert xr.grad.tolist()[:2] == [0.0, 0.0]
+    _check_against_reference(x, lo, hi, qmin, qmax, symmetric, None, grad,
+                             xr.grad, lor.grad, hir.grad)
+    x[2] = float("nan")
+    xr, lor, hir = (t.clone().requires_grad_() for t in (x, lo, hi))
+    fake_quantize_range(xr, lor, hir, qmin, qmax, symmetric).backward(grad)
+    ref_dx, ref_min, ref_max, _, _ = reference_range_grads(x, lo, hi, qmin, qmax, symmetric,
+                                                           None, grad)
+    assert torch.equal(xr.grad, ref_dx) and float(xr.grad[2]) == 0.0
+    assert bool(torch.isnan(lor.grad)) and bool(torch.isnan(ref_min))
+    assert bool(torch.isnan(hir.grad)) and bool(torch.isnan(ref_max))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_range_gradients_pass_gradcheck_where_smooth(per_channel):
+    """Where the output is a smooth function of the range (a symmetric grid with every input
+    clipped: ``qmin * s`` or ``qmax * s`` with ``s = (max - min) / N``; or a collapsed range
+    held at the minimum scale), the fused gradients equal float64 finite differences. A 24-bit
+    grid makes the arithmetic float64 throughout."""
+    qmin, qmax = integer_grid(24, symmetric=True)
+    if per_channel:
+        lo = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+        hi = torch.tensor([1.5, 2.0, 0.25], dtype=torch.float64)
+        x = torch.tensor([[5.0, -7.0], [-9.0, 3.0], [3.0, -4.0]], dtype=torch.float64)
+        axis = 0
+    else:
+        lo, hi = torch.tensor(-1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+        x, axis = torch.tensor([5.0, -3.0, 9.0, -2.5], dtype=torch.float64), None
+    for low, high in ((lo, hi), (lo, lo + 1e-9)):  # the second range sits on the scale floor
+        args = tuple(t.clone().requires_grad_() for t in (x, low, high))
+        assert torch.autograd.gradcheck(
+            lambda x_, lo_, hi_: fake_quantize_range(x_, lo_, hi_, qmin, qmax, True, axis),
+            args, eps=1e-7, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_scale_offset_gradients_pass_gradcheck_where_smooth(per_channel):
+    """With every input clipped, fake_quantize is ``(offset + qmin or qmax) * scale``, smooth in
+    both: its LSQ gradients equal float64 finite differences (24-bit grid, float64)."""
+    qmin, qmax = integer_grid(24, symmetric=False)
+    if per_channel:  # grids [-500, 8.4e6] and [-1.25e6, 2.9e6]
+        scale = torch.tensor([0.5, 0.25], dtype=torch.float64)
+        offset = torch.tensor([-1000.0, -5e6], dtype=torch.float64)
+        x = torch.tensor([[-600.0, 1e7, 9e6], [-2e6, 4e6, -1.3e6]], dtype=torch.float64)
+        axis = 0
+    else:
+        scale, offset = (torch.tensor(0.5, dtype=torch.float64),
+                         torch.tensor(-1000.0, dtype=torch.float64))
+        x, axis = torch.tensor([-600.0, 1e7, -4e3], dtype=torch.float64), None
+    args = tuple(t.clone().requires_grad_() for t in (x, scale, offset))
+    # the outputs reach 8e6 (float64 ulp 2e-9): eps 1e-3 keeps the difference quotients
+    # within ~1e-6 of the derivatives
+    assert torch.autograd.gradcheck(
+        lambda x_, s_, o_: fake_quantize(x_, s_, o_, qmin, qmax, axis), args,
+        eps=1e-3, atol=1e-5, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

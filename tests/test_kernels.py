@@ -185,3 +185,152 @@ def test_cuda_matches_cpu(backend, use_backend):
     for enc in _encodings().values():
         x = _data(torch.float32)
         assert torch.equal(enc.fake_quantize(x.cuda()).cpu(), enc.fake_quantize(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# the training passes (qdq_train / qdq_backward)
+# ----------------------------------------------------------------------------------------------
+def _training_pass(enc: Encoding, x: torch.Tensor, grad: torch.Tensor, lsq: bool):
+    """qdq_train then qdq_backward for an encoding, as fake_quantize runs them."""
+    out, inside, ds = kernels.qdq_train(x, enc.scale, enc.offset, enc.qmin, enc.qmax, enc.axis,
+                                        "nearest", lsq)
+    grad_x, sum_ds, sum_out = kernels.qdq_backward(grad, inside, ds)
+    return out, inside, ds, grad_x, sum_ds, sum_out
+
+
+def _sum_bound(grad: torch.Tensor, ds: torch.Tensor, inside: torch.Tensor, enc: Encoding):
+    """Two orders of summing the same n products differ by at most 2 n u sum|terms| (float32)."""
+    g = grad.float().reshape(inside.shape).double()
+    n = g.numel() // enc.scale.numel()
+    dims = (0, 2) if g.dim() == 3 else (0,)
+    terms_ds = (g * ds.double()).abs().sum(dim=dims)
+    terms_out = (g * (1 - inside.double())).abs().sum(dim=dims)
+    return 2 * n * 2.0**-24 * terms_ds, 2 * n * 2.0**-24 * terms_out
+
+
+@pytest.mark.parametrize("layout,dtype,lsq", [
+    ("per_tensor", torch.float32, False), ("per_tensor", torch.float32, True),
+    ("per_channel", torch.float32, False), ("per_channel", torch.float32, True),
+    ("per_tensor", torch.float16, True)])
+def test_training_passes_compiled_equal_eager(layout, dtype, lsq, use_backend):
+    """The compiled training passes give eager's output, mask, LSQ factors and input gradient
+    bit for bit (ties and clipped values included), and its scale / offset sums within float32
+    summation rounding (inductor adds in another order)."""
+    enc = _encodings()[layout]
+    for seed in range(2):
+        x = _data(dtype, seed)
+        x.view(-1)[:2] = torch.tensor([float("inf"), -float("inf")])
+        grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        use_backend("eager")
+        eager = _training_pass(enc, x, grad, lsq)
+        use_backend("compiled")
+        with no_fallback_warning():
+            compiled = _training_pass(enc, x, grad, lsq)
+        for a, b in zip(eager[:4], compiled[:4]):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert torch.equal(eager[0], enc.fake_quantize(x))
+        if lsq:
+            bound_ds, bound_out = _sum_bound(grad, eager[2], eager[1], enc)
+            assert bool(((eager[4].double() - compiled[4].double()).abs() <= bound_ds).all())
+            assert bool(((eager[5].double() - compiled[5].double()).abs() <= bound_out).all())
+            assert bool(torch.isfinite(eager[2]).all())  # infinite inputs: their clipped code
+    assert not kernels._compile_failed
+
+
+def test_range_learning_compiled_equals_eager(use_backend):
+    """fake_quantize_range end to end: the compiled backend gives eager's output and input
+    gradient bit for bit and its min / max gradients within float32 rounding of the sums."""
+    from quantsim.encoding import fake_quantize_range
+
+    x = _data(torch.float32)
+    grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ranges = {None: (torch.tensor(-2.5), torch.tensor(3.0)),
+              1: (torch.tensor([-1.0, -0.5, -2.0]), torch.tensor([1.0, 2.0, 0.75]))}
+    for axis, (lo, hi) in ranges.items():
+        results = {}
+        for backend in ("eager", "compiled"):
+            use_backend(backend)
+            xr, lr, hr = (t.clone().requires_grad_() for t in (x, lo, hi))
+            with no_fallback_warning():
+                y = fake_quantize_range(xr, lr, hr, 0, 255, False, axis)
+                y.backward(grad)
+            results[backend] = (y.detach(), xr.grad, lr.grad, hr.grad)
+        eager, compiled = results["eager"], results["compiled"]
+        assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+        # the two sums per channel differ by at most 2 n u of the sums of |terms|, which are
+        # at most n max|g| max|ds| (|ds| <= 255 here); min / max take them with coefficients
+        # of at most 1 (1/N, |min/s| / N <= 1, 1 for the offset's share of min)
+        n = x.numel() // lo.numel()
+        tol = 3 * 2 * n * 2.0**-24 * n * float(grad.abs().max()) * 255
+        for a, b in zip(eager[2:], compiled[2:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    assert not kernels._compile_failed
+
+
+def test_auto_compiles_training_passes_from_their_own_threshold(use_backend, monkeypatch):
+    """'auto' sends training passes of >= AUTO_MIN_ELEMENTS_TRAIN elements to the compiled
+    kernels (forward, and backward with LSQ sums); a backward without sums (one product) and
+    a stochastic forward never compile."""
+    calls = []
+
+    def spy(get, *args):
+        calls.append((get().__name__, args[0].numel()))
+        return None  # then the eager path runs, as after a failed compile
+
+    monkeypatch.setattr(kernels, "_try_compiled", spy)
+    monkeypatch.setattr(kernels, "_compile", lambda fn: fn)
+    use_backend("auto")
+    enc = _encodings()["per_tensor"]
+    small, large = kernels.AUTO_MIN_ELEMENTS_TRAIN - 1, kernels.AUTO_MIN_ELEMENTS_TRAIN
+    for n in (small, large):
+        x, g = torch.randn(n), torch.randn(n)
+        for lsq in (False, True):
+            _, inside, ds = kernels.qdq_train(x, enc.scale, enc.offset, 0, 255, None,
+                                              "nearest", lsq)
+            kernels.qdq_backward(g, inside, ds)
+        kernels.qdq_train(x, enc.scale, enc.offset, 0, 255, None, "stochastic", True)
+    assert calls == [("_train_nearest", large), ("_train_nearest", large),
+                     ("_backward_sums", large)]
+
+
+def test_training_compile_failure_falls_back_to_eager(use_backend, monkeypatch):
+    """A training pass whose kernel cannot be compiled runs eagerly (identical results) after
+    one warning naming the cause."""
+    enc = _encodings()["per_channel"]
+    x = _data(torch.float32)
+    grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    use_backend("eager")
+    expected = _training_pass(enc, x, grad, True)
+
+    def broken(fn):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(kernels, "_compile", broken)
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    use_backend("compiled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [_training_pass(enc, x, grad, True) for _ in range(2)]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "no C++ compiler found" in messages[0], messages
+    for result in results:
+        assert all(torch.equal(a, b) for a, b in zip(result, expected))
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_cuda_training_passes_match_cpu(backend, use_backend):
+    """On CUDA the training passes give the CPU output, mask, LSQ factors and input gradient
+    bit for bit (the CPU's per-tensor clamp bounds are Python floats, CUDA's tensors)."""
+    use_backend(backend)
+    for enc in _encodings().values():
+        x = _data(torch.float32)
+        grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        cpu = _training_pass(enc, x, grad, True)
+        cuda_enc = Encoding(enc.bitwidth, enc.scale, enc.offset, enc.symmetric, axis=enc.axis)
+        out, inside, ds = kernels.qdq_train(x.cuda(), cuda_enc.scale.cuda(),
+                                            cuda_enc.offset.cuda(), enc.qmin, enc.qmax,
+                                            enc.axis, "nearest", True)
+        grad_x, _, _ = kernels.qdq_backward(grad.cuda(), inside, ds)
+        for a, b in zip((out, inside, ds, grad_x), cpu[:4]):
+            assert torch.equal(a.cpu(), b)
