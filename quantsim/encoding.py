@@ -399,11 +399,11 @@ def rounding_error_in_steps(t: torch.Tensor, offset: Union[float, torch.Tensor],
 
 def _fake_quantize_forward(x, scale, offset, qmin, qmax, axis, rounding, lsq):
     """``(out, inside, ds)`` of :func:`quantsim.kernels.qdq_train` for an encoding (autograd
-    does not record inside a Function's forward)."""
+    does not record inside a Function's forward); ``offset`` None: a symmetric grid's 0."""
     dtype = _compute_dtype(qmin, qmax)
     if scale.dtype != dtype:
-        scale, offset = scale.to(dtype), offset.to(dtype)
-    elif offset.dtype != dtype:
+        scale = scale.to(dtype)
+    if offset is not None and offset.dtype != dtype:
         offset = offset.to(dtype)
     return kernels.qdq_train(x, scale, offset, qmin, qmax, axis, rounding, lsq)
 
@@ -453,8 +453,8 @@ class _FakeQuantizeRange(torch.autograd.Function):
     def forward(ctx, x, min_val, max_val, qmin, qmax, symmetric, axis, rounding):  # noqa: D102
         scale, offset, masks = _range_encoding(min_val, max_val, qmin, qmax, symmetric)
         lsq = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        out, inside, ds = _fake_quantize_forward(x, scale, offset, qmin, qmax, axis, rounding,
-                                                 lsq)
+        out, inside, ds = _fake_quantize_forward(x, scale, None if symmetric else offset, qmin,
+                                                 qmax, axis, rounding, lsq)
         ctx.save_for_backward(inside, ds, scale, *masks)
         ctx.grid = (qmin, qmax, symmetric, lsq)
         return out

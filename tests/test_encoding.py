@@ -641,15 +641,11 @@ class ReferenceFakeQuantize(torch.autograd.Function):
 
 
 def reference_range_grads(x, lo, hi, qmin, qmax, symmetric, axis, grad):
-    """(dx, dmin, dmax) of the reference, and its float64 intermediates for the tolerance."""
+    """(dx, dmin, dmax) of the reference, and the (scale, offset) it derived."""
     x, lo, hi = (t.detach().clone().requires_grad_() for t in (x, lo, hi))
     scale, offset = reference_scale_offset(lo, hi, qmin, qmax, symmetric)
-    scale.retain_grad()
-    if offset.requires_grad:
-        offset.retain_grad()
-    y = ReferenceFakeQuantize.apply(x, scale, offset, qmin, qmax, axis)
-    y.backward(grad)
-    return x.grad, lo.grad, hi.grad, scale, offset
+    ReferenceFakeQuantize.apply(x, scale, offset, qmin, qmax, axis).backward(grad)
+    return x.grad, lo.grad, hi.grad, scale.detach(), offset.detach()
 
 
 def gradient_tolerance(x, scale, offset, qmin, qmax, axis, grad, symmetric, lo):

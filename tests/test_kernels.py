@@ -238,21 +238,24 @@ def test_training_passes_compiled_equal_eager(layout, dtype, lsq, use_backend):
 
 
 def test_range_learning_compiled_equals_eager(use_backend):
-    """fake_quantize_range end to end: the compiled backend gives eager's output and input
-    gradient bit for bit and its min / max gradients within float32 rounding of the sums."""
+    """fake_quantize_range end to end (asymmetric per tensor and per channel, symmetric per
+    channel): the compiled backend gives eager's output and input gradient bit for bit and its
+    min / max gradients within float32 rounding of the sums."""
     from quantsim.encoding import fake_quantize_range
 
     x = _data(torch.float32)
     grad = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    ranges = {None: (torch.tensor(-2.5), torch.tensor(3.0)),
-              1: (torch.tensor([-1.0, -0.5, -2.0]), torch.tensor([1.0, 2.0, 0.75]))}
-    for axis, (lo, hi) in ranges.items():
+    ranges = [(None, False, torch.tensor(-2.5), torch.tensor(3.0)),
+              (1, False, torch.tensor([-1.0, -0.5, -2.0]), torch.tensor([1.0, 2.0, 0.75])),
+              (1, True, torch.tensor([-1.0, -0.5, -2.0]), torch.tensor([1.0, 2.0, 0.75]))]
+    for axis, symmetric, lo, hi in ranges:
+        qmin, qmax = (-128, 127) if symmetric else (0, 255)
         results = {}
         for backend in ("eager", "compiled"):
             use_backend(backend)
             xr, lr, hr = (t.clone().requires_grad_() for t in (x, lo, hi))
             with no_fallback_warning():
-                y = fake_quantize_range(xr, lr, hr, 0, 255, False, axis)
+                y = fake_quantize_range(xr, lr, hr, qmin, qmax, symmetric, axis)
                 y.backward(grad)
             results[backend] = (y.detach(), xr.grad, lr.grad, hr.grad)
         eager, compiled = results["eager"], results["compiled"]
