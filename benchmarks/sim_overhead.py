@@ -3,9 +3,9 @@
 Usage::
 
     .venv/bin/python benchmarks/sim_overhead.py [--quick] [--skip-minilm] [--skip-calibration]
-        [--threads N] [--runs N] [--json PATH]
+        [--skip-compile] [--threads N] [--runs N] [--json PATH]
 
-Prints two tables and writes ``benchmarks/results/sim_overhead.json``:
+Prints three tables and writes ``benchmarks/results/sim_overhead.json``:
 
 * **forward overhead**: float forward and W8A8 simulated forward (``sim.model``, default
   config, calibrated) on the same batch in one process, median of N alternating runs after
@@ -15,6 +15,10 @@ Prints two tables and writes ``benchmarks/results/sim_overhead.json``:
   64 (1x8x8), ResidualNet at batch 32 and 64 (3x32x32; peers were measured at 64) and
   all-MiniLM-L6-v2's ``BertModel`` at batch 32 x 16 tokens. Target sim/float <= 1.5x, goal
   1.3x; the peers column repeats TOOLCHAIN.md section 9 (W8A8, same batch, same process, CPU).
+* **whole-model torch.compile**: ``torch.compile(sim.model)`` on the digits CNN and
+  ResidualNet at batch 64 under ``no_grad``, against the float model and the eager sim:
+  whether compiling the simulated model beats the per-quantizer kernels (``speedup`` > 1),
+  and the largest output difference from the eager sim.
 * **calibration**: ``compute_encodings`` wall time per scheme (``tf``, ``tf_enhanced``,
   ``percentile``) on ResidualNet (8 batches of 32) and MiniLM (8 batches of 32 x 16 tokens;
   not with ``--quick``). Target: tf_enhanced <= 3x tf.
@@ -52,6 +56,7 @@ RESULTS = os.path.join(HERE, "results", "sim_overhead.json")
 TARGET, GOAL = 1.5, 1.3
 CALIBRATION_TARGET = 3.0  # tf_enhanced / tf
 SCHEMES = ("tf", "tf_enhanced", "percentile")
+COMPILE_WARMUP = 20  # calls before timing torch.compile(sim.model): recompilations settle
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 BACKENDS = ("auto", "eager")
 
@@ -133,20 +138,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def paired_medians(f_float: Callable[[], Any], f_sim: Callable[[], Any], runs: int,
-                   warmup: int) -> Dict[str, float]:
-    """Median ms of two functions timed alternately (order swapped every run)."""
+def interleaved_times(fns: Dict[str, Callable[[], Any]], runs: int,
+                        warmup: int) -> Dict[str, List[float]]:
+    """ms of every run of each function, timed in turn (order reversed every run)."""
     for _ in range(warmup):
-        f_float()
-        f_sim()
-    times: Dict[str, List[float]] = {"float": [], "sim": []}
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {key: [] for key in fns}
+    order = list(fns.items())
     for i in range(runs):
-        order = (("float", f_float), ("sim", f_sim))
         for key, fn in (order if i % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             fn()
             _sync()
             times[key].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def paired_medians(f_float: Callable[[], Any], f_sim: Callable[[], Any], runs: int,
+                   warmup: int) -> Dict[str, float]:
+    """Median ms of two functions timed alternately (order swapped every run)."""
+    times = interleaved_times({"float": f_float, "sim": f_sim}, runs, warmup)
     return {"float_ms": statistics.median(times["float"]),
             "sim_ms": statistics.median(times["sim"]),
             "float_min_ms": min(times["float"]), "sim_min_ms": min(times["sim"]),
@@ -194,6 +206,38 @@ def overhead_rows(case: Case, runs: int, warmup: int) -> List[Dict]:
     return rows
 
 
+def compiled_model_row(case: Case, runs: int, warmup: int) -> Dict:
+    """``torch.compile(sim.model)`` (the whole simulated model, default inductor) against the
+    eager float model and the eager sim (``auto`` kernels), under ``no_grad``, timed in turn:
+    whether compiling the model beats running the per-quantizer kernels. The warm-up lets
+    recompilations settle (dynamo gives up on a frame after its cache size limit)."""
+    sim = build_sim(case)
+    _calibrate(case, sim)
+    sim.model.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(sim.model)
+    with torch.no_grad():
+        eager_out = case.call(sim.model, case.batch)
+        start = time.perf_counter()
+        compiled_out = case.call(compiled, case.batch)
+        first = (time.perf_counter() - start) * 1e3
+        times = interleaved_times({
+            "float": lambda: case.call(case.model, case.batch),
+            "eager_sim": lambda: case.call(sim.model, case.batch),
+            "compiled_sim": lambda: case.call(compiled, case.batch)},
+            runs, max(warmup, COMPILE_WARMUP))
+    ms = {key: statistics.median(t) for key, t in times.items()}
+    row = {"kind": "compiled_model", "model": case.name, "first_call_ms": first,
+           **{f"{key}_ms": value for key, value in ms.items()},
+           "ratio": ms["compiled_sim"] / ms["float"],
+           "speedup_over_eager_sim": ms["eager_sim"] / ms["compiled_sim"],
+           "max_abs_diff": float((compiled_out - eager_out).abs().max()), "runs": runs}
+    print(f"  {case.name:<26}torch.compile(sim.model): {row['ratio']:.2f}x float, "
+          f"{row['speedup_over_eager_sim']:.2f}x the eager sim's speed (first call "
+          f"{first / 1e3:.1f} s)", flush=True)
+    return row
+
+
 def calibration_rows(case: Case) -> List[Dict]:
     """compute_encodings seconds per scheme on a fresh sim (default 'auto' backend)."""
     kernels.set_backend("auto")
@@ -232,6 +276,16 @@ def print_tables(rows: List[Dict]) -> None:
               f"{'ok' if r['meets_goal'] else 'no':<6}{r['peers']}")
     print("ratio: of the medians (the target); of mins: fastest sim / fastest float run (less "
           "sensitive to other load on the machine)")
+    comp = [r for r in rows if r["kind"] == "compiled_model"]
+    if comp:
+        print("\ntorch.compile(sim.model) under no_grad (median ms; speedup > 1: compiling the "
+              "whole model beats the eager sim's per-quantizer kernels)")
+        print(f"{'model':<26}{'float ms':>9}{'eager sim':>10}{'compiled':>10}{'vs float':>9}"
+              f"{'speedup':>9}{'max |diff|':>11}")
+        for r in comp:
+            print(f"{r['model']:<26}{r['float_ms']:9.2f}{r['eager_sim_ms']:10.2f}"
+                  f"{r['compiled_sim_ms']:10.2f}{r['ratio']:8.2f}x{r['speedup_over_eager_sim']:8.2f}x"
+                  f"{r['max_abs_diff']:11.3g}")
     cal = [r for r in rows if r["kind"] == "calibration"]
     if cal:
         print(f"\ncompute_encodings time (target: tf_enhanced <= {CALIBRATION_TARGET}x tf); "
@@ -253,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-minilm", action="store_true", help="leave MiniLM out")
     parser.add_argument("--skip-calibration", action="store_true",
                         help="forward overhead only")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="leave out torch.compile of the whole simulated model")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (default 2; 1 is steadier on a busy machine)")
     parser.add_argument("--runs", type=int, default=None,
@@ -273,6 +329,11 @@ def main(argv=None) -> int:
     for case in cases:
         rows += overhead_rows(case, runs if "MiniLM" not in case.name else max(5, runs // 2),
                               warmup)
+    if not args.skip_compile:
+        print("whole-model torch.compile:")
+        for case in cases:
+            if case.name.startswith(("DigitsCNN", "ResidualNet b64")):
+                rows.append(compiled_model_row(case, runs, warmup))
     if not args.skip_calibration:
         print("calibration:")
         # --quick leaves MiniLM out: its tf_enhanced weight encodings alone take minutes
