@@ -250,7 +250,8 @@ def qdq_train(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tenso
 
     ``scale`` and ``offset`` have the encoding's shape (0-d per tensor, ``(C,)`` along ``axis``)
     and the dtype to compute in; ``offset`` None is a symmetric grid's 0 (the clamp bounds are
-    then ``qmin`` and ``qmax`` themselves). ``out`` is :func:`qdq`'s result (``x``'s shape and dtype).
+    then ``qmin`` and ``qmax`` themselves). ``out`` is :func:`qdq`'s result (``x``'s shape and
+    dtype).
     ``inside`` is 1 where the code ``round(x / s)`` lies on the grid ``[o + qmin, o + qmax]``
     (the straight-through estimator passes the gradient there) and 0 elsewhere, in ``x``'s
     dtype. With ``lsq``, ``ds`` is each element's derivative of ``qdq(x)`` with respect to
