@@ -36,9 +36,6 @@ from quantsim.errors import EncodingsError
 
 V1_FILE = EXAMPLES / "example_encodings.json"
 V2_FILE = EXAMPLES / "example_encodings_v2.0.0.json"
-needs_examples = pytest.mark.skipif(
-    not (V1_FILE.is_file() and V2_FILE.is_file()), reason="AIMET example encodings absent"
-)
 
 # Peer vectors (FORMATS §2.3, §2.4, §2.9)
 CONV1_IN_SCALE = 0.030594557523727417
@@ -120,7 +117,6 @@ def test_schema_is_valid_2020_12_and_every_property_is_described():
     walk(sch, "schema")
 
 
-@needs_examples
 @pytest.mark.parametrize("path", [V1_FILE, V2_FILE], ids=["1.0.0", "2.0.0"])
 def test_example_files_validate_against_the_full_schema(path):
     """AIMET's 1.0.0 and 2.0.0 exports validate unchanged against the whole schema."""
@@ -142,7 +138,6 @@ def test_schema_dispatches_on_version_and_shape():
 # ----------------------------------------------------------------------------------------------
 # the example files
 # ----------------------------------------------------------------------------------------------
-@needs_examples
 def test_example_1_0_0_loads_and_rewrites_byte_identically(tmp_path):
     """Loading AIMET's 1.0.0 file and writing it again gives the same bytes."""
     loaded = load(V1_FILE)
@@ -158,7 +153,6 @@ def test_example_1_0_0_loads_and_rewrites_byte_identically(tmp_path):
     assert out.read_text() == V1_FILE.read_text()
 
 
-@needs_examples
 def test_example_2_0_0_loads_and_matches_the_1_0_0_file():
     """Where the 2.0.0 and 1.0.0 exports name the same tensor, they load to the same Encoding.
 
@@ -179,7 +173,6 @@ def test_example_2_0_0_loads_and_matches_the_1_0_0_file():
     assert v2.activation["/pool1/MaxPool_output_0"] == v1.activation["/relu1/Relu_output_0"]
 
 
-@needs_examples
 def test_example_2_0_0_rewrites_entry_for_entry():
     """Writing the loaded 2.0.0 file reproduces every entry (order aside) and the producer."""
     src = json.loads(V2_FILE.read_text())
@@ -188,7 +181,6 @@ def test_example_2_0_0_rewrites_entry_for_entry():
     assert {e["name"]: e for e in doc["encodings"]} == {e["name"]: e for e in src["encodings"]}
 
 
-@needs_examples
 def test_example_int32_bias_follows_the_analytic_rule():
     """conv1.bias y_scale = input scale * conv1.weight scale, in float32, bit for bit."""
     src = {e["name"]: e for e in json.loads(V2_FILE.read_text())["encodings"]}
@@ -439,7 +431,6 @@ def test_mixed_signed_and_unsigned_symmetric_channels_keep_their_grid():
 # ----------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------
-@needs_examples
 def test_wrong_type_names_file_and_json_path(tmp_path):
     """A wrong type is reported with the file, the JSON path, what was expected and the value."""
     doc = json.loads(V1_FILE.read_text())
