@@ -11,8 +11,9 @@ import torch.distributed as dist
 from quantsim.analyzers.base import EncodingAnalyzer, Stats, _all_reduce_range, _check_int
 from quantsim.errors import CalibrationError, QuantizationSettingError
 
-#: Elements binned per step of the histogram loop (keeps the index tensor in cache).
-_BLOCK_ELEMENTS = 1 << 20
+#: Elements binned per step of the histogram loop (keeps the index tensor in cache and the
+#: temporaries at a few MB).
+_BLOCK_ELEMENTS = 1 << 18
 
 
 def _add_histogram(counts: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

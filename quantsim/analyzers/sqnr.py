@@ -13,6 +13,9 @@ from quantsim.errors import QuantizationSettingError
 
 #: Elements of the (channels x candidates x bins) noise tensor evaluated at once.
 _NOISE_ELEMENTS = 1 << 20
+#: Bins of the (channels x bins) histograms compacted at once (its temporaries, float64
+#: prefix sums included, take ~100 bytes per bin: 128 channels of 2048 bins, ~25 MB).
+_COMPACT_ELEMENTS = 1 << 18
 
 
 class SqnrAnalyzer(_HistogramAnalyzer):
@@ -113,7 +116,7 @@ class SqnrAnalyzer(_HistogramAnalyzer):
         counts = stats["counts"]
         width = _compact_width(counts)
         step = max(1, _NOISE_ELEMENTS // (deltas.shape[1] * width))
-        block = max(step, _NOISE_ELEMENTS // counts.shape[1] // step * step)
+        block = max(step, _COMPACT_ELEMENTS // counts.shape[1] // step * step)
         offset = float(offsets[0, 0]) if shared_offset and offsets.numel() else None
         parts = []
         for b in range(0, counts.shape[0], block):
@@ -167,9 +170,12 @@ def _clipping_error(mids, counts, deltas, offsets, num_steps) -> torch.Tensor:
 
 def _compact_width(counts: torch.Tensor) -> int:
     """How many bins per row :func:`_nonempty_bins` keeps: the most non-empty bins of any
-    row, or all of them when that is most (the compaction would not pay)."""
+    row, or all of them when that is most (the compaction would not pay). Counted a block
+    of rows at a time: summing a whole (channels x bins) mask makes an int64 copy of it."""
     num_bins = counts.shape[1]
-    width = max(int((counts > 0).sum(dim=1).max()) if counts.numel() else 0, 1)
+    rows = max(1, _COMPACT_ELEMENTS // num_bins)
+    width = max([int((counts[r:r + rows] > 0).sum(dim=1).max())
+                 for r in range(0, counts.shape[0], rows)] + [1])
     return num_bins if width > 0.75 * num_bins else width
 
 
