@@ -284,7 +284,8 @@ def print_tables(rows: List[Dict]) -> None:
               f"{'speedup':>9}{'max |diff|':>11}")
         for r in comp:
             print(f"{r['model']:<26}{r['float_ms']:9.2f}{r['eager_sim_ms']:10.2f}"
-                  f"{r['compiled_sim_ms']:10.2f}{r['ratio']:8.2f}x{r['speedup_over_eager_sim']:8.2f}x"
+                  f"{r['compiled_sim_ms']:10.2f}{r['ratio']:8.2f}x"
+                  f"{r['speedup_over_eager_sim']:8.2f}x"
                   f"{r['max_abs_diff']:11.3g}")
     cal = [r for r in rows if r["kind"] == "calibration"]
     if cal:

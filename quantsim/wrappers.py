@@ -129,11 +129,11 @@ def set_param_cache_limit(max_elements: Optional[int]) -> None:
     Outside autograd a quantized module computes the fake-quantized value of each parameter
     once and reuses it until the parameter or its encoding changes. That makes small layers
     fast (a fake-quant call costs more than a small layer's own work) but holds a second copy
-    of every weight; larger parameters are instead fake-quantized on every call, which costs
-    about what their layer's own call costs at small batches (one pass over the weight, where
-    a Linear layer of batch 64 does 64 multiply-adds per weight) and keeps the sim's memory
-    near the float model's. Embedding tables are cached whatever their size: a call reads a
-    few rows, so quantizing the whole table per call would cost many times the lookup.
+    of every weight. Larger parameters are fake-quantized on every call instead: memory stays
+    near the float model's, and each call pays one fake-quant pass over the weight (for a
+    Linear layer at batch 64, about as long as its matrix product: raise the limit where
+    memory allows). Embedding tables are cached whatever their size: a call reads a few rows, so
+    quantizing the whole table per call would cost many times the lookup.
 
     The setting applies to every sim in the process; copies kept under a higher limit are
     dropped on their next use (or at once with :func:`clear_param_cache`).

@@ -58,7 +58,8 @@ def fused_attention_net() -> nn.Module:
     return model
 
 
-MODELS = {"digits_cnn": (digits_cnn, (1, 8, 8)), "fused_attention": (fused_attention_net, (3, 4, 4))}
+MODELS = {"digits_cnn": (digits_cnn, (1, 8, 8)),
+          "fused_attention": (fused_attention_net, (3, 4, 4))}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -85,7 +86,8 @@ def test_quantize_module_gives_the_instance_its_quantized_class():
     linear = nn.Linear(4, 3)
     weight, keys = linear.weight, list(linear.state_dict())
     assert quantize_module(linear) is linear
-    assert type(linear).__name__ == "QuantizedLinear" and type(linear).__module__ == "quantsim.wrappers"
+    assert type(linear).__name__ == "QuantizedLinear"
+    assert type(linear).__module__ == "quantsim.wrappers"
     assert isinstance(linear, nn.Linear) and isinstance(linear, QuantizationMixin)
     assert linear.weight is weight and list(linear.state_dict()) == keys
     assert (len(linear.input_quantizers), len(linear.output_quantizers),
