@@ -480,10 +480,9 @@ class Quantizer(nn.Module):
         if lo is not None:  # learnable: one autograd node from (min, max) to the gradients
             return fake_quantize_range(x, lo, self._parameters["max"], qmin, qmax,
                                        self._grid_symmetric, self.axis, self.rounding)
-        scale, offset = self.scale, self.offset
-        if state == "qat":  # the next call rewrites the buffers in place: autograd keeps copies
-            scale, offset = scale.clone(), offset.clone()
-        return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding)
+        # fixed ranges: autograd saves no encoding tensor (only the STE mask and step factor),
+        # so the 'qat' observer may rewrite the buffers before an earlier call's backward
+        return fake_quantize(x, self.scale, self.offset, qmin, qmax, self.axis, self.rounding)
 
     def forward_owned(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for a tensor that nothing else references: may overwrite ``x``.

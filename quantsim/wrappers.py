@@ -94,7 +94,8 @@ _FRESH_OUTPUT_TYPES: Set[Type[nn.Module]] = set()
 def register_fresh_output(*module_classes: Type[nn.Module]) -> None:
     """Declare that ``forward`` of these classes always returns a newly allocated tensor, so the
     wrapper may fake-quantize it in place (see the module docstring). Register only classes
-    whose forward allocates its result: never a reshape, a view, or a module returning an input."""
+    whose forward allocates its result: never a reshape, a view, or a module returning an input.
+    Applies to modules quantized after the call."""
     _FRESH_OUTPUT_TYPES.update(module_classes)
 
 
@@ -246,7 +247,7 @@ class QuantizationMixin:
         plain dense tensor. Decided from the module and the tensor's public properties only."""
         return (self._fresh_output and type(out) is torch.Tensor and not out.requires_grad
                 and out.layout is torch.strided and out._base is None
-                and not getattr(self, "inplace", False)
+                and not self.__dict__.get("inplace", False)  # a plain attribute: no __getattr__
                 and not (self._forward_hooks or _global_forward_hooks)
                 and not (out.is_inference() and not torch.is_inference_mode_enabled()))
 

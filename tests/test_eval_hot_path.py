@@ -172,6 +172,33 @@ def test_quantizer_hooks_still_run_on_the_in_place_path():
     assert len(seen) == 1 and torch.equal(seen[0], out)
 
 
+class Doubles(nn.Module):
+    """A user module whose forward allocates its result."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x * 2
+
+
+def test_a_registered_user_type_is_quantized_in_place(monkeypatch):
+    """register_fresh_output opts a user type into the in-place path (modules quantized after
+    the registration); the result equals the copying path's."""
+    x = torch.randn(4, 8)
+    monkeypatch.setattr(wrappers, "_FRESH_OUTPUT_TYPES", set(wrappers._FRESH_OUTPUT_TYPES))
+    wrappers.register_fresh_output(Doubles)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the generic-wrapper warning for the user module
+        sim = QuantizationSimModel(nn.Sequential(Doubles()), x, quant_scheme="tf",
+                                   config_file="default")
+    sim.compute_encodings(lambda m, _: m(x), None)
+    in_place = _count_in_place(monkeypatch)
+    with torch.no_grad():
+        fast = sim.model(x)
+    assert len(in_place) == 1 and in_place[0] is fast
+    monkeypatch.setattr(wrappers.QuantizationMixin, "_may_overwrite", lambda self, t: False)
+    with torch.no_grad():
+        assert torch.equal(sim.model(x), fast)
+
+
 def test_a_forward_hook_that_keeps_the_output_sees_what_the_module_returned(monkeypatch):
     """A user hook keeping a module's output: that module's output is not overwritten in place,
     and what the hook kept is what the module returned, also after later modules ran."""
