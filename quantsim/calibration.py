@@ -32,7 +32,7 @@ from quantsim.graph import ModelGraph
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
 from quantsim.op_types import is_data_movement, params_of
 from quantsim.quantizer import Quantizer, QuantizerState
-from quantsim.wrappers import QuantizationMixin
+from quantsim.wrappers import QuantizationMixin, quantizer_items
 
 #: layers whose bias a runtime stores as int32 codes at scale ``input_scale * weight_scale``
 #: (fused conv-BN modules run as their folded layer)
@@ -188,25 +188,21 @@ class Calibration:
         _ENCODED_WEIGHTS[q] = (id(param), param._version)
 
     def _protect_int32_bias(self) -> None:
-        named = {n: q for n, m in self.qmodules.items() for n, q in _quantizers_of(n, m)}
+        named = {f"{n}.{suffix}": q for n, m in self.qmodules.items()
+                 for suffix, q in quantizer_items(m)}
         for name, module in self.qmodules.items():
             bias = params_of(module).get("bias")
-            if not isinstance(module, _INT32_BIAS_LAYERS) or bias is None:
+            weight_q = named.get(f"{name}.param_quantizers.weight")
+            if not isinstance(module, _INT32_BIAS_LAYERS) or bias is None or weight_q is None:
                 continue
-            weight_q = module.param_quantizers["weight"] if "weight" in module.param_quantizers \
-                else None
-            if weight_q is None or not weight_q.enabled or weight_q.encoding is None \
-                    or weight_q.data_type != "int":
-                continue
+            enc = weight_q.encoding if weight_q.enabled else None
             source = data_quantizer(self.qmodules, self.graph, name)
             input_enc = named[source].encoding if source is not None else None
-            if input_enc is None or input_enc.is_float or input_enc.per_channel:
+            if not _per_tensor_int(input_enc) or enc is None or enc.is_float:
                 continue
             out_q = module.output_quantizers[0] if module.output_quantizers else None
             out_enc = out_q.encoding if out_q is not None and out_q.enabled else None
-            if out_enc is not None and (out_enc.is_float or out_enc.per_channel):
-                out_enc = None
-            enc = weight_q.encoding
+            out_enc = out_enc if _per_tensor_int(out_enc) else None
             scale = int32_bias_weight_scale(
                 enc.scale, bias, input_enc.scale,
                 None if out_enc is None else out_enc.scale,
@@ -222,10 +218,8 @@ class Calibration:
                                            enc.strict, enc.unsigned, enc.axis))
 
 
-def _quantizers_of(name: str, module: nn.Module):
-    for kind in ("input_quantizers", "output_quantizers"):
-        for i, q in enumerate(getattr(module, kind)):
-            yield f"{name}.{kind}.{i}", q
+def _per_tensor_int(enc: Optional[Encoding]) -> bool:
+    return enc is not None and not enc.is_float and not enc.per_channel
 
 
 def _snapshot(q: Quantizer) -> _Snapshot:
