@@ -9,6 +9,7 @@ from typing import Any, Callable, Union
 
 import torch.nn as nn
 
+from quantsim.errors import CallbackError
 from quantsim.sim import QuantizationDataType, QuantScheme
 
 __all__ = ["CallbackFunc", "EvalCallback", "QuantizationDataType", "QuantScheme", "as_callback"]
@@ -27,7 +28,7 @@ class CallbackFunc:
 
     def __init__(self, func: Callable[[nn.Module, Any], Any], func_callback_args: Any = None):
         if not callable(func):
-            raise TypeError(f"CallbackFunc: func must be callable, got {type(func).__name__}")
+            raise CallbackError(f"CallbackFunc: func must be callable, got {type(func).__name__}")
         self.func = func
         self.args = func_callback_args
 
@@ -52,12 +53,13 @@ def as_callback(callback: EvalCallback, name: str) -> CallbackFunc:
     calls callbacks whose args are ``None``.
 
     Raises:
-        TypeError: ``callback`` is not callable; the message names the argument ``name``.
+        CallbackError: ``callback`` is not callable (a ``TypeError`` too); the message names
+            the argument ``name``.
     """
     if isinstance(callback, CallbackFunc):
         return callback
     if not callable(callback):
-        raise TypeError(f"{name} must be a CallbackFunc or a callable taking the model, "
+        raise CallbackError(f"{name} must be a CallbackFunc or a callable taking the model, "
                         f"got {type(callback).__name__}")
     import inspect
     try:

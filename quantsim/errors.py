@@ -57,3 +57,12 @@ class BalanceRecordError(CheckpointError, ValueError):
 class BatchNormFoldError(UnsupportedModelError, ValueError):
     """A BatchNorm cannot be folded: ``running_var + eps`` is not a finite number > 0 in some
     channel, so the folded weight would be inf or NaN."""
+
+
+class AnalysisError(QuantSimError, ValueError):
+    """An argument of the quantization analysis or of a metric is not allowed (a results
+    folder that is a file, a one-shot iterator where batches are re-run, mismatched outputs)."""
+
+
+class CallbackError(QuantSimError, TypeError):
+    """A callback argument is neither a ``CallbackFunc`` nor a callable taking the model."""
