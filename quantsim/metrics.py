@@ -25,15 +25,14 @@ import math
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from quantsim.checks import require_module
 from quantsim.errors import AnalysisError
-from quantsim.graph import eval_mode, split_dummy_input
+from quantsim.graph import eval_mode, float_leaves, split_dummy_input
 
-__all__ = ["EmbeddingCosine", "OutputSQNR", "cosine_rows", "float_leaves", "run_batch",
-           "sqnr_db", "sqnr_from_sums", "squared_sums"]
+__all__ = ["EmbeddingCosine", "OutputSQNR", "cosine_rows", "run_batch", "sqnr_db",
+           "sqnr_from_sums", "squared_sums"]
 
 
 # -- arithmetic ---------------------------------------------------------------------------------
@@ -100,12 +99,6 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     arguments; :func:`quantsim.graph.split_dummy_input`)."""
     args, kwargs = split_dummy_input(model, batch)
     return model(*args, **kwargs)
-
-
-def float_leaves(output: Any) -> List[torch.Tensor]:
-    """The floating-point tensors of a model output (a tensor, tuple, dict, ...), in order."""
-    return [t for t in pytree.tree_leaves(output)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _first_float(output: Any, where: str) -> torch.Tensor:
