@@ -68,17 +68,32 @@ def _status_kb(field: str) -> Optional[int]:
     return None
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set now (bytes)."""
     kb = _status_kb("VmRSS")
-    return (kb if kb is not None else _peak_bytes() // 1024) * 1024
+    return (kb if kb is not None else peak_bytes() // 1024) * 1024
 
 
-def _peak_bytes() -> int:
+def peak_bytes() -> int:
+    """This process's peak resident set (bytes): since it started, or since the last
+    :func:`reset_peak` that succeeded."""
     kb = _status_kb("VmHWM")
     if kb is not None:
         return kb * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB on Linux
+
+
+def reset_peak() -> bool:
+    """Start a new peak at the current RSS (Linux: ``5`` written to ``/proc/self/clear_refs``),
+    so one process can measure the peaks of successive phases; False where the kernel does
+    not allow it (then :func:`peak_bytes` keeps the process's peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_phase(phase: str, in_place: bool, scheme: str, layers: int, width: int,
@@ -100,7 +115,7 @@ def run_phase(phase: str, in_place: bool, scheme: str, layers: int, width: int,
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, width, generator=g)
     batches = [torch.randn(BATCH, width, generator=g) for _ in range(CALIBRATION_BATCHES)]
-    after_imports = _rss_bytes()
+    after_imports = rss_bytes()
 
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width),
@@ -122,7 +137,7 @@ def run_phase(phase: str, in_place: bool, scheme: str, layers: int, width: int,
                 sim.model.eval()(x)
     return {"phase": phase, "in_place": in_place, "scheme": scheme,
             "model_bytes": model_bytes, "after_imports_bytes": after_imports,
-            "peak_bytes": _peak_bytes(), "end_bytes": _rss_bytes()}
+            "peak_bytes": peak_bytes(), "end_bytes": rss_bytes()}
 
 
 # --- the driver --------------------------------------------------------------------------------
