@@ -182,7 +182,7 @@ class Calibration:
     @staticmethod
     def _encode_weight(param: torch.Tensor, q: Quantizer) -> None:
         q.reset_statistics()
-        q.analyzer.observe(param.detach())
+        q.observe(param)  # per block: the block view
         q.compute_encoding()
         q.reset_statistics()  # a weight's statistics are not kept between calibrations
         _ENCODED_WEIGHTS[q] = (id(param), param._version)
@@ -198,7 +198,8 @@ class Calibration:
             enc = weight_q.encoding if weight_q.enabled else None
             source = data_quantizer(self.qmodules, self.graph, name)
             input_enc = named[source].encoding if source is not None else None
-            if not _per_tensor_int(input_enc) or enc is None or enc.is_float:
+            if (not _per_tensor_int(input_enc) or enc is None or enc.is_float
+                    or enc.per_block):  # block scales: the runtime's bias rule is per channel
                 continue
             out_q = module.output_quantizers[0] if module.output_quantizers else None
             out_enc = out_q.encoding if out_q is not None and out_q.enabled else None

@@ -320,8 +320,97 @@ def channel_view(t: torch.Tensor, ndim: int, axis: Optional[int]) -> torch.Tenso
     return t.reshape(shape)
 
 
-def amin_amax(x: torch.Tensor, axis: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of ``x`` per tensor (``axis=None``) or per slice along ``axis``."""
+def block_rows(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The *block view* of a weight: ``(C, K, *rest)`` as ``(C * K / block_size, -1)`` rows.
+
+    Per-block granularity splits dimension 1 (a Linear weight's input features, a Conv weight's
+    input channels) into blocks of ``block_size``, one encoding per (output channel, block);
+    a block spans the kernel's spatial dimensions too. Row ``c * (K / block_size) + k`` of the
+    view holds block ``k`` of channel ``c``, so a ``(C, K / block_size)`` encoding flattened in
+    row-major order is a per-channel encoding of the view along axis 0: every per-channel path
+    (fake-quant kernels, analyzers, gradients) serves blocks unchanged. A view, not a copy, for
+    contiguous ``x``.
+
+    Raises:
+        QuantizationSettingError: ``x`` has fewer than 2 dimensions or dimension 1 is not a
+            multiple of ``block_size``.
+    """
+    if x.dim() < 2 or x.shape[1] % block_size:
+        raise QuantizationSettingError(
+            f"per-block quantization: a tensor of shape {tuple(x.shape)} has no dimension 1 "
+            f"divisible into blocks of {block_size}")
+    return x.reshape(x.shape[0] * (x.shape[1] // block_size), -1)
+
+
+def block_shape(shape: Sequence[int], block_size: int) -> Tuple[int, int]:
+    """The encoding shape ``(C, K / block_size)`` of per-block quantization of a weight of
+    ``shape`` ``(C, K, *rest)``; see :func:`block_rows` for the errors."""
+    if len(shape) < 2 or shape[1] % block_size:
+        raise QuantizationSettingError(
+            f"per-block quantization: a weight of shape {tuple(shape)} has no dimension 1 "
+            f"divisible into blocks of {block_size}")
+    return int(shape[0]), int(shape[1]) // block_size
+
+
+def validate_block_size(block_size: Any, where: str = "quantizer") -> Optional[int]:
+    """Check a block size (None, or an integer >= 1) and return it."""
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise QuantizationSettingError(
+            f"{where}: block_size must be a positive integer (the input features per block) or "
+            f"None, got {block_size!r}")
+    return block_size
+
+
+def validate_decompressed_bw(decompressed_bw: Any, bitwidth: int,
+                             where: str = "quantizer") -> Optional[int]:
+    """Check an LPBQ decompressed bitwidth (None, or ``bitwidth``..31) and return it."""
+    if decompressed_bw is None:
+        return None
+    if (isinstance(decompressed_bw, bool) or not isinstance(decompressed_bw, int)
+            or not bitwidth <= decompressed_bw <= INT_BITWIDTHS[-1]):
+        raise QuantizationSettingError(
+            f"{where}: decompressed_bw must be an integer in {bitwidth}..{INT_BITWIDTHS[-1]} "
+            f"(at least the bitwidth {bitwidth}), got {decompressed_bw!r}")
+    return decompressed_bw
+
+
+def lpbq_scale(block_scale: torch.Tensor, bitwidth: int, decompressed_bw: int
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LPBQ: block scales as an integer multiplier times one float scale per channel.
+
+    With ``steps = 2^(decompressed_bw - bitwidth)``, the channel scale is the largest block
+    scale of the channel over ``steps`` and each block's multiplier is
+    ``clamp(round(block / channel), 1, steps)`` (aimet-torch 2.x's grouped-block rule, all
+    blocks of a channel in one group). Differentiable: the rounding is straight-through, so
+    learnable ranges train through it.
+
+    Args:
+        block_scale: ``(C, blocks)`` scales of a per-block encoding.
+        bitwidth, decompressed_bw: the bitwidth of the values and of value x multiplier.
+
+    Returns:
+        ``(scale, channel_scale)``: the effective ``(C, blocks)`` scales (multiplier x channel
+        scale) and the ``(C,)`` channel scales.
+    """
+    steps = 2 ** (decompressed_bw - bitwidth)
+    channel = block_scale.amax(dim=1, keepdim=True) / steps
+    ratio = block_scale / channel
+    multiplier = torch.round(ratio).clamp(1, steps)
+    if ratio.requires_grad:
+        multiplier = ratio + (multiplier - ratio).detach()
+    return multiplier * channel, channel.squeeze(1)
+
+
+def amin_amax(x: torch.Tensor, axis: Optional[int], block_size: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` per tensor (``axis=None``), per slice along ``axis``, or per block
+    (``block_size``: ``(C, blocks)`` results, see :func:`block_rows`)."""
+    if block_size is not None:
+        lo, hi = torch.aminmax(block_rows(x.detach(), block_size), dim=1)
+        shape = block_shape(x.shape, block_size)
+        return lo.reshape(shape), hi.reshape(shape)
     if axis is None:
         return torch.aminmax(x)
     flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
@@ -351,6 +440,14 @@ def grid_point(scale: torch.Tensor, offset: torch.Tensor, code: int,
     return (scale.to(dtype) * (offset.to(dtype) + code)).to(scale.dtype)
 
 
+def _on_blocks(fn, x: torch.Tensor, block_size: int, scale: torch.Tensor,
+               offset: torch.Tensor, *args) -> torch.Tensor:
+    """``fn`` (a per-channel function of this module) over the block view of ``x`` with the
+    ``(C, blocks)`` encoding flattened to the view's channels; the result in ``x``'s shape."""
+    rows = block_rows(x, block_size)
+    return fn(rows, scale.reshape(-1), offset.reshape(-1), *args).reshape(x.shape)
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -359,8 +456,12 @@ def quantize(
     qmax: int,
     axis: Optional[int] = None,
     rounding: str = "nearest",
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Integer codes ``clamp(round(x / scale) - offset, qmin, qmax)`` as a float tensor."""
+    """Integer codes ``clamp(round(x / scale) - offset, qmin, qmax)`` as a float tensor
+    (``block_size``: per-block ``(C, blocks)`` scale and offset, see :func:`block_rows`)."""
+    if block_size is not None:
+        return _on_blocks(quantize, x, block_size, scale, offset, qmin, qmax, 0, rounding)
     if rounding != "nearest":
         validate_rounding(rounding, "quantize")
     dtype = _compute_dtype(qmin, qmax)
@@ -372,9 +473,13 @@ def quantize(
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, axis: Optional[int] = None
+    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, axis: Optional[int] = None,
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Real values ``(q + offset) * scale`` (float32, or float64 for float64 codes)."""
+    """Real values ``(q + offset) * scale`` (float32, or float64 for float64 codes;
+    ``block_size``: per block, as :func:`quantize`)."""
+    if block_size is not None:
+        return _on_blocks(dequantize, q, block_size, scale, offset, 0)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = channel_view(scale.to(dtype), q.dim(), axis)
     o = channel_view(offset.to(dtype), q.dim(), axis)
@@ -479,6 +584,7 @@ def fake_quantize(
     qmax: int,
     axis: Optional[int] = None,
     rounding: str = "nearest",
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` in one pass; output has ``x``'s dtype.
 
@@ -495,7 +601,12 @@ def fake_quantize(
         axis: channel axis of ``x`` for per-channel encodings.
         rounding: ``'nearest'`` (half to even) or ``'stochastic'`` (whose gradients use the
             nearest code).
+        block_size: per-block encodings: ``scale`` and ``offset`` are ``(C, blocks)`` over
+            dimension 1 of ``x`` split into blocks of this size (:func:`block_rows`); the
+            gradients are then per block.
     """
+    if block_size is not None:
+        return _on_blocks(fake_quantize, x, block_size, scale, offset, qmin, qmax, 0, rounding)
     if rounding != "nearest":
         validate_rounding(rounding, "fake_quantize")
     if torch.is_grad_enabled() and (
@@ -517,6 +628,7 @@ def fake_quantize_range(
     symmetric: bool,
     axis: Optional[int] = None,
     rounding: str = "nearest",
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
     """:func:`fake_quantize` with the encoding :func:`scale_offset_from_range` derives from the
     range ``(min_val, max_val)`` (range learning).
@@ -533,7 +645,11 @@ def fake_quantize_range(
         symmetric: the grid is signed symmetric (offset 0).
         axis: channel axis of ``x`` for per-channel ranges.
         rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
+        block_size: per-block ranges ``(C, blocks)``, as :func:`fake_quantize`.
     """
+    if block_size is not None:
+        return _on_blocks(fake_quantize_range, x, block_size, min_val, max_val, qmin, qmax,
+                          symmetric, 0, rounding)
     if rounding != "nearest":
         validate_rounding(rounding, "fake_quantize_range")
     if torch.is_grad_enabled() and (
@@ -566,8 +682,14 @@ class Encoding:
     """An immutable quantization encoding: what a runtime needs to quantize one tensor.
 
     Integer encodings hold ``scale`` and ``offset`` as float32 tensors of the encoding shape:
-    0-d per tensor, ``(C,)`` per channel along ``axis``. Float encodings (fp16 simulation) hold
-    neither.
+    0-d per tensor, ``(C,)`` per channel along ``axis``, ``(C, K / block_size)`` per block
+    (``axis`` 0, blocks of ``block_size`` along dimension 1: :func:`block_rows`). Float
+    encodings (fp16 simulation) hold neither.
+
+    LPBQ (low-power blockwise) encodings are per-block symmetric encodings whose block scales
+    are an integer multiplier in ``[1, 2^(decompressed_bw - bitwidth)]`` times a per-channel
+    float scale ``channel_scale`` (``(C,)``); ``scale`` holds the products
+    (:func:`lpbq_scale`), :attr:`per_block_int_scale` the multipliers.
 
     Example:
         >>> enc = Encoding.from_range(torch.tensor(-1.0), torch.tensor(2.0), bitwidth=8)
@@ -585,6 +707,9 @@ class Encoding:
     unsigned: bool = False
     axis: Optional[int] = None
     data_type: str = "int"
+    block_size: Optional[int] = None
+    decompressed_bw: Optional[int] = None
+    channel_scale: Optional[torch.Tensor] = None
     _grid: Tuple[int, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -602,11 +727,18 @@ class Encoding:
             raise QuantizationSettingError(
                 f"Encoding: scale shape {tuple(scale.shape)} != offset shape {tuple(offset.shape)}"
             )
-        if scale.dim() > 1 or (scale.dim() == 1 and self.axis is None):
+        validate_block_size(self.block_size, "Encoding")
+        if self.block_size is not None:
+            if scale.dim() != 2 or self.axis != 0:
+                raise QuantizationSettingError(
+                    "Encoding: a per-block scale is (channels, blocks) with axis 0, got shape "
+                    f"{tuple(scale.shape)} and axis {self.axis}")
+        elif scale.dim() > 1 or (scale.dim() == 1 and self.axis is None):
             raise QuantizationSettingError(
                 "Encoding: scale must be 0-d (per tensor) or 1-d with an axis (per channel), "
                 f"got shape {tuple(scale.shape)} and axis {self.axis}"
             )
+        self._check_lpbq(scale)
         if not bool(torch.all(scale > 0)) or not bool(torch.all(torch.isfinite(scale))):
             bad = scale.reshape(-1)[~((scale > 0) & torch.isfinite(scale)).reshape(-1)]
             raise QuantizationSettingError(
@@ -616,6 +748,25 @@ class Encoding:
         object.__setattr__(
             self, "_grid", integer_grid(self.bitwidth, self.symmetric, self.strict, self.unsigned)
         )
+
+    def _check_lpbq(self, scale: torch.Tensor) -> None:
+        """Validate the LPBQ fields (and store ``channel_scale`` as float32 on the CPU)."""
+        if self.decompressed_bw is None and self.channel_scale is None:
+            return
+        validate_decompressed_bw(self.decompressed_bw, self.bitwidth, "Encoding")
+        if self.block_size is None or not self.symmetric or self.unsigned:
+            raise QuantizationSettingError(
+                "Encoding: LPBQ (decompressed_bw / channel_scale) needs a signed symmetric "
+                "per-block encoding")
+        if self.channel_scale is None:
+            raise QuantizationSettingError("Encoding: an LPBQ encoding needs channel_scale")
+        channel = torch.as_tensor(self.channel_scale, dtype=torch.float32).detach().cpu()
+        if tuple(channel.shape) != (scale.shape[0],) or not bool(
+                torch.all((channel > 0) & torch.isfinite(channel))):
+            raise QuantizationSettingError(
+                f"Encoding: LPBQ channel_scale must hold {scale.shape[0]} finite scales > 0, "
+                f"got shape {tuple(channel.shape)}")
+        object.__setattr__(self, "channel_scale", channel)
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
@@ -628,21 +779,49 @@ class Encoding:
         strict: bool = False,
         unsigned_symmetric: bool = False,
         axis: Optional[int] = None,
+        block_size: Optional[int] = None,
+        decompressed_bw: Optional[int] = None,
     ) -> "Encoding":
-        """Build the encoding for an observed range (per tensor, or per channel along ``axis``).
+        """Build the encoding for an observed range (per tensor, per channel along ``axis``, or
+        per block: ``(C, blocks)`` ranges with ``block_size``, LPBQ with ``decompressed_bw``).
 
         The range goes through :func:`adjust_range`; with ``unsigned_symmetric`` a symmetric
-        encoding of data whose minimum is >= 0 (in every channel) uses the unsigned grid.
+        encoding of data whose minimum is >= 0 (in every channel) uses the unsigned grid
+        (never for LPBQ, which is signed by definition).
         """
         bitwidth = validate_bitwidth(bitwidth, "int", "Encoding")
         min_val = torch.as_tensor(min_val, dtype=torch.float32).detach().cpu()
         max_val = torch.as_tensor(max_val, dtype=torch.float32).detach().cpu()
-        unsigned = bool(symmetric and unsigned_symmetric and bool(torch.all(min_val >= 0)))
+        lpbq = decompressed_bw is not None
+        unsigned = bool(symmetric and unsigned_symmetric and not lpbq
+                        and bool(torch.all(min_val >= 0)))
         qmin, qmax = integer_grid(bitwidth, symmetric, strict, unsigned)
         grid_symmetric = symmetric and not unsigned
         lo, hi = adjust_range(min_val, max_val, qmax - qmin, grid_symmetric)
         scale, offset = scale_offset_from_range(lo, hi, qmin, qmax, grid_symmetric)
-        return cls(bitwidth, scale, offset, symmetric, strict, unsigned, axis, "int")
+        channel = None
+        if lpbq:
+            validate_decompressed_bw(decompressed_bw, bitwidth, "Encoding")
+            scale, channel = lpbq_scale(scale, bitwidth, decompressed_bw)
+        return cls(bitwidth, scale, offset, symmetric, strict, unsigned, axis, "int",
+                   block_size, decompressed_bw, channel)
+
+    @classmethod
+    def lpbq(cls, per_block_int_scale: TensorLike, channel_scale: TensorLike, bitwidth: int,
+             decompressed_bw: int, block_size: int, strict: bool = False) -> "Encoding":
+        """An LPBQ encoding from its parts: ``(C, blocks)`` integer multipliers (each in
+        ``[1, 2^(decompressed_bw - bitwidth)]``) and ``(C,)`` float channel scales."""
+        ints = torch.as_tensor(per_block_int_scale, dtype=torch.float32)
+        channel = torch.as_tensor(channel_scale, dtype=torch.float32).reshape(-1)
+        steps = 2 ** (validate_decompressed_bw(decompressed_bw, bitwidth, "Encoding")
+                      - bitwidth)
+        if ints.dim() != 2 or not bool(torch.all((ints == ints.round()) & (ints >= 1)
+                                                 & (ints <= steps))):
+            raise QuantizationSettingError(
+                f"Encoding: LPBQ per_block_int_scale must be (channels, blocks) integers in "
+                f"1..{steps}, got shape {tuple(ints.shape)}")
+        return cls(bitwidth, ints * channel[:, None], torch.zeros_like(ints), True, strict,
+                   False, 0, "int", block_size, decompressed_bw, channel)
 
     @classmethod
     def float16(cls) -> "Encoding":
@@ -671,6 +850,24 @@ class Encoding:
         return self.scale is not None and self.scale.dim() == 1
 
     @property
+    def per_block(self) -> bool:
+        """True when the encoding has one scale per block (``block_size``; LPBQ included)."""
+        return self.block_size is not None
+
+    @property
+    def is_lpbq(self) -> bool:
+        """True for an LPBQ encoding (integer block multipliers x per-channel scales)."""
+        return self.decompressed_bw is not None
+
+    @property
+    def per_block_int_scale(self) -> Optional[torch.Tensor]:
+        """LPBQ: the ``(C, blocks)`` integer multipliers ``scale / channel_scale`` (float32
+        integers); None otherwise."""
+        if not self.is_lpbq:
+            return None
+        return torch.round(self.scale / self.channel_scale[:, None])
+
+    @property
     def min(self) -> torch.Tensor:
         """Grid-aligned minimum ``scale * (offset + qmin)``."""
         return grid_point(self.scale, self.offset, self.qmin, self._grid)
@@ -692,25 +889,26 @@ class Encoding:
     def quantize(self, x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
         """Integer codes of ``x`` on the internal grid."""
         return quantize(x, self.scale.to(x.device), self.offset.to(x.device),
-                        self.qmin, self.qmax, self.axis, rounding)
+                        self.qmin, self.qmax, self.axis, rounding, self.block_size)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """Real values of codes ``q``."""
-        return dequantize(q, self.scale.to(q.device), self.offset.to(q.device), self.axis)
+        return dequantize(q, self.scale.to(q.device), self.offset.to(q.device), self.axis,
+                          self.block_size)
 
     def fake_quantize(self, x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
         """Quantize-dequantize ``x`` with this encoding."""
         if self.is_float:
             return fake_quantize_float(x)
         return fake_quantize(x, self.scale.to(x.device), self.offset.to(x.device),
-                             self.qmin, self.qmax, self.axis, rounding)
+                             self.qmin, self.qmax, self.axis, rounding, self.block_size)
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-able dict that :meth:`from_dict` turns back into an equal encoding."""
         if self.is_float:
             return {"data_type": "float", "bitwidth": self.bitwidth}
-        return {
+        out = {
             "data_type": "int",
             "bitwidth": self.bitwidth,
             "symmetric": self.symmetric,
@@ -718,9 +916,14 @@ class Encoding:
             "unsigned": self.unsigned,
             "axis": self.axis,
             "scale": self.scale.tolist(),
-            "offset": [int(v) for v in self.offset.reshape(-1).tolist()]
-            if self.per_channel else int(self.offset),
+            "offset": self.offset.to(torch.int64).tolist(),
         }
+        if self.per_block:
+            out["block_size"] = self.block_size
+        if self.is_lpbq:
+            out["decompressed_bw"] = self.decompressed_bw
+            out["channel_scale"] = self.channel_scale.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Encoding":
@@ -735,6 +938,9 @@ class Encoding:
             strict=bool(d.get("strict", False)),
             unsigned=bool(d.get("unsigned", False)),
             axis=d.get("axis"),
+            block_size=d.get("block_size"),
+            decompressed_bw=d.get("decompressed_bw"),
+            channel_scale=d.get("channel_scale"),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -748,6 +954,10 @@ class Encoding:
         kind = "sym" if self.symmetric else "asym"
         kind += "-strict" if self.strict else ""
         kind += "-unsigned" if self.unsigned else ""
+        if self.per_block:
+            lpbq = f", LPBQ decompressed_bw={self.decompressed_bw}" if self.is_lpbq else ""
+            return (f"Encoding(int{self.bitwidth} {kind}, block_size={self.block_size}, "
+                    f"{self.scale.shape[0]} channels x {self.scale.shape[1]} blocks{lpbq})")
         if self.per_channel:
             return (f"Encoding(int{self.bitwidth} {kind}, axis={self.axis}, "
                     f"{self.scale.numel()} channels)")

@@ -30,14 +30,19 @@ from quantsim.encoding import (
     FLOAT32_MAX_STEPS,
     Encoding,
     amin_amax,
+    block_rows,
+    block_shape,
     fake_quantize,
     fake_quantize_float,
     fake_quantize_range,
     grid_point,
     integer_grid,
+    lpbq_scale,
     scale_offset_from_range,
     validate_bitwidth,
+    validate_block_size,
     validate_data_type,
+    validate_decompressed_bw,
     validate_rounding,
 )
 from quantsim.errors import CalibrationError, FakeQuantStateError, QuantizationSettingError
@@ -64,6 +69,9 @@ class QuantizerState(str, enum.Enum):
 _SETTINGS = ("enabled", "bitwidth", "symmetric", "strict", "unsigned_symmetric", "rounding",
              "frozen", "state", "required_mode", "fake_quant_state", "averaging_constant",
              "scheme", "range_constraint", "role", "learnable", "grid_unsigned")
+#: Settings of per-block (and LPBQ) granularity; optional in :meth:`Quantizer.apply_settings`
+#: (checkpoints written before per-block quantization lack them)
+_BLOCK_SETTINGS = ("shape", "block_size", "decompressed_bw")
 
 #: Bumped whenever any quantizer is enabled or disabled, so quantized modules can cache which
 #: of their quantizers are active instead of asking each one on every call.
@@ -86,13 +94,14 @@ def _checked(kind: type, value: Any, name: str, what: str):
 
 
 class Quantizer(nn.Module):
-    """Fake-quantizes one tensor (per tensor, or per channel along ``axis``).
+    """Fake-quantizes one tensor (per tensor, per channel along ``axis``, or per block).
 
     Args:
         bitwidth: 4..31 for ``int``, 16 for ``float``.
         symmetric: signed symmetric grid (weights, typically) or asymmetric (activations).
-        shape: encoding shape: ``()`` per tensor, ``(C,)`` per channel.
-        axis: channel axis of the quantized tensor when per channel.
+        shape: encoding shape: ``()`` per tensor, ``(C,)`` per channel, ``(C, K / block_size)``
+            per block.
+        axis: channel axis of the quantized tensor when per channel (0 per block).
         rounding: ``'nearest'`` (half to even) or ``'stochastic'``.
         data_type: ``'int'`` or ``'float'`` (fp16 simulation, needs no calibration).
         strict: strict symmetric grid (``[-127, 127]`` at 8 bit).
@@ -101,6 +110,12 @@ class Quantizer(nn.Module):
         name: where the quantizer sits (``conv1.param_quantizers.weight``), used in messages.
         role: a :class:`QuantizerRole` (what the sim placed it on), or None for a stand-alone
             quantizer.
+        block_size: per-block granularity of a weight ``(C, K, ...)``: one encoding per output
+            channel and block of ``block_size`` along dimension 1
+            (:func:`quantsim.encoding.block_rows`); ``shape`` is then ``(C, K / block_size)``.
+        decompressed_bw: LPBQ (per block, symmetric): block scales are integer multipliers in
+            ``[1, 2^(decompressed_bw - bitwidth)]`` times a per-channel float scale
+            (:func:`quantsim.encoding.lpbq_scale`).
 
     Example:
         >>> q = Quantizer(bitwidth=8, symmetric=False, scheme='tf')
@@ -123,6 +138,8 @@ class Quantizer(nn.Module):
         scheme: str = "tf_enhanced",
         name: str = "",
         role: Optional[Union[QuantizerRole, str]] = None,
+        block_size: Optional[int] = None,
+        decompressed_bw: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -132,12 +149,10 @@ class Quantizer(nn.Module):
         self.strict = bool(strict)
         self.unsigned_symmetric = bool(unsigned_symmetric)
         self.rounding = validate_rounding(rounding, name or "Quantizer")
-        if len(shape) > 1 or (len(shape) == 1 and axis is None):
-            raise QuantizationSettingError(
-                f"{name or 'Quantizer'}: shape must be () or (channels,) with an axis, got {shape}"
-            )
+        self.block_size, self.decompressed_bw = self._check_granularity(
+            shape, axis, block_size, decompressed_bw)
         self.shape = tuple(shape)
-        self.axis = axis if len(shape) == 1 else None
+        self.axis = axis if len(shape) == 1 else (0 if block_size is not None else None)
         self._enabled = True
         self.role: Optional[QuantizerRole] = None if role is None else _checked(
             QuantizerRole, role, name, "role")
@@ -153,12 +168,76 @@ class Quantizer(nn.Module):
         self.range_constraint: Tuple[Optional[float], Optional[float]] = (None, None)
         self.register_buffer("scale", torch.ones(self.shape))
         self.register_buffer("offset", torch.zeros(self.shape))
+        #: LPBQ: the per-channel float scale of the block scales (None otherwise)
+        self.register_buffer("channel_scale", torch.ones(self.shape[:1])
+                             if self.decompressed_bw is not None else None)
         self.register_buffer("initialized", torch.tensor(self.data_type == "float"))
         self._fast_cache = None
         self.register_parameter("min", None)
         self.register_parameter("max", None)
         self.analyzer: EncodingAnalyzer = create_analyzer(scheme, axis=self.axis, name=name)
         self.scheme = scheme
+
+    def _check_granularity(self, shape, axis, block_size, decompressed_bw
+                           ) -> Tuple[Optional[int], Optional[int]]:
+        """Validate the encoding shape against axis / block settings (typed errors)."""
+        where = self.name or "Quantizer"
+        block_size = validate_block_size(block_size, where)
+        if block_size is None:
+            if decompressed_bw is not None:
+                raise QuantizationSettingError(
+                    f"{where}: decompressed_bw (LPBQ) needs a block_size")
+            if len(shape) > 1 or (len(shape) == 1 and axis is None):
+                raise QuantizationSettingError(
+                    f"{where}: shape must be () or (channels,) with an axis, got {shape}")
+            return None, None
+        if len(shape) != 2 or axis not in (None, 0) or self.data_type != "int":
+            raise QuantizationSettingError(
+                f"{where}: per-block quantization needs an int quantizer of shape "
+                f"(channels, blocks) with axis 0, got shape {shape}, axis {axis}, "
+                f"data type {self.data_type}")
+        decompressed_bw = validate_decompressed_bw(decompressed_bw, self._bitwidth, where)
+        if decompressed_bw is not None and not self.symmetric:
+            raise QuantizationSettingError(
+                f"{where}: LPBQ (decompressed_bw) needs a symmetric quantizer")
+        return block_size, decompressed_bw
+
+    def set_block_size(self, block_size: int, weight_shape: Tuple[int, ...],
+                       decompressed_bw: Optional[int] = None) -> None:
+        """Switch to per-block granularity (LPBQ with ``decompressed_bw``) for a weight of
+        ``weight_shape``; the encoding is dropped (calibrate or load encodings again) and a
+        learnable range becomes fixed.
+
+        Raises:
+            QuantizationSettingError: a block size that does not divide the weight's
+                dimension 1, a bad ``decompressed_bw``, LPBQ on an asymmetric quantizer.
+        """
+        where = self.name or "Quantizer"
+        if validate_block_size(block_size, where) is None:
+            raise QuantizationSettingError(f"{where}: block_size must be a positive integer")
+        try:
+            shape = block_shape(tuple(weight_shape), block_size)
+        except QuantizationSettingError as exc:
+            raise QuantizationSettingError(f"{where}: {exc}") from None
+        self._set_granularity(shape, block_size, decompressed_bw)
+
+    def _set_granularity(self, shape: Tuple[int, ...], block_size: Optional[int],
+                         decompressed_bw: Optional[int]) -> None:
+        """Re-shape the encoding buffers for ``shape`` / blocks (the encoding is dropped)."""
+        block_size, decompressed_bw = self._check_granularity(
+            shape, 0 if shape else None, block_size, decompressed_bw)
+        device = self.scale.device
+        self.min = self.max = None
+        self.shape, self.block_size = tuple(shape), block_size
+        self.decompressed_bw = decompressed_bw
+        self.axis = 0 if shape else None
+        self.scale = torch.ones(self.shape, device=device)
+        self.offset = torch.zeros(self.shape, device=device)
+        self.channel_scale = (torch.ones(self.shape[:1], device=device)
+                              if decompressed_bw is not None else None)
+        self.initialized.fill_(False)
+        _ = self.is_initialized  # refreshes what caches the flag
+        self.analyzer = create_analyzer(self.scheme, axis=self.axis, name=self.name)
 
     # -- settings -------------------------------------------------------------------------------
     @property
@@ -220,7 +299,7 @@ class Quantizer(nn.Module):
         a, b, c = self.encoding_tensors()
         return (id(a), a._version, id(b), b._version, id(c), c._version, self._enabled,
                 self._bitwidth, self.symmetric, self.strict, self._unsigned, self.rounding,
-                self._state, self.data_type, self.axis)
+                self._state, self.data_type, self.axis, self.block_size, self.decompressed_bw)
 
     def set_range_constraint(self, min_val: Optional[float], max_val: Optional[float]) -> None:
         """Pin the encoding range (config ``encoding_constraints``).
@@ -230,9 +309,8 @@ class Quantizer(nn.Module):
         """
         self.range_constraint = (min_val, max_val)
         if self.has_fixed_range:
-            self.set_encoding(Encoding.from_range(
-                torch.tensor(min_val), torch.tensor(max_val), self._bitwidth, self.symmetric,
-                self.strict, self.unsigned_symmetric, self.axis))
+            self.set_encoding(self._encoding_from_range(
+                torch.tensor(min_val).expand(self.shape), torch.tensor(max_val).expand(self.shape)))
 
     @property
     def has_fixed_range(self) -> bool:
@@ -251,10 +329,20 @@ class Quantizer(nn.Module):
         return self.symmetric and not self._unsigned
 
     def _scale_offset(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._scale_offset_channel()[:2]
+
+    def _scale_offset_channel(self):
+        """``(scale, offset, channel_scale)``: the encoding's tensors, derived from the range
+        when learnable (LPBQ: the compressed block scales); ``channel_scale`` None but LPBQ."""
         if self.learnable:
             qmin, qmax = self.qmin_qmax
-            return scale_offset_from_range(self.min, self.max, qmin, qmax, self._grid_symmetric)
-        return self.scale, self.offset
+            scale, offset = scale_offset_from_range(self.min, self.max, qmin, qmax,
+                                                    self._grid_symmetric)
+            if self.decompressed_bw is None:
+                return scale, offset, None
+            scale, channel = lpbq_scale(scale, self._bitwidth, self.decompressed_bw)
+            return scale, offset, channel
+        return self.scale, self.offset, self.channel_scale
 
     def get_scale(self) -> Optional[torch.Tensor]:
         """Scale of the current encoding (None before calibration)."""
@@ -291,9 +379,11 @@ class Quantizer(nn.Module):
         if not self.is_initialized:
             return None
         # copies: an Encoding is a value, unchanged when this quantizer gets another one later
-        scale, offset = (t.detach().clone() for t in self._scale_offset())
+        scale, offset, channel = (None if t is None else t.detach().clone()
+                                  for t in self._scale_offset_channel())
         return Encoding(self._bitwidth, scale, offset, self.symmetric, self.strict,
-                        self._unsigned, self.axis, "int")
+                        self._unsigned, self.axis, "int", self.block_size, self.decompressed_bw,
+                        channel)
 
     def set_encoding(self, encoding: Encoding) -> None:
         """Adopt ``encoding`` (its settings must match this quantizer's)."""
@@ -311,12 +401,20 @@ class Quantizer(nn.Module):
             raise QuantizationSettingError(
                 f"{where}: encoding bitwidth {encoding.bitwidth} != quantizer bitwidth "
                 f"{self._bitwidth}")
+        if (encoding.block_size, encoding.decompressed_bw) != (self.block_size,
+                                                               self.decompressed_bw):
+            raise QuantizationSettingError(
+                f"{where}: encoding block_size / decompressed_bw ({encoding.block_size}, "
+                f"{encoding.decompressed_bw}) != the quantizer's ({self.block_size}, "
+                f"{self.decompressed_bw})")
         self.symmetric, self.strict, self._unsigned = (
             encoding.symmetric, encoding.strict, encoding.unsigned)
         with torch.no_grad():
             device = self.scale.device
             self.scale.copy_(encoding.scale.to(device))
             self.offset.copy_(encoding.offset.to(device))
+            if encoding.is_lpbq:
+                self.channel_scale.copy_(encoding.channel_scale.to(device))
             if self.learnable:
                 self.min.copy_(encoding.min.to(device))
                 self.max.copy_(encoding.max.to(device))
@@ -363,6 +461,8 @@ class Quantizer(nn.Module):
             value = self._unsigned if key == "grid_unsigned" else getattr(self, key)
             out[key] = value.value if isinstance(value, enum.Enum) else value
         out["range_constraint"] = list(self.range_constraint)
+        out.update(shape=list(self.shape), block_size=self.block_size,
+                   decompressed_bw=self.decompressed_bw)
         return out
 
     def apply_settings(self, settings: Dict[str, Any]) -> None:
@@ -398,12 +498,16 @@ class Quantizer(nn.Module):
                 f"{where}: settings {bad} have values not allowed: "
                 f"{ {k: s[k] for k in bad} }")
         bitwidth = validate_bitwidth(s["bitwidth"], self.data_type, where)
+        granularity = self._settings_granularity(s, bitwidth)
         rounding = validate_rounding(s["rounding"], where)
         state = _checked(QuantizerState, s["state"], where, "state")
         role = None if s["role"] is None else _checked(QuantizerRole, s["role"], where, "role")
         if s["scheme"] != self.scheme:
             self.set_scheme(s["scheme"])
         self._bitwidth, self.rounding, self._state, self.role = bitwidth, rounding, state, role
+        self.symmetric = flags["symmetric"]
+        if granularity != (self.shape, self.block_size, self.decompressed_bw):
+            self._set_granularity(*granularity)
         self.enabled = flags["enabled"]
         for key in ("symmetric", "strict", "unsigned_symmetric", "frozen"):
             setattr(self, key, flags[key])
@@ -414,7 +518,33 @@ class Quantizer(nn.Module):
         if flags["learnable"]:
             self.set_learnable(True, init=(0.0, 0.0))  # values arrive with load_state_dict
 
+    def _settings_granularity(self, s: Dict[str, Any], bitwidth: int):
+        """``(shape, block_size, decompressed_bw)`` of settings ``s`` (this quantizer's where
+        ``s`` predates per-block settings), checked; typed errors name the key."""
+        where = self.name or "Quantizer"
+        if not all(k in s for k in _BLOCK_SETTINGS):
+            return self.shape, self.block_size, self.decompressed_bw
+        shape = s["shape"]
+        if not (isinstance(shape, (list, tuple)) and len(shape) <= 2 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise QuantizationSettingError(
+                f"{where}: settings ['shape'] must be a list of at most 2 positive integers, "
+                f"got {shape!r}")
+        shape = tuple(shape)
+        if s["block_size"] is None and shape != self.shape:
+            raise QuantizationSettingError(
+                f"{where}: settings shape {list(shape)} != the quantizer's {list(self.shape)}")
+        block_size = validate_block_size(s["block_size"], where)
+        if s["decompressed_bw"] is not None:
+            validate_decompressed_bw(s["decompressed_bw"], bitwidth, where)
+        return shape, block_size, s["decompressed_bw"]
+
     # -- calibration ----------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor) -> None:
+        """Add ``x`` to the calibration statistics (per block: its block view)."""
+        x = x.detach()
+        self.analyzer.observe(x if self.block_size is None else block_rows(x, self.block_size))
+
     def reset_statistics(self) -> None:
         """Forget collected statistics."""
         self.analyzer.reset()
@@ -438,18 +568,23 @@ class Quantizer(nn.Module):
         fixed_lo, fixed_hi = self.range_constraint
         lo = lo if fixed_lo is None else torch.full_like(lo, fixed_lo)
         hi = hi if fixed_hi is None else torch.full_like(hi, fixed_hi)
-        self.set_encoding(Encoding.from_range(
-            lo, hi, self._bitwidth, self.symmetric, self.strict, self.unsigned_symmetric, self.axis))
+        self.set_encoding(self._encoding_from_range(lo.reshape(self.shape),
+                                                    hi.reshape(self.shape)))
+
+    def _encoding_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Encoding:
+        """The encoding of this quantizer's settings for the range ``(lo, hi)``."""
+        return Encoding.from_range(lo, hi, self._bitwidth, self.symmetric, self.strict,
+                                   self.unsigned_symmetric, self.axis, self.block_size,
+                                   self.decompressed_bw)
 
     def _observe_moving_average(self, x: torch.Tensor) -> None:
         """QAT observer: exponential moving average of min/max into the encoding."""
-        lo, hi = amin_amax(x.detach().float(), self.axis)
+        lo, hi = amin_amax(x.detach().float(), self.axis, self.block_size)
         if self.is_initialized:
             c = self.averaging_constant
             lo = self.get_min().detach() * (1 - c) + lo * c
             hi = self.get_max().detach() * (1 - c) + hi * c
-        self.set_encoding(Encoding.from_range(
-            lo, hi, self._bitwidth, self.symmetric, self.strict, self.unsigned_symmetric, self.axis))
+        self.set_encoding(self._encoding_from_range(lo, hi))
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -467,7 +602,7 @@ class Quantizer(nn.Module):
         if self.data_type == "float":
             return x if state == "observe" else fake_quantize_float(x)
         if state == "observe":
-            self.analyzer.observe(x.detach())
+            self.observe(x)
             return x
         if state == "qat" and not self.learnable and not self.frozen:
             self._observe_moving_average(x)
@@ -477,12 +612,19 @@ class Quantizer(nn.Module):
                 "load_encodings()) first, or disable it with .enabled = False")
         qmin, qmax = self.qmin_qmax
         lo = self._parameters["min"]
+        if lo is not None and self.decompressed_bw is not None:
+            # learnable LPBQ: the block scales pass through the (straight-through) compression
+            scale, offset = self._scale_offset()
+            return fake_quantize(x, scale, offset, qmin, qmax, self.axis, self.rounding,
+                                 self.block_size)
         if lo is not None:  # learnable: one autograd node from (min, max) to the gradients
             return fake_quantize_range(x, lo, self._parameters["max"], qmin, qmax,
-                                       self._grid_symmetric, self.axis, self.rounding)
+                                       self._grid_symmetric, self.axis, self.rounding,
+                                       self.block_size)
         # fixed ranges: autograd saves no encoding tensor (only the STE mask and step factor),
         # so the 'qat' observer may rewrite the buffers before an earlier call's backward
-        return fake_quantize(x, self.scale, self.offset, qmin, qmax, self.axis, self.rounding)
+        return fake_quantize(x, self.scale, self.offset, qmin, qmax, self.axis, self.rounding,
+                             self.block_size)
 
     def forward_owned(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for a tensor that nothing else references: may overwrite ``x``.
@@ -540,6 +682,10 @@ class Quantizer(nn.Module):
             return f"float{self._bitwidth}, enabled={self.enabled}"
         kind = "sym" if self.symmetric else "asym"
         gran = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
+        if self.block_size is not None:
+            gran = f"per-block(block_size={self.block_size}" + (
+                f", LPBQ decompressed_bw={self.decompressed_bw})"
+                if self.decompressed_bw is not None else ")")
         text = f"int{self._bitwidth} {kind} {gran}, enabled={self.enabled}"
         if self.is_initialized and self.axis is None:
             with torch.no_grad():  # learnable ranges: no autograd warning on float()
