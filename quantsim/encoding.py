@@ -1,6 +1,6 @@
 """The single source of truth for quantization arithmetic.
 
-Convention (as aimet-torch 2.x and ``docs/index.md``)::
+Convention (as aimet-torch 2.x and ``docs/concepts.md``)::
 
     q      = clamp(round(x / scale) - offset, qmin, qmax)      quantize
     x_hat  = (q + offset) * scale                               dequantize

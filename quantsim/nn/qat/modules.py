@@ -173,9 +173,9 @@ def _conv_kwargs(module: nn.Module) -> Dict[str, Any]:
 class Conv2dQAT(QATModuleMixin, nn.Conv2d):
     """``nn.Conv2d`` that quantizes its input and weight during training.
 
+    Takes ``nn.Conv2d``'s arguments (``padding_mode`` must be ``'zeros'``) and ``config``.
+
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, device, dtype: as ``nn.Conv2d`` (``padding_mode`` must be ``'zeros'``).
         config: retrain config (see :mod:`quantsim.nn.qat.config`); ``None``: defaults.
 
     Example:
