@@ -164,10 +164,11 @@ def _flat(file: Any) -> Dict[str, Tuple[str, Any]]:
 
 
 def _granularity(enc: Any) -> str:
-    """``per-tensor``, ``per-channel`` or ``per-block``, read from the encoding's shape and
-    attributes, so every kind the reader returns is described."""
+    """``per-tensor``, ``per-channel``, ``per-block`` or ``LPBQ`` (per block, with a
+    decompressed bitwidth), read from the encoding's shape and attributes, so every kind the
+    reader returns is described."""
     if getattr(enc, "block_size", None) is not None:
-        return "per-block"
+        return "LPBQ" if getattr(enc, "decompressed_bw", None) is not None else "per-block"
     scale = getattr(enc, "scale", None)
     if scale is None or scale.dim() == 0:
         return "per-tensor"
@@ -200,8 +201,8 @@ def _rows(file: Any) -> List[Dict[str, Any]]:
                        axis=getattr(enc, "axis", None), scales=int(scale.numel()),
                        scale_min=float(scale.min()), scale_max=float(scale.max()),
                        offset_min=int(offset.min()), offset_max=int(offset.max()))
-            if row["granularity"] == "per-block":
-                row["block_size"] = getattr(enc, "block_size")
+            if getattr(enc, "block_size", None) is not None:
+                row["block_size"] = int(enc.block_size)
         rows.append(row)
     return rows
 
@@ -241,7 +242,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     def shown(r: Dict[str, Any]) -> List[str]:
         gran = r["granularity"]
-        if gran != "per-tensor":
+        if "block_size" in r:
+            gran += f" ({r['scales']}, blocks of {r['block_size']})"
+        elif gran != "per-tensor":
             gran += f" ({r['scales']}, axis {r['axis']})"
         if r["dtype"] == "float":
             return [r["tensor"], r["kind"], f"float{r['bitwidth']}", "-", gran, "-", "-"]

@@ -264,9 +264,11 @@ def _feeds(graph: onnx.GraphProto, inits: Mapping[str, onnx.TensorProto],
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in ttype.shape.dim]
         if value.name in given:
             arr = np.asarray(given[value.name])
-            if arr.ndim != len(dims):
-                raise ExportError(f"input {value.name!r} has shape {arr.shape}; the model "
-                                  f"takes rank {len(dims)} (declared {dims})")
+            fixed = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+            if arr.ndim != len(fixed) or any(f not in (None, n) for f, n in zip(fixed, arr.shape)):
+                shown = ["?" if f is None else f for f in fixed]
+                raise ExportError(f"input {value.name!r} has shape {list(arr.shape)}; the model "
+                                  f"takes shape {shown} (? = any size)")
             feeds[value.name] = arr.astype(dtype, copy=False)
         elif np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(dims).astype(dtype)
@@ -302,7 +304,12 @@ def _grid_problems(values: np.ndarray, enc: Encoding) -> List[str]:
         return []
     scale = enc.scale.numpy().astype(np.float64)
     offset = enc.offset.numpy().astype(np.float64)
-    if enc.per_channel:
+    block = getattr(enc, "block_size", None)
+    if block is not None:  # (C, K / block) along dimensions 0 and 1
+        shape = list(scale.shape) + [1] * (v.ndim - 2)
+        scale = np.repeat(scale, block, axis=1).reshape([shape[0], -1] + shape[2:])
+        offset = np.repeat(offset, block, axis=1).reshape(scale.shape)
+    elif scale.ndim == 1:
         shape = [1] * v.ndim
         shape[enc.axis % v.ndim] = -1
         scale, offset = scale.reshape(shape), offset.reshape(shape)
