@@ -66,3 +66,9 @@ class AnalysisError(QuantSimError, ValueError):
 
 class CallbackError(QuantSimError, TypeError):
     """A callback argument is neither a ``CallbackFunc`` nor a callable taking the model."""
+
+
+class ConversionError(QuantSimError):
+    """A sim cannot be converted to an integer model (``quantsim.convert``): an enabled
+    quantizer without an encoding, a model torch.fx cannot trace, or float ops refused with
+    ``allow_float=False``; the message lists each module at fault and why."""

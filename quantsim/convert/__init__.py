@@ -1,0 +1,186 @@
+"""Fixed-point conversion: a calibrated sim -> an integer-only model (``quantsim.convert``).
+
+The fake-quant sim estimates accuracy; a deployed integer target computes with int8/int16
+codes, int32 accumulators and bias, and requantizes by a fixed-point multiplier and shift.
+:func:`convert` builds that computation as a torch module, :class:`IntegerModel`, whose
+accuracy is the deployed accuracy; :func:`check_deployable` says beforehand what would not
+run in integers and why; :func:`quantsim.export.integer_onnx.export_integer_onnx` writes it
+as an ONNX model for ONNX Runtime. See ``docs/convert.md``.
+
+Example:
+    >>> integer_model = quantsim.convert(sim)            # float in, float out
+    >>> print(integer_model.report)                      # per layer: op, multiplier, shift
+    >>> integer_model.compare(sim, x)                    # max diff vs the sim in LSBs
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from quantsim.checks import require_flag
+from quantsim.convert.converter import lower
+from quantsim.convert.fixed_point import ROUNDING
+from quantsim.convert.report import ConversionReport, LayerReport
+from quantsim.encoding import Encoding
+from quantsim.errors import ConversionError, UnsupportedModelError
+from quantsim.graph import eval_mode
+
+__all__ = ["IntegerModel", "ConversionReport", "LayerReport", "convert", "check_deployable",
+           "ROUNDING"]
+
+
+class IntegerModel(nn.Module):
+    """An integer-only model converted from a sim (build it with :func:`convert`).
+
+    Takes the float inputs the user's model takes. Returns float outputs dequantized with the
+    output encodings, or with ``return_integers=True`` the output codes (integer tensors)
+    whose encodings are :attr:`output_encodings`. Between the input's quantize and the
+    outputs' dequantize every tensor is an integer tensor, except in the float islands the
+    :attr:`report` lists.
+
+    Attributes:
+        graph_module: the integer ops as a ``torch.fx.GraphModule`` (its submodules are
+            :mod:`quantsim.convert.ops` modules).
+        report: the :class:`ConversionReport`.
+        output_encodings: one per model output (None for an output the sim leaves float).
+        rounding: the requantization tie rule.
+        return_integers: whether :meth:`forward` returns codes.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, report: ConversionReport,
+                 output_encodings: List[Optional[Encoding]], rounding: str,
+                 return_integers: bool) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.output_encodings = output_encodings
+        self.rounding = rounding
+        self.return_integers = return_integers
+
+    def forward(self, *inputs: Any) -> Any:
+        """Run the integer model on float inputs."""
+        return self.graph_module(*inputs)
+
+    @torch.no_grad()
+    def compare(self, sim: Any, *inputs: Any) -> ConversionReport:
+        """Run this model and ``sim.model`` on ``inputs`` and fill the report's per-layer
+        ``max_diff_lsb`` / ``within_1_lsb`` (codes at each quantized output) and the model
+        outputs' difference in output LSBs. Returns :attr:`report`."""
+        captured: Dict[str, torch.Tensor] = {}
+        handles = []
+        modules = dict(sim.model.named_modules())
+        tagged = [n for n in self.graph_module.graph.nodes
+                  if n.meta.get("quantsim", {}).get("where") == "output"]
+        for name in {n.meta["quantsim"]["name"] for n in tagged} & set(modules):
+            def hook(module, args, out, name=name):  # the first call's output
+                if isinstance(out, torch.Tensor):
+                    captured.setdefault(name, out)
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            with eval_mode(sim.model):
+                sim_out = sim.model(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        values = _Recorder(self.graph_module, set(tagged)).run(*inputs)
+        for node in tagged:
+            tag = node.meta["quantsim"]
+            ref = captured.get(tag["name"])
+            if ref is None or node not in values:
+                continue
+            sim_codes = tag["encoding"].quantize(ref.float())
+            _fill(tag["layer"], values[node].to(torch.int64) - sim_codes.to(torch.int64))
+        ours = pytree.tree_leaves(values["__output__"])
+        theirs = [t for t in pytree.tree_leaves(sim_out) if isinstance(t, torch.Tensor)]
+        self.report.output_max_diff_lsb, self.report.output_within_1_lsb = [], []
+        for mine, ref, enc in zip(ours, theirs, self.output_encodings):
+            if enc is None:
+                self.report.output_max_diff_lsb.append(None)
+                self.report.output_within_1_lsb.append(None)
+                continue
+            diff = (mine.to(torch.int64) - enc.quantize(ref.float()).to(torch.int64)) \
+                if self.return_integers else (mine.float() - ref.float()) / enc.scale
+            diff = diff.abs()
+            self.report.output_max_diff_lsb.append(float(diff.max()))
+            self.report.output_within_1_lsb.append(float((diff <= 1 + 1e-3).float().mean()))
+        return self.report
+
+
+def _fill(layer: LayerReport, diff: torch.Tensor) -> None:
+    diff = diff.abs()
+    layer.max_diff_lsb = float(diff.max())
+    layer.within_1_lsb = float((diff <= 1).float().mean())
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the integer graph and keeps the values of the given nodes."""
+
+    def __init__(self, module: fx.GraphModule, keep: set) -> None:
+        super().__init__(module)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:  # noqa: D102
+        out = super().run_node(n)
+        if n in self.keep:
+            self.values[n] = out
+        if n.op == "output":
+            self.values["__output__"] = out
+        return out
+
+    def run(self, *args: Any) -> Dict[Any, Any]:  # noqa: D102
+        super().run(*args)
+        return self.values
+
+
+def _require_sim(sim: Any, where: str) -> None:
+    from quantsim.sim import QuantizationSimModel
+    if not isinstance(sim, QuantizationSimModel):
+        raise UnsupportedModelError(
+            f"{where}: sim must be a quantsim.QuantizationSimModel, got {type(sim).__name__}")
+
+
+def convert(sim: Any, return_integers: bool = False, rounding: str = "half_to_even",
+            allow_float: bool = True) -> IntegerModel:
+    """Convert a calibrated sim to an :class:`IntegerModel` (fixed point).
+
+    Args:
+        sim: a :class:`quantsim.QuantizationSimModel` with encodings (calibrated, trained with
+            QAT, or loaded); not changed.
+        return_integers: return the output codes (see :class:`IntegerModel`).
+        rounding: the requantization tie rule, ``'half_to_even'`` (as the fake-quant sim
+            rounds) or ``'half_away_from_zero'`` (TFLite / gemmlowp).
+        allow_float: run ops without an integer form in float (listed in the report);
+            False raises instead.
+
+    Raises:
+        ConversionError: an enabled quantizer without an encoding, a model torch.fx cannot
+            trace, or (``allow_float=False``) ops that would run in float, each named.
+        QuantizationSettingError: an unknown ``rounding``.
+    """
+    _require_sim(sim, "convert")
+    require_flag(return_integers, "return_integers", "convert", ConversionError)
+    require_flag(allow_float, "allow_float", "convert", ConversionError)
+    graph_module, report, encodings = lower(sim, rounding, return_integers)
+    if not allow_float and not report.deployable:
+        problems = report.float_ops + report.issues
+        raise ConversionError(
+            "convert(allow_float=False): these ops have no integer form here: " + "; ".join(
+                f"{name}: {why}" for name, why in problems))
+    return IntegerModel(graph_module, report, encodings, rounding, return_integers).eval()
+
+
+def check_deployable(sim: Any) -> ConversionReport:
+    """What :func:`convert` would make of ``sim``: every op that would run in float and every
+    place where the sim's quantization does not map onto integer arithmetic, each named with
+    the reason (``report.float_ops``, ``report.issues``, ``report.deployable``). Nothing is
+    raised for such ops, and the sim is not changed.
+
+    Raises:
+        ConversionError: an enabled quantizer has no encoding, or torch.fx cannot trace the
+            model (nothing can be checked then).
+    """
+    _require_sim(sim, "check_deployable")
+    return lower(sim)[1]
