@@ -3,8 +3,12 @@
 :func:`load` detects the layout of a file (0.6.1, 1.0.0, 2.0.0 or the module-keyed
 ``_torch.encodings``), validates it against the schema and parses it into an
 :class:`~quantsim.encodings.common.EncodingsFile`; :func:`from_entry` reads one entry. Offsets
-are converted as :mod:`quantsim.encodings` describes. Kinds quantsim does not simulate (LPBQ,
-per-block, 2.1.0 meta ``y_scale``, float8, int2) are refused with an
+are converted as :mod:`quantsim.encodings` describes. Per-block entries (1.0.0 ``PER_BLOCK`` /
+``LPBQ``, 2.0.0 nested ``y_scale`` / ``per_block_int_scale``) become per-block encodings; a
+1.0.0 ``PER_BLOCK`` entry records no channel count, so it is read as one row of blocks
+``(1, N)`` that ``load_encodings`` lays out as the weight's ``(C, N / C)``; a 2.0.0 LPBQ entry
+records no decompressed bitwidth, read as twice the bitwidth (aimet-torch's default).
+Kinds quantsim does not simulate (2.1.0 meta ``y_scale``, float8, int2) are refused with an
 :class:`~quantsim.errors.EncodingsError` naming the file and the JSON path.
 """
 from __future__ import annotations
@@ -56,8 +60,8 @@ def from_entry(entry: Any, version: str, *, name: Optional[str] = None,
         The encoding; ``None`` for a 0.6.1 entry without scale (``propagate_encodings`` marker).
 
     Raises:
-        EncodingsError: malformed, or a kind quantsim does not simulate (LPBQ, per-block,
-            2.1.0 meta ``y_scale``, float8, int2, 32-bit non-bias).
+        EncodingsError: malformed, or a kind quantsim does not simulate (2.1.0 meta
+            ``y_scale``, float8, int2, 32-bit non-bias).
     """
     where = f"entry {name or (entry.get('name') if isinstance(entry, dict) else None)!r}"
     _check_version(version, where)
@@ -84,10 +88,12 @@ def _finite_positive(value: Any) -> bool:
 
 
 def _int_encoding(bitwidth: int, scales: Sequence[float], offsets: Sequence[int], symmetric: bool,
-                  per_channel: bool, axis: Optional[int], where: str) -> AnyEncoding:
+                  per_channel: bool, axis: Optional[int], where: str,
+                  blocks: Optional[Tuple[int, Tuple[int, int]]] = None) -> AnyEncoding:
     """Rebuild an integer encoding from unsigned-view (legacy) offsets, checked as the writer
     checks what it writes: scales finite and > 0, a bitwidth quantsim simulates, and 0 on the
-    grid (:func:`_check_zero_on_grid`)."""
+    grid (:func:`_check_zero_on_grid`). ``blocks``: ``(block_size, (C, blocks))`` of a
+    per-block encoding (flat ``scales`` in row-major order)."""
     bitwidth = int(bitwidth)  # the schema let an integral float (8.0) through
     offsets = [int(o) for o in offsets]
     if len(scales) != len(offsets):
@@ -126,6 +132,11 @@ def _int_encoding(bitwidth: int, scales: Sequence[float], offsets: Sequence[int]
         offsets = [0] * len(offsets)
     else:
         _check_zero_on_grid(bitwidth, scales, offsets, where)
+    if blocks is not None:
+        block_size, shape = blocks
+        return _make(Encoding, where, bitwidth, _tensor(scales, True).reshape(shape),
+                     _tensor(offsets, True).reshape(shape), symmetric, strict, unsigned, 0,
+                     "int", block_size)
     return _make(Encoding, where, bitwidth, _tensor(scales, per_channel),
                  _tensor(offsets, per_channel), symmetric, strict, unsigned, axis, "int")
 
@@ -197,11 +208,15 @@ def _read_0_6_1(entries: List[Dict[str, Any]], where: str, axis: Optional[int],
 
 def _read_1_0_0(entry: Dict[str, Any], where: str, axis: Optional[int]) -> AnyEncoding:
     enc_type = entry["enc_type"]
-    if enc_type in ("PER_BLOCK", "LPBQ"):
-        raise EncodingsError(
-            f"{where}: enc_type {enc_type!r} is not supported; quantsim reads PER_TENSOR and "
-            "PER_CHANNEL"
-        )
+    if enc_type in ("PER_BLOCK", "LPBQ") and entry["dtype"] != "INT":
+        raise EncodingsError(f"{where}: {enc_type} entries must have dtype INT")
+    if enc_type == "LPBQ":
+        return _read_lpbq_1_0_0(entry, where)
+    if enc_type == "PER_BLOCK":
+        n = len(entry["scale"])
+        return _int_encoding(entry["bw"], entry["scale"], entry["offset"],
+                             _as_bool(entry["is_sym"]), True, 0, where,
+                             (entry["block_size"], (1, n)))
     if entry["dtype"] == "FLOAT":
         return _read_float(entry["bw"], where)
     if enc_type == "PER_TENSOR" and len(entry["scale"]) != 1:
@@ -210,6 +225,82 @@ def _read_1_0_0(entry: Dict[str, Any], where: str, axis: Optional[int]) -> AnyEn
         )
     return _int_encoding(entry["bw"], entry["scale"], entry["offset"], _as_bool(entry["is_sym"]),
                          enc_type == "PER_CHANNEL", axis, where)
+
+
+def _read_lpbq_1_0_0(entry: Dict[str, Any], where: str) -> Encoding:
+    """1.0.0 LPBQ: ``bw`` decompressed, ``compressed_bw`` the values', ``scale`` per channel,
+    ``offset`` all ``-2^(bw-1)``, ``per_block_int_scale`` the flat multipliers."""
+    channels, ints = len(entry["scale"]), entry["per_block_int_scale"]
+    if not _as_bool(entry["is_sym"]) or set(entry["offset"]) != {-(2 ** (entry["bw"] - 1))}:
+        raise EncodingsError(f"{where}: LPBQ entries are symmetric with every offset "
+                             f"-2^(bw-1) = {-(2 ** (entry['bw'] - 1))}")
+    if len(entry["offset"]) != channels or not ints or len(ints) % channels:
+        raise EncodingsError(
+            f"{where}: LPBQ needs one offset per scale (channel) and a multiple of {channels} "
+            f"per_block_int_scale values, got {len(entry['offset'])} and {len(ints)}")
+    _check_bitwidth(entry["compressed_bw"], where)
+    return _lpbq(ints, entry["scale"], entry["compressed_bw"], entry["bw"], entry["block_size"],
+                 (channels, len(ints) // channels), where)
+
+
+def _lpbq(ints: Any, channel_scale: Any, bitwidth: int, decompressed_bw: int, block_size: int,
+          shape: Tuple[int, int], where: str) -> Encoding:
+    try:
+        scales = torch.tensor(channel_scale, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise EncodingsError(f"{where}: per-channel scales are not a rectangular list: "
+                             f"{exc}") from None
+    if scales.numel() != shape[0] or not bool(torch.all((scales > 0) & (scales < float("inf")))):
+        raise EncodingsError(f"{where}: LPBQ needs {shape[0]} per-channel scales, each finite "
+                             f"and > 0, got {scales.numel()}")
+    try:
+        multipliers = torch.as_tensor(ints, dtype=torch.float32).reshape(shape)
+    except RuntimeError as exc:
+        raise EncodingsError(f"{where}: per_block_int_scale does not hold {shape[0]} channels "
+                             f"of {shape[1]} blocks: {exc}") from None
+    return _make(Encoding.lpbq, where, multipliers, scales.to(torch.float32), int(bitwidth),
+                 int(decompressed_bw), int(block_size))
+
+
+def _block_tensor(value: Any, what: str, where: str) -> torch.Tensor:
+    """A nested 2.0.0 per-block list as ``(C, blocks)``: aimet-torch writes the weight's rank
+    (``(C, blocks, 1, 1)`` for a Conv2d), trailing dims of 1 are dropped."""
+    try:
+        t = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise EncodingsError(f"{where}: {what} is not a rectangular nested list: {exc}") from None
+    while t.dim() > 2 and t.shape[-1] == 1:
+        t = t.squeeze(-1)
+    if t.dim() != 2:
+        raise EncodingsError(f"{where}: {what} must be (channels, blocks) (trailing 1s "
+                             f"allowed), got shape {list(t.shape)}")
+    return t
+
+
+def _read_blocks_2_0_0(entry: Dict[str, Any], where: str, unsigned: bool, b: int) -> Encoding:
+    if entry.get("axis") != 1 or "block_size" not in entry:
+        raise EncodingsError(f"{where}: per-block entries need axis 1 (the block axis of a "
+                             f"(C, K, ...) weight) and block_size, got axis {entry.get('axis')}")
+    if "per_block_int_scale" in entry:
+        if unsigned or "y_zero_point" in entry:
+            raise EncodingsError(f"{where}: LPBQ entries are signed symmetric (intB, no "
+                                 "y_zero_point)")
+        ints = _block_tensor(entry["per_block_int_scale"], "per_block_int_scale", where)
+        _check_bitwidth(b, where)
+        return _lpbq(ints, entry["per_channel_float_scale"], b, min(2 * b, INT_BITWIDTHS[-1]),
+                     entry["block_size"], tuple(ints.shape), where)
+    scale = _block_tensor(entry["y_scale"], "y_scale", where)
+    zp = entry.get("y_zero_point", 0)
+    zps = _block_tensor(zp, "y_zero_point", where) if isinstance(zp, list) else \
+        torch.full_like(scale, float(zp))
+    if zps.shape != scale.shape or not bool(torch.all(zps == zps.round())):
+        raise EncodingsError(f"{where}: y_zero_point must be integers shaped as y_scale")
+    _check_bitwidth(b, where)
+    half = 2 ** (b - 1)
+    legacy = (-zps if unsigned else -zps - half).to(torch.int64).reshape(-1).tolist()
+    symmetric = not unsigned and not bool(torch.any(zps != 0))
+    return _int_encoding(b, scale.reshape(-1).tolist(), legacy, symmetric, True, 0, where,
+                         (entry["block_size"], tuple(scale.shape)))
 
 
 _ONNX_INT = re.compile(r"(u?)int([0-9]+)")
@@ -223,23 +314,27 @@ def _integral(value: Any) -> bool:
 
 
 def _read_2_0_0(entry: Dict[str, Any], where: str) -> AnyEncoding:
-    if "per_block_int_scale" in entry or "per_channel_float_scale" in entry:
-        raise EncodingsError(f"{where}: LPBQ encodings (per_block_int_scale) are not supported")
+    lpbq = "per_block_int_scale" in entry or "per_channel_float_scale" in entry
+    if lpbq and not ("per_block_int_scale" in entry and "per_channel_float_scale" in entry
+                     and "y_scale" not in entry):
+        raise EncodingsError(f"{where}: an LPBQ entry has per_block_int_scale and "
+                             "per_channel_float_scale and no y_scale")
     y_scale = entry.get("y_scale")
     if isinstance(y_scale, dict):
         raise EncodingsError(
             f"{where}: y_scale is a 2.1.0 meta encoding (double-quantized scale, LPBQ/NVFP4); "
-            "not supported - quantsim reads per-tensor and per-channel 2.0.0 entries"
+            "not supported - quantsim reads 2.0.0 entries (LPBQ as per_block_int_scale + "
+            "per_channel_float_scale)"
         )
-    nested = isinstance(y_scale, list) and any(isinstance(v, list) for v in y_scale)
-    if "block_size" in entry or nested:
-        raise EncodingsError(f"{where}: per-block encodings (block_size) are not supported")
     dtype = entry["output_dtype"]
     match = _ONNX_INT.fullmatch(dtype)
     if match is None:
         raise EncodingsError(f"{where}: output_dtype {dtype!r} is not supported; quantsim reads "
                              "int4/uint4/int8/uint8/int16/uint16 and int32 (biases)")
     unsigned, b = bool(match.group(1)), int(match.group(2))
+    nested = isinstance(y_scale, list) and any(isinstance(v, list) for v in y_scale)
+    if lpbq or "block_size" in entry or nested:
+        return _read_blocks_2_0_0(entry, where, unsigned, b)
     axis = entry.get("axis")
     scales = y_scale if isinstance(y_scale, list) else [y_scale]
     if axis is None and len(scales) != 1:

@@ -4,7 +4,10 @@ Entries of every version (:func:`to_entry`, the int32 bias entries), the tensor-
 documents (:func:`to_json_dict`, :func:`write`), the module-keyed ``_torch.encodings`` document
 (:func:`torch_json_dict`, :func:`write_torch_encodings`) and the ``quantizer_args`` dict. Offsets
 are converted as :mod:`quantsim.encodings` describes; strict symmetric is written as intB with
-zero point 0 too (2.0.0 has no strict flag). Files are validated, then written atomically.
+zero point 0 too (2.0.0 has no strict flag). Per-block encodings are ``PER_BLOCK`` / ``LPBQ``
+entries in 1.0.0 and nested ``y_scale`` (``per_block_int_scale`` + ``per_channel_float_scale``
+for LPBQ) in 2.0.0, as aimet-torch 2.x writes them; 0.6.1 lists every block (LPBQ: its
+effective scale). Files are validated, then written atomically.
 """
 from __future__ import annotations
 
@@ -126,6 +129,19 @@ def _entry_1_0_0(enc: AnyEncoding, name: str, where: str) -> Dict[str, Any]:
     _check_encoding(enc, where)
     if enc.is_float:
         return {"bw": enc.bitwidth, "dtype": "FLOAT", "enc_type": "PER_TENSOR", "name": name}
+    if enc.is_lpbq:  # bw: value x multiplier; scale/offset: per channel; offset -2^(bw-1)
+        channels = enc.channel_scale.numel()
+        return {"block_size": enc.block_size, "bw": enc.decompressed_bw,
+                "compressed_bw": enc.bitwidth, "dtype": "INT", "enc_type": "LPBQ",
+                "is_sym": True, "name": name,
+                "offset": [-(2 ** (enc.decompressed_bw - 1))] * channels,
+                "per_block_int_scale": [int(v) for v in enc.per_block_int_scale.reshape(-1)
+                                        .tolist()],
+                "scale": _floats(enc.channel_scale)}
+    if enc.per_block:
+        return {"block_size": enc.block_size, "bw": enc.bitwidth, "dtype": "INT",
+                "enc_type": "PER_BLOCK", "is_sym": bool(enc.symmetric), "name": name,
+                "offset": _legacy_offsets(enc, where), "scale": _floats(enc.scale)}
     return {"bw": enc.bitwidth, "dtype": "INT",
             "enc_type": "PER_CHANNEL" if enc.per_channel else "PER_TENSOR",
             "is_sym": bool(enc.symmetric), "name": name,
@@ -160,6 +176,17 @@ def _entry_2_0_0(enc: AnyEncoding, name: str, where: str) -> Dict[str, Any]:
         raise EncodingsError(f"{where}: zero point(s) {zps[:4]} out of the "
                              f"{_onnx_dtype(signed, b)} range [{lo}, {hi}]")
     entry = {"name": name, "output_dtype": _onnx_dtype(signed, b)}
+    if enc.per_block:  # nested (C, blocks) lists, axis = the block axis (aimet-torch 2.x)
+        if enc.is_lpbq:
+            entry["per_block_int_scale"] = enc.per_block_int_scale.to(torch.int64).tolist()
+            entry["per_channel_float_scale"] = [[v] for v in _floats(enc.channel_scale)]
+        else:
+            entry["y_scale"] = enc.scale.tolist()
+            if any(zps):
+                entry["y_zero_point"] = (-enc.offset).to(torch.int64).tolist()
+        entry["axis"] = 1
+        entry["block_size"] = enc.block_size
+        return entry
     entry["y_scale"] = _floats(enc.scale) if enc.per_channel else float(enc.scale)
     if any(zps):
         entry["y_zero_point"] = zps if enc.per_channel else zps[0]

@@ -344,10 +344,15 @@ def _int32_biases(sim, tmap: TensorMap, acts, params) -> Dict[str, Int32BiasEnco
             edge = f"{name}.input_quantizers.0"
             if edge in active:
                 in_enc = module.input_quantizers[0].encoding
-        if in_enc is not None and not in_enc.is_float and not in_enc.per_channel:
-            out[bias_key] = Int32BiasEncoding.from_scales(in_enc.scale, w_enc.scale, axis=0)
+        # per-block weights: LPBQ's bias scales come from the per-channel float scale (as
+        # aimet-torch's); plain per-block ones have no per-channel weight scale to use
+        w_scale = w_enc.channel_scale if w_enc.is_lpbq else w_enc.scale
+        if (in_enc is not None and not in_enc.is_float and not in_enc.per_channel
+                and w_scale.dim() <= 1):
+            out[bias_key] = Int32BiasEncoding.from_scales(in_enc.scale, w_scale, axis=0)
         else:
-            out[bias_key] = Int32BiasEncoding.from_bias(bias.detach(), per_channel=w_enc.per_channel)
+            out[bias_key] = Int32BiasEncoding.from_bias(
+                bias.detach(), per_channel=w_enc.per_channel or w_enc.per_block)
     return out
 
 

@@ -26,9 +26,16 @@ module-keyed ``_torch.encodings``. Names are resolved to quantizers like this:
 Entries the runtime needs but the sim has no quantizer for are skipped, never errors: int32
 bias entries, data-movement outputs (``/pool1/MaxPool_output_0``), ``propagate_encodings``
 intermediates.
+
+Per-block weights (:mod:`quantsim.config_utils`): a per-block or LPBQ entry makes a per-channel
+or per-block weight quantizer per-block / LPBQ as the file says (its ``(C, blocks)`` layout from
+the quantizer's channel count where a 1.0.0 ``PER_BLOCK`` entry records none); a flat 0.6.1
+list of block encodings loads into a quantizer that is per-block already (LPBQ: when the scales
+are an LPBQ grid). A per-tensor weight quantizer takes no per-block entry.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -40,7 +47,7 @@ from google.protobuf.message import DecodeError
 from torch.utils import _pytree as pytree
 
 from quantsim import encodings as enc_files
-from quantsim.encoding import Encoding
+from quantsim.encoding import Encoding, lpbq_scale
 from quantsim.encodings import EncodingsFile
 from quantsim.checks import require_flag
 from quantsim.errors import EncodingsError
@@ -116,7 +123,8 @@ def load_encodings(sim: Any, encodings: Union[PathLike, Mapping[str, Any]], stri
         if quantizers[qname].frozen:
             logger.info("%s is frozen (allow_overwrite=False earlier); %r not applied", qname, key)
             continue
-        problem = _misfit(quantizers[qname], enc, strict)
+        enc, problem = _fit_blocks(quantizers[qname], enc)
+        problem = problem or _misfit(quantizers[qname], enc, strict)
         if problem is None:
             accepted.append((qname, key, enc))
         elif strict:
@@ -153,12 +161,46 @@ def _misfit(q: Any, enc: Encoding, strict: bool) -> Optional[str]:
     bitwidth (otherwise it is adopted). The encoding's own values were checked on reading."""
     if enc.is_float != (q.data_type == "float"):
         return f"data type {enc.data_type} does not fit the {q.data_type} quantizer"
-    if not enc.is_float and tuple(enc.scale.shape) != tuple(q.shape):
+    if not enc.is_float and not enc.per_block and tuple(enc.scale.shape) != tuple(q.shape):
         return (f"{enc.scale.numel()} scale(s) ({'per channel' if enc.per_channel else 'per tensor'}) "
                 f"do not fit the quantizer's shape {tuple(q.shape) or '(per tensor)'}")
-    if enc.bitwidth != q.bitwidth and strict:
+    if enc.bitwidth != q.bitwidth and strict and not (enc.per_block and q.block_size is None):
+        # (a per-block entry makes a per-channel quantizer per-block, bitwidth included)
         return f"bitwidth {enc.bitwidth} != the quantizer's {q.bitwidth}"
     return None
+
+
+def _fit_blocks(q: Any, enc: Encoding) -> Tuple[Encoding, Optional[str]]:
+    """``enc`` laid out for weight quantizer ``q`` where granularities meet (see the module
+    docstring), or the reason it cannot be."""
+    if enc.is_float or q.data_type != "int":
+        return enc, None
+    if enc.per_block:
+        channels = q.shape[0] if q.shape else None
+        n = enc.scale.numel()
+        if channels is None:
+            return enc, ("a per-block encoding does not fit a per-tensor quantizer; make the "
+                         "weight per-block first (quantsim.config_utils."
+                         "set_blockwise_quantization_for_weights)")
+        if enc.scale.shape[0] == channels:
+            return enc, None
+        if enc.scale.shape[0] != 1 or n % channels:  # only 1.0.0's flat rows are laid out
+            return enc, (f"{tuple(enc.scale.shape)} block scales do not fit the quantizer's "
+                         f"{channels} channels")
+        shape = (channels, n // channels)
+        return dataclasses.replace(enc, scale=enc.scale.reshape(shape),
+                                   offset=enc.offset.reshape(shape)), None
+    if q.block_size is None or not enc.per_channel or enc.scale.numel() != q.scale.numel():
+        return enc, None
+    scale, offset = enc.scale.reshape(q.shape), enc.offset.reshape(q.shape)
+    channel = None
+    if q.decompressed_bw is not None:  # a 0.6.1 list of effective LPBQ block scales
+        lpbq, channel = lpbq_scale(scale, enc.bitwidth, q.decompressed_bw)
+        if not torch.equal(lpbq, scale) or not enc.symmetric:
+            return enc, (f"the block scales are not an LPBQ grid of decompressed_bw "
+                         f"{q.decompressed_bw}")
+    return dataclasses.replace(enc, scale=scale, offset=offset, axis=0, block_size=q.block_size,
+                               decompressed_bw=q.decompressed_bw, channel_scale=channel), None
 
 
 def _apply(q: Any, qname: str, key: str, enc: Encoding, label: str) -> None:
@@ -168,8 +210,17 @@ def _apply(q: Any, qname: str, key: str, enc: Encoding, label: str) -> None:
         if enc.bitwidth != q.bitwidth:
             logger.warning("%s: bitwidth %d adopted (was %d)", where, enc.bitwidth, q.bitwidth)
             q.bitwidth = enc.bitwidth
-        enc = Encoding(enc.bitwidth, enc.scale, enc.offset, enc.symmetric, enc.strict,
-                       enc.unsigned, q.axis, "int")
+        if enc.per_block:
+            if (tuple(enc.scale.shape), enc.block_size, enc.decompressed_bw) != (
+                    q.shape, q.block_size, q.decompressed_bw):
+                logger.info("%s: per-block (block_size %d%s) as the file says", where,
+                            enc.block_size, ", LPBQ" if enc.is_lpbq else "")
+                q.symmetric = enc.symmetric
+                channels, blocks = enc.scale.shape
+                q.set_block_size(enc.block_size, (channels, blocks * enc.block_size),
+                                 enc.decompressed_bw)
+        else:
+            enc = dataclasses.replace(enc, axis=q.axis)
     q.set_encoding(enc)
     if not q.enabled:
         q.enabled = True

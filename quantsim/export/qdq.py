@@ -7,7 +7,10 @@ export 8-bit ranges). Where each pair goes mirrors what the sim quantizes:
 quantizer            QDQ
 ===================  ======================================================================
 parameter            on the initializer (float weights kept, ``conv1.weight -> Q -> DQ``);
-                     per-axis with ``axis`` for per-channel encodings
+                     per-axis with ``axis`` for per-channel encodings; blocked
+                     (``axis=1``, ``block_size``, opset 21) for per-block ones, the
+                     ``(C, blocks)`` scales repeated over a Conv kernel's spatial dims (a
+                     sim block spans them); LPBQ as its effective block scales
 output               after the tensor, for every consumer; a graph output keeps its name
                      (it becomes the DequantizeLinear output)
 input                only on the edges into that module's nodes (other consumers of the
@@ -85,6 +88,8 @@ def qdq_opset(plan: QdqPlan, base_opset: int) -> int:
     for enc in plan.encodings():
         if enc.is_float:
             continue
+        if enc.per_block:  # blocked Q/DQ (block_size attribute) exists from opset 21
+            opset = max(opset, 21)
         if enc.bitwidth not in (4, 8, 16):
             raise ExportError(
                 f"the QDQ model cannot hold a {enc.bitwidth}-bit encoding: ONNX QuantizeLinear "
@@ -114,8 +119,9 @@ def build_qdq_model(model: onnx.ModelProto, plan: QdqPlan, opset: int) -> onnx.M
     dq_of: Dict[str, List[str]] = {}
     alias: Dict[str, str] = {}  # tensor -> the name its consumers read now
 
+    dims = {t.name: list(t.dims) for t in g.initializer}
     for init, (qname, enc) in plan.params.items():
-        dq = builder.qdq(init, enc, init)
+        dq = builder.qdq(init, enc, init, shape=dims.get(init))
         _rewire(consumers.get(init, []), init, dq)
         alias[init] = dq
         dq_of[qname] = [dq]
@@ -186,21 +192,27 @@ class _Builder:
         self.initializers: List[onnx.TensorProto] = []
         self._unique = _Names(graph).unique
 
-    def qdq(self, source: str, enc: Encoding, base: str, final: Optional[str] = None) -> str:
-        """Append the pair (or the fp16 casts) reading ``source``; return the output name."""
+    def qdq(self, source: str, enc: Encoding, base: str, final: Optional[str] = None,
+            shape: Optional[List[int]] = None) -> str:
+        """Append the pair (or the fp16 casts) reading ``source`` (of ``shape``, needed for
+        per-block encodings); return the output name."""
         if enc.is_float:
             return self._fp16(source, base, final)
         qmin, qmax = enc.qmin, enc.qmax
         signed = qmin < 0
         elem = _TYPES[(enc.bitwidth, signed)]
-        zp_values = [-int(v) for v in enc.offset.reshape(-1).tolist()]
-        scale_values = [float(v) for v in enc.scale.reshape(-1).tolist()]
-        dims = [len(scale_values)] if enc.per_channel else []
+        scale_t, zp_t = enc.scale, -enc.offset
+        dims = [scale_t.numel()] if enc.per_channel else []
+        axis = {"axis": int(enc.axis)} if enc.per_channel else {}
+        if enc.per_block:
+            scale_t, zp_t, dims = _blocked(enc, base, shape)
+            axis = {"axis": 1, "block_size": int(enc.block_size)}
+        zp_values = [int(v) for v in zp_t.reshape(-1).tolist()]
+        scale_values = [float(v) for v in scale_t.reshape(-1).tolist()]
         scale = self._unique(f"{base}_scale")
         zp = self._unique(f"{base}_zero_point")
         self.initializers.append(helper.make_tensor(scale, TensorProto.FLOAT, dims, scale_values))
         self.initializers.append(helper.make_tensor(zp, elem, dims, zp_values))
-        axis = {"axis": int(enc.axis)} if enc.per_channel else {}
         q_out = self._unique(f"{base}_quantized")
         type_lo = -(2 ** (enc.bitwidth - 1)) if signed else 0
         type_hi = 2 ** (enc.bitwidth - 1) - 1 if signed else 2 ** enc.bitwidth - 1
@@ -216,7 +228,7 @@ class _Builder:
 
     def _clip(self, source: str, enc: Encoding, base: str, final: Optional[str]) -> str:
         """Clip to the encoding's grid (narrower than the integer type)."""
-        if enc.per_channel:
+        if enc.per_channel or enc.per_block:
             raise ExportError(
                 f"{base}: a per-channel encoding on a grid narrower than its ONNX type "
                 f"([{enc.qmin}, {enc.qmax}] at {enc.bitwidth} bits, e.g. strict symmetric) has "
@@ -245,6 +257,24 @@ class _Builder:
         self.nodes.append(helper.make_node("Cast", [half], [out], to=TensorProto.FLOAT,
                                            name=self._unique(f"{base}_CastToFloat")))
         return out
+
+
+def _blocked(enc: Encoding, base: str, shape: Optional[List[int]]):
+    """``(scale, zero point, dims)`` of a blocked Q/DQ pair (axis 1) for a weight of ``shape``:
+    ONNX gives the scale the weight's rank, one value per block of dimension 1 and per index of
+    every other dimension, so a sim block (all of a Conv kernel's spatial positions) repeats
+    its scale over the trailing dims."""
+    if shape is None or len(shape) < 2 or shape[1] != enc.scale.shape[1] * enc.block_size \
+            or shape[0] != enc.scale.shape[0]:
+        raise ExportError(
+            f"{base}: a per-block encoding ({tuple(enc.scale.shape)} blocks of "
+            f"{enc.block_size}) fits only a weight initializer of shape (C, blocks x "
+            f"block_size, ...), got {shape}")
+    trailing = [1] * (len(shape) - 2)
+    full = list(enc.scale.shape) + list(shape[2:])
+    scale = enc.scale.reshape(list(enc.scale.shape) + trailing).expand(full)
+    zero_point = (-enc.offset).reshape(list(enc.scale.shape) + trailing).expand(full)
+    return scale, zero_point, full
 
 
 #: the 4-bit ONNX types and their integer grids
@@ -321,6 +351,9 @@ def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
             if scale.ndim:
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
             lo, hi = grid_bounds(scale, zero, qmin, qmax, w.ndim, axis)
+            block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+            if block:  # blocked pair: one bound per block, spread over its elements
+                lo, hi = np.repeat(lo, block, axis=axis), np.repeat(hi, block, axis=axis)
             name = names.unique(f"{node.input[0]}_clamped")
             g.initializer.append(numpy_helper.from_array(np.clip(w, lo, hi).astype(w.dtype), name))
             node.input[0] = name

@@ -364,7 +364,10 @@ def _agreement(check: _Check, ort_value, q) -> QuantizerAgreement:
         steps = np.abs(a - b) / np.maximum(np.abs(b), 1e-30) * 1024  # fp16: 10-bit mantissa
     else:
         s = enc.scale.numpy().astype(np.float64)
-        if enc.per_channel:
+        if enc.per_block:  # (C, blocks) -> one scale per input of dimension 1
+            s = np.repeat(s, enc.block_size, axis=1).reshape(s.shape[0], -1,
+                                                             *[1] * (a.ndim - 2))
+        elif enc.per_channel:
             shape = [1] * a.ndim
             shape[enc.axis] = -1
             s = s.reshape(shape)
