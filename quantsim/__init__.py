@@ -16,6 +16,7 @@ from quantsim.errors import (
     CalibrationError,
     CheckpointError,
     ConfigError,
+    ConversionError,
     DummyInputError,
     EncodingsError,
     ExportError,
@@ -25,6 +26,8 @@ from quantsim.errors import (
 )
 from quantsim.graph import KeywordInputs
 from quantsim.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+# the function shadows the subpackage's name here; import its parts as quantsim.convert.<x>
+from quantsim.convert import ConversionReport, IntegerModel, check_deployable, convert
 from quantsim.quantizer import Quantizer
 from quantsim.sim import QuantizationDataType, QuantizationSimModel, QuantScheme
 from quantsim.states import FakeQuantState, set_fake_quantize, set_high_precision_output
@@ -59,11 +62,13 @@ def __dir__() -> list:
 
 
 __all__ = [
-    "CalibrationError", "CheckpointError", "ConfigError", "ConvertedQATModel", "DummyInputError",
+    "CalibrationError", "CheckpointError", "ConfigError", "ConversionError",
+    "ConversionReport", "ConvertedQATModel", "DummyInputError",
     "Encoding", "EncodingsError", "ExportError", "FakeQuantState", "KeywordInputs",
     "QuantizationDataType",
     "QuantizationSettingError", "QuantizationSimModel", "QuantScheme", "QuantSimError",
-    "Quantizer", "UnsupportedModelError", "convert_qat_model", "create_quant_retrain_config",
+    "Quantizer", "UnsupportedModelError", "IntegerModel", "check_deployable", "convert",
+    "convert_qat_model", "create_quant_retrain_config",
     "create_quant_retrain_model", "load_checkpoint", "restore_quant_retrain_model",
     "save_quant_retrain_model",
     "load_optimizer_state", "save_checkpoint", "set_fake_quantize", "set_high_precision_output",
