@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
+from pathlib import Path
 from typing import Dict, Tuple
+
+import pytest
 
 from conftest import ROOT
 
@@ -45,3 +50,34 @@ def test_every_declared_entry_point_resolves_and_runs():
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  timeout=120)
             assert run.returncode == 0 and "usage" in run.stdout.lower(), (name, run.stderr)
+
+
+def _installed_script(name: str) -> str:
+    """The console script pip wrote for this interpreter (its scripts folder, then PATH)."""
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        if (folder / name).is_file():
+            return str(folder / name)
+    found = shutil.which(name)
+    assert found, f"console script {name!r} is declared but not installed (pip install -e .)"
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(n for g, n in declared_entry_points()
+                                        if g == "console_scripts"))
+def test_every_console_script_runs_as_installed(name):
+    """The installed executable itself (not its module) answers --help, and its exit status
+    reaches the shell (1 for a failed check; tests/test_cli.py covers the rest in-process)."""
+    script = _installed_script(name)
+    ok = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith(f"usage: {name}"), ok.stderr
+    if name == "quantsim":  # each run costs a fresh interpreter importing torch: one more
+        bad = subprocess.run([script, "validate-config",
+                              str(ROOT / "tests/data/bad/config_truncated.json")],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and "invalid JSON" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_python_dash_m_quantsim_is_the_same_command():
+    run = subprocess.run([sys.executable, "-m", "quantsim", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "validate-encodings" in run.stdout
