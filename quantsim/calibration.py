@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from quantsim import progress
 from quantsim.encoding import Encoding, int32_bias_weight_scale
 from quantsim.graph import ModelGraph
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
@@ -152,7 +153,7 @@ class Calibration:
         integer = [(n, q) for n, q in observing if q.data_type == "int"]
         all_reduce_statistics([q for _, q in integer])
         missing = []
-        for name, q in integer:
+        for name, q in progress.progress(integer, desc="computing encodings", unit="quantizer"):
             if q.analyzer.has_stats:
                 q.compute_encoding()
             else:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from quantsim import config as config_mod
+from quantsim import config as config_mod, progress
 from quantsim.calibration import Calibration
 from quantsim.checks import require_flag, require_module
 from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
@@ -305,7 +305,8 @@ class QuantizationSimModel:
         calibration = Calibration(self.model, self.graph)
         calibration.begin()
         try:
-            with eval_mode(self.model), torch.no_grad():
+            with eval_mode(self.model), torch.no_grad(), progress.forward_passes(
+                    self.model, "compute_encodings", progress.batch_total(forward_pass_callback_args)):
                 forward_pass_callback(self.model, forward_pass_callback_args)
         except Exception as exc:
             calibration.abort()

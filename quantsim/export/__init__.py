@@ -51,6 +51,7 @@ from quantsim.export.load import load_encodings, save_encodings_to_json, torch_e
 from quantsim.export.onnx_export import (ExporterFallbackWarning, ExportersFailedError, TensorMap,
                                          graph_tensor_names, tensor_map)
 from quantsim.export.verify import VerifyReport, verify
+from quantsim.progress import progress
 from quantsim.op_types import onnx_types_of, params_of
 from quantsim.quantizer import QuantizerRole
 
@@ -130,8 +131,10 @@ def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
     staging, created = _staging_dir(target)
     committed = False
     try:
-        files = _write_all(sim, staging, filename_prefix, dummy_input, export_args,
-                           propagate_encodings, export_to_torchscript, encoding_version)
+        with progress(desc=f"export {filename_prefix}", total=4, unit="step") as bar:
+            files = _write_all(sim, staging, filename_prefix, dummy_input, export_args,
+                               propagate_encodings, export_to_torchscript, encoding_version,
+                               bar.update)
         # files of the other mode (ONNX vs TorchScript) from an earlier export would not match
         stale = {f"{filename_prefix}{s}" for s in _MODE_SUFFIXES}
         names = [p.name for p in files.all()]
@@ -208,12 +211,14 @@ def _refuse_uncalibrated(sim: Any) -> None:
 
 
 def _write_all(sim, staging: Path, prefix: str, dummy_input, export_args, propagate: bool,
-               torchscript: bool, version: str) -> ExportedFiles:
+               torchscript: bool, version: str, step=lambda: None) -> ExportedFiles:
+    """Write every file into ``staging``; ``step()`` after each of the 4 steps (progress)."""
     clean = pth.clean_model(sim.model)
     files = ExportedFiles(pth=staging / f"{prefix}.pth", state_dict=staging / f"{prefix}_state_dict.pth",
                           encodings=staging / f"{prefix}.encodings",
                           torch_encodings=staging / f"{prefix}_torch.encodings")
     pth.save_pth(clean, str(files.pth), str(files.state_dict))
+    step()
     param_names = [n for n, _ in clean.named_parameters()]
     if torchscript:
         traced = pth.trace_torchscript(clean, dummy_input)
@@ -223,6 +228,7 @@ def _write_all(sim, staging: Path, prefix: str, dummy_input, export_args, propag
     else:
         graph = onnx_export.export_onnx(clean, dummy_input, export_args)
         onnx_export.check_param_names(graph, _quantized_param_names(sim))
+    step()
     tmap = tensor_map(sim, graph)
     files.missing_quantizers = _report_missing(sim, tmap)
     doc_file, extra_markers = _onnx_keyed_file(sim, graph, tmap, version, propagate)
@@ -230,6 +236,7 @@ def _write_all(sim, staging: Path, prefix: str, dummy_input, export_args, propag
     _write_encodings(files.encodings, doc_file, extra_markers, version)
     enc_files.write_torch_encodings(files.torch_encodings, torch_encodings_file(sim),
                                     "1.0.0" if version == "2.0.0" else version)
+    step()
     if not torchscript:
         onnx_export.attach_quantizer_map(graph, tmap)
         _check_onnx(graph, "the exported ONNX model")
@@ -241,6 +248,7 @@ def _write_all(sim, staging: Path, prefix: str, dummy_input, export_args, propag
         _check_onnx(qdq_model, "the QDQ ONNX model")
         files.qdq_onnx = staging / f"{prefix}_qdq.onnx"
         _save_onnx(qdq_model, files.qdq_onnx)
+    step()
     return files
 
 
