@@ -61,3 +61,61 @@ def test_quick_start_notebook():
     images = [o for c in nb.cells for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) == 2
+
+
+def _no_errors(nb) -> None:
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+
+def _table_rows(text: str) -> dict:
+    """The rows of a ``demo.format_table`` table: first column -> the other cells (columns are
+    separated by two or more spaces)."""
+    lines = text.strip().splitlines()
+    dashes = next(i for i, line in enumerate(lines) if set(line.replace(" ", "")) == {"-"})
+    rows = {}
+    for line in lines[dashes + 1:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _percent(cell: str) -> float:
+    return float(re.match(r"\s*(\d+\.\d+)%", cell).group(1))
+
+
+def _assert_verified(text: str) -> None:
+    """A ``quantsim.verify`` report: the QDQ model within one output step of the sim and every
+    quantizer, fed the sim's inputs, agreeing exactly (ORT may round ties the other way in
+    its fused default session only)."""
+    lsbs = [int(n) for n in re.findall(r"(\d+) LSB", text)]
+    assert lsbs and max(lsbs) <= 1, text
+    agree = re.search(r"quantizers \(isolated\): (\d+)/(\d+) agree", text)
+    assert agree and agree.group(1) == agree.group(2), text
+
+
+@pytest.mark.slow
+def test_qat_range_learning_notebook():
+    """02_qat_range_learning: the accuracy table (float, PTQ, QAT with fixed and learned
+    ranges at W4A8 and W4A4) shows QAT winning back what PTQ lost on the rescaled CNN, the
+    range table lists the 7 quantizers, the loss curves are drawn and ORT agrees with the
+    exported QAT sim."""
+    nb = _execute(NOTEBOOKS / "02_qat_range_learning.ipynb")
+    _no_errors(nb)
+
+    rows = _table_rows(_stdout(_tagged(nb, "qat-table")))
+    assert list(rows) == ["float", "PTQ (tf_enhanced)", "QAT, fixed ranges", "QAT, range learning"]
+    for column in (0, 1):  # W4A8, W4A4
+        ptq = _percent(rows["PTQ (tf_enhanced)"][column])
+        assert ptq < _percent(rows["float"][column]) - 20  # the rescaled CNN is hard to quantize
+        for qat in ("QAT, fixed ranges", "QAT, range learning"):
+            assert _percent(rows[qat][column]) > ptq + 20, rows
+    assert _percent(rows["QAT, range learning"][0]) > 85, rows  # W4A8 close to float again
+
+    ranges = _table_rows(_stdout(_tagged(nb, "ranges")))
+    assert len(ranges) == 7 and all(len(v) == 2 for v in ranges.values()), ranges
+    _assert_verified(_stdout(_tagged(nb, "verify")))
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1
