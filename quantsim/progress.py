@@ -117,15 +117,16 @@ def batch_total(data: Any) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def forward_passes(model: Any, desc: str, total: Optional[int] = None) -> Iterator[None]:
-    """A bar counting the forward passes of ``model`` (``nn.Module``) inside the block.
+def forward_passes(model: Any, desc: str, total: Optional[int] = None) -> Iterator[Any]:
+    """A bar counting the forward passes of ``model`` (``nn.Module``) inside the block; yields
+    the bar.
 
     The count comes from a forward pre-hook on ``model``, registered only while a bar can be
     drawn (so a silent run adds no hook). With a ``total`` that the passes outgrow, the bar
     drops the total and keeps counting.
     """
     if not progress_enabled():
-        yield
+        yield _Silent()
         return
     bar = progress(desc=desc, total=total, unit="batch")
 
@@ -135,7 +136,7 @@ def forward_passes(model: Any, desc: str, total: Optional[int] = None) -> Iterat
         bar.update(1)
     handle = model.register_forward_pre_hook(count)
     try:
-        yield
+        yield bar
     finally:
         handle.remove()
         bar.close()
