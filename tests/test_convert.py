@@ -169,3 +169,184 @@ def test_uncalibrated_sim_is_named(trained_digits_cnn, digits):
     sim = QuantizationSimModel(trained_digits_cnn, digits[0][:4], quant_scheme="tf")
     with pytest.raises(ConversionError, match="without an encoding.*conv1.input_quantizers.0"):
         convert(sim)
+
+
+# ----------------------------------------------------------------------------------------------
+# a residual net, int8 and int16, with and without prepare_model
+# ----------------------------------------------------------------------------------------------
+def _residual_sim(prepared: bool, bitwidth: int):
+    from quantsim.prepare import prepare_model
+    torch.manual_seed(0)
+    model = randomize_batch_norms(ResidualNet(width=8)).eval()
+    if prepared:
+        model = prepare_model(model)
+    x = torch.rand(48, 3, 16, 16)
+    with pytest.warns(UserWarning) if not prepared else _no_warning_check():
+        sim = QuantizationSimModel(model, x[:2], quant_scheme="tf", default_output_bw=bitwidth)
+    sim.compute_encodings(lambda m, _: m(x[:24]), None)
+    return sim, x[24:]
+
+
+class _no_warning_check:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "functional-add"])
+@pytest.mark.parametrize("bitwidth", [8, 16])
+def test_residual_net_within_one_lsb_of_the_sim(prepared, bitwidth):
+    sim, x = _residual_sim(prepared, bitwidth)
+    int_model = convert(sim)
+    report = int_model.compare(sim, x)
+    assert report.deployable, str(report)
+    assert report.output_within_1_lsb[0] >= 0.99, str(report)
+    text = str(report)
+    assert "Add" in text and "sum-pool / 64" in text
+    codes = convert(sim, return_integers=True)(x)
+    assert codes.dtype == (torch.uint8 if bitwidth == 8 else torch.int16) or \
+        codes.dtype == torch.int32
+    # each step chains the previous steps' 1-LSB differences: a few LSB at most, rarely
+    for layer in report.layers:
+        if layer.max_diff_lsb is not None:
+            assert layer.max_diff_lsb <= 3 and layer.within_1_lsb >= 0.97, text
+
+
+def test_residual_net_graph_is_integer():
+    sim, x = _residual_sim(True, 8)
+    _assert_integer_graph(convert(sim), (x[:2],))
+
+
+# ----------------------------------------------------------------------------------------------
+# the other ops: ConvTranspose2d, AvgPool, Concat, Sub, ReLU6, lookup tables, float islands
+# ----------------------------------------------------------------------------------------------
+class OpsNet(nn.Module):
+    """Every op kind the converter knows, and three without an integer form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu_a = nn.ReLU6()
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.pool_up = nn.AvgPool2d(2)
+        self.conv_b = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.relu_b = nn.ReLU()
+        self.mix = nn.Conv2d(16, 8, 1)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(8 * 8 * 8, 32)
+        self.gelu = nn.GELU()
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 10)
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        a = self.pool_up(self.up(self.relu_a(self.conv_a(x))))
+        b = self.relu_b(self.conv_b(x))
+        y = self.mix(torch.cat([a, b], dim=1)) - a
+        return self.softmax(self.fc2(self.norm(self.gelu(self.fc1(self.flatten(y))))))
+
+
+class Net1d(nn.Module):
+    """Conv1d - BatchNorm1d - ReLU6 - AvgPool1d - Conv1d - ReLU - AdaptiveAvgPool1d - Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.act = nn.ReLU6()
+        self.pool = nn.AvgPool1d(2)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool1d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.pool(self.act(self.bn(self.conv1(x))))
+        return self.fc(self.flatten(self.gap(self.relu(self.conv2(x)))))
+
+
+def _sim_of(model: nn.Module, x: torch.Tensor, **kwargs):
+    from quantsim.prepare import prepare_model
+    sim = QuantizationSimModel(prepare_model(model.eval()), x[:2], quant_scheme="tf", **kwargs)
+    sim.compute_encodings(lambda m, _: m(x[:32]), None)
+    return sim
+
+
+@pytest.fixture(scope="module")
+def ops_sim():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    return _sim_of(OpsNet(), x), x[32:]
+
+
+def test_ops_net_integer_ops_and_float_islands(ops_sim):
+    sim, x = ops_sim
+    plan = check_deployable(sim)
+    assert not plan.deployable
+    assert [name for name, _ in plan.float_ops] == ["norm", "softmax"]
+    assert all("no integer form" in why for _, why in plan.float_ops)
+    int_model = convert(sim)
+    report = int_model.compare(sim, x)
+    ops_text = {layer.name: layer.op for layer in report.layers}
+    assert ops_text["relu_a"].startswith("ConvInteger2d + ReLU6")
+    assert ops_text["up"].startswith("ConvTransposeInteger2d")
+    assert ops_text["pool_up"].startswith("sum-pool / 4")
+    assert ops_text["sub"].startswith("Sub")
+    assert ops_text["gelu"].startswith("GELU lookup table (256 entries)")
+    assert "cat (input 0)" in ops_text and "cat (input 1)" in ops_text
+    # up to the first float island every step is within one LSB of the sim
+    for layer in report.layers[:report.layers.index(
+            next(r for r in report.layers if not r.integer))]:
+        if layer.max_diff_lsb is not None:
+            assert layer.within_1_lsb >= 0.99, str(report)
+    # the float islands are the only float ops between the input quantize and output dequantize
+    _assert_integer_graph(int_model, (x[:2],))
+    with pytest.raises(ConversionError, match="norm: LayerNorm has no integer form"):
+        convert(sim, allow_float=False)
+
+
+def test_lookup_table_equals_the_sim_bit_for_bit(ops_sim):
+    sim, x = ops_sim
+    int_model = convert(sim)
+    gelu = int_model.graph_module.get_submodule("gelu_lut")
+    enc_in = sim.model.fc1.output_quantizers[0].encoding
+    enc_out = sim.model.gelu.output_quantizers[0].encoding
+    codes = torch.arange(enc_in.qmin, enc_in.qmax + 1)
+    sim_codes = enc_out.quantize(sim.model.gelu(enc_in.dequantize(codes.float())))
+    assert torch.equal(gelu(codes).to(torch.int64), sim_codes.to(torch.int64))
+
+
+def test_conv1d_net_within_one_lsb():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 16)
+    sim = _sim_of(randomize_batch_norms(Net1d()), x)
+    int_model = convert(sim)
+    report = int_model.compare(sim, x[32:])
+    assert report.deployable and report.output_within_1_lsb[0] >= 0.99, str(report)
+    assert report.layers[1].op.startswith("ConvInteger1d + BatchNorm + ReLU6")
+    assert any(layer.op.startswith("sum-pool / 8") for layer in report.layers)
+    _assert_integer_graph(int_model, (x[:2],))
+
+
+def test_unmappable_quantization_is_reported_not_raised(trained_digits_cnn, digits):
+    x = digits[0]
+    sim = QuantizationSimModel(trained_digits_cnn, x[:4], quant_scheme="tf")
+    sim.model.relu1.output_quantizers[0].enabled = False  # pool gets an unquantized tensor
+    sim.exclude_layers_from_quantization(["fc"])          # fc keeps a float weight
+    sim.compute_encodings(lambda m, _: m(x[:256]), None)
+    plan = check_deployable(sim)
+    reasons = dict(plan.float_ops)
+    assert "not on a grid" in reasons["pool"]
+    assert "weight is not quantized" in reasons["fc"]
+    int_model = convert(sim)
+    report = int_model.compare(sim, digits[2])
+    assert report.float_ops == plan.float_ops
+    # fc runs in float on the same relu2 codes up to one code each: the logits differ by at
+    # most sum|w| * one step of relu2's output (plus float32 rounding)
+    step = float(sim.model.relu2.output_quantizers[0].encoding.scale)
+    bound = float(sim.model.fc.weight.abs().sum(dim=1).max()) * step * (1 + 1e-5)
+    with torch.no_grad():
+        assert float((int_model(digits[2]) - sim.model(digits[2])).abs().max()) <= bound

@@ -17,6 +17,7 @@ Where the sim's quantization does not map onto integer arithmetic, the op runs i
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -50,6 +51,10 @@ _MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguo
                  "unsqueeze", "__getitem__"}
 _ADD = {operator.add, operator.iadd, torch.add, "add", "__add__"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub", "__sub__"}
+#: elementwise activations given a lookup table between two grids of at most 16 bits
+_LUT_ACTIVATIONS = (nn.GELU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+                    nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish, nn.Softsign, nn.Tanhshrink)
+LUT_MAX_BITS = 16
 _CLAMP_FUNCTIONS = {torch.relu, F.relu, "relu", F.relu6, torch.clamp, torch.clip, "clamp",
                     "clip", F.hardtanh}
 
@@ -165,7 +170,8 @@ class _Converter:
         if isinstance(value, _Float):
             node = self._module_node(f"{name}.quantize", ops.Quantize(enc, dtype), value.node,
                                      tag=tag)
-            tag["layer"] = LayerReport(name, f"quantize float -> int{enc.bitwidth}",
+            label = name if where == "output" else f"{name} ({where})"
+            tag["layer"] = LayerReport(label, f"quantize float -> int{enc.bitwidth}",
                                        bitwidth=enc.bitwidth)
             self.report.layers.append(tag["layer"])
             return _Codes(node, enc)
@@ -173,14 +179,15 @@ class _Converter:
             if _same_encoding(value.encoding, enc):
                 return value
             value = self.pending_of(value, name, "rescale")
-        return _Codes(self.requantize(value, enc, name, tag), enc)
+        return _Codes(self.requantize(value, enc, name, where, tag), enc)
 
     def pending_of(self, value: _Codes, source: str, op: str) -> _Pending:
         enc = value.encoding
         return _Pending([_Term(value.node, int(enc.offset), enc.scale.to(torch.float64))],
                         None, -1, source, [op])
 
-    def requantize(self, p: _Pending, enc: Encoding, name: str, tag: dict) -> fx.Node:
+    def requantize(self, p: _Pending, enc: Encoding, name: str, where: str, tag: dict
+                   ) -> fx.Node:
         s_out = enc.scale.to(torch.float64)
         channels = [t.scale.numel() for t in p.terms if t.scale.dim()]
         if p.bias is not None and p.bias.dim():
@@ -212,7 +219,8 @@ class _Converter:
         node = self._module_node(f"{name}.requantize", module, *[t.node for t in p.terms],
                                  tag=tag)
         all_m = torch.stack(multipliers)
-        tag["layer"] = LayerReport(name, " + ".join(p.ops) + f" -> requantize int{enc.bitwidth}",
+        label = name if where == "output" else f"{name} ({where})"
+        tag["layer"] = LayerReport(label, " + ".join(p.ops) + f" -> requantize int{enc.bitwidth}",
                                    _range(all_m), _range(shift), enc.bitwidth,
                                    note="; ".join(p.warnings))
         self.report.layers.append(tag["layer"])
@@ -254,8 +262,8 @@ class _Converter:
         mapped = pytree.tree_map(lambda a: self.to_float(a, name)
                                  if isinstance(a, (_Codes, _Pending, _Float)) else a,
                                  (args, kwargs))
-        if isinstance(fn, nn.Module):
-            module = ops.FloatIsland(fn, reason)
+        if isinstance(fn, nn.Module):  # a frozen copy: later training of the sim leaves it
+            module = ops.FloatIsland(copy.deepcopy(fn).requires_grad_(False), reason)
             out = self._module_node(f"{name}.float", module, *mapped[0])
         elif node.op == "call_method":
             out = self.graph.call_method(node.target, mapped[0], mapped[1])
@@ -395,6 +403,10 @@ class _Converter:
             return self.avg_pool(name, cls, float_module, args, kwargs, node)
         if cls in _MOVE_MODULES:
             return self.move(name, args, kwargs, node, float_module)
+        if cls in _LUT_ACTIVATIONS and len(args) == 1 and isinstance(args[0], _Codes):
+            table = self.lookup_table(name, module, float_module, args[0])
+            if table is not None:
+                return table
         if cls in (elementwise.Add, elementwise.Sub) and len(args) == 2:
             ndim = len(node.meta["tensor_meta"].shape)
             return self.add(name, args[0], args[1], cls is elementwise.Sub, ndim, node,
@@ -557,6 +569,30 @@ class _Converter:
         ndim = len(node.meta["tensor_meta"].shape)
         return _Pending([_Term(out, 0, enc.scale.to(torch.float64) / count)], None, ndim, name,
                         [f"sum-pool / {count}"])
+
+    def lookup_table(self, name: str, module: nn.Module, fn: nn.Module, x: _Codes
+                     ) -> Optional[_Codes]:
+        """An activation between two integer grids as a table of output codes (None where
+        the output is not quantized to integers or a grid is wider than 16 bits)."""
+        outs = module.output_quantizers
+        if not outs or not outs[0].enabled:
+            return None
+        out_enc, in_enc = self._encoding(outs[0], name), x.encoding
+        if out_enc.is_float or out_enc.per_channel or \
+                max(in_enc.bitwidth, out_enc.bitwidth) > LUT_MAX_BITS:
+            return None
+        with torch.no_grad():
+            codes = torch.arange(in_enc.qmin, in_enc.qmax + 1, dtype=torch.float32)
+            table = out_enc.quantize(fn(in_enc.dequantize(codes)))
+        dtype = dtype_for_grid(out_enc.qmin, out_enc.qmax)
+        tag = {"name": name, "where": "output", "encoding": out_enc}
+        node = self._module_node(f"{name}.lut", ops.LookupTable(table.to(dtype), in_enc.qmin),
+                                 x.node, tag=tag)
+        tag["layer"] = LayerReport(name, f"{type(fn).__name__} lookup table "
+                                         f"({in_enc.qmax - in_enc.qmin + 1} entries) -> "
+                                         f"int{out_enc.bitwidth}", bitwidth=out_enc.bitwidth)
+        self.report.layers.append(tag["layer"])
+        return _Codes(node, out_enc)
 
     def move(self, name: str, args: Sequence, kwargs: dict, node: fx.Node, fn: Any) -> Any:
         x = args[0] if args else None

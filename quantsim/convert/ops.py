@@ -156,6 +156,21 @@ class ClampCodes(nn.Module):
         return q.clamp(self.lo, self.hi)
 
 
+class LookupTable(nn.Module):
+    """An elementwise activation (GELU, sigmoid, tanh...) on codes as a table with one output
+    code per input code: ``table[q - qmin]``, computed at conversion as the sim computes it
+    (dequantize, the float op, quantize), so it equals the sim's result bit for bit."""
+
+    def __init__(self, table: torch.Tensor, qmin: int) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+        self.qmin = int(qmin)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """Output codes, the table's dtype."""
+        return self.table[q.to(torch.int64) - self.qmin]
+
+
 class FloatIsland(nn.Module):
     """An op without an integer form, run in float between a dequantize and a quantize: the
     float module of the sim's layer (its quantizers stripped)."""
