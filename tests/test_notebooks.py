@@ -119,3 +119,27 @@ def test_qat_range_learning_notebook():
     _assert_verified(_stdout(_tagged(nb, "verify")))
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 1
+
+
+@pytest.mark.slow
+def test_qat_modules_amct_notebook():
+    """04_qat_modules_amct: replace_with_qat swaps the 4 layers, the fine-tuned models export
+    and convert, the fake-quant and deploy ONNX files reproduce the QAT model's accuracy in
+    ORT (unoptimized: the Q/DQ arithmetic exactly, so at most one test image may flip on a
+    near-tie), and the INT4 deploy model holds weight codes in [-8, 7]."""
+    nb = _execute(NOTEBOOKS / "04_qat_modules_amct.ipynb")
+    _no_errors(nb)
+    assert "swapped: ['0', '3', '7', '9']" in _stdout(_tagged(nb, "swapped"))
+
+    rows = _table_rows(_stdout(_tagged(nb, "amct-table")))
+    assert list(rows) == ["weights INT8", "weights INT4"]
+    one_image = 100 / 360 + 1e-6
+    for name, (float_acc, qat, fake_quant, deploy) in rows.items():
+        assert _percent(qat) > 90 and _percent(float_acc) > 90, rows
+        assert abs(_percent(fake_quant) - _percent(qat)) <= one_image, rows
+        assert abs(_percent(deploy) - _percent(qat)) <= one_image, rows
+
+    weights = _stdout(_tagged(nb, "deploy-weights"))
+    codes = re.search(r"4 weight tensors, codes in \[(-?\d+), (-?\d+)\]", weights)
+    assert codes and -8 <= int(codes.group(1)) < 0 < int(codes.group(2)) <= 7, weights
+    assert "'INT32': " in weights, weights  # int32 bias codes
