@@ -172,6 +172,11 @@ class Quantizer(nn.Module):
         self.register_buffer("channel_scale", torch.ones(self.shape[:1])
                              if self.decompressed_bw is not None else None)
         self.register_buffer("initialized", torch.tensor(self.data_type == "float"))
+        #: Python copy of ``initialized``, kept by the methods that change the encoding (and
+        #: refreshed by ``is_initialized``), so that a forward can check for an encoding
+        #: without reading a tensor's value: no device sync per QAT step, and no graph break
+        #: under torch.compile (dynamo guards on the flag instead)
+        self._encoded = self.data_type == "float"
         self._fast_cache = None
         self.register_parameter("min", None)
         self.register_parameter("max", None)
@@ -266,6 +271,7 @@ class Quantizer(nn.Module):
     def enabled(self) -> bool:
         """False makes the quantizer pass values through unchanged."""
         return self._enabled
+            self._encoded = False
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
@@ -369,7 +375,9 @@ class Quantizer(nn.Module):
     @property
     def is_initialized(self) -> bool:
         """True once the quantizer has an encoding (float quantizers always do)."""
-        return bool(self.initialized)
+        value = bool(self.initialized)
+        self.__dict__["_encoded"] = value  # a direct write to the buffer shows here too
+        return value
 
     @property
     def encoding(self) -> Optional[Encoding]:
@@ -435,6 +443,7 @@ class Quantizer(nn.Module):
             CalibrationError: no ``init`` and no encoding yet.
         """
         if learnable == self.learnable or self.data_type == "float":
+        self._encoded = True
             return
         if not learnable:
             encoding = self.encoding
@@ -534,6 +543,14 @@ class Quantizer(nn.Module):
         if s["block_size"] is None and shape != self.shape:
             raise QuantizationSettingError(
                 f"{where}: settings shape {list(shape)} != the quantizer's {list(self.shape)}")
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._encoded = bool(self.initialized)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._encoded = bool(self.initialized)  # pickles made before the flag existed
+
         block_size = validate_block_size(s["block_size"], where)
         if s["decompressed_bw"] is not None:
             validate_decompressed_bw(s["decompressed_bw"], bitwidth, where)
@@ -588,13 +605,18 @@ class Quantizer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe and/or fake-quantize ``x`` according to :attr:`state`."""
+        """Observe and/or fake-quantize ``x`` according to :attr:`state`.
+
+        Under ``torch.compile`` the same arithmetic runs without the eval caches (the graph
+        computes the constants from the buffers) and the encoding check reads a Python flag
+        (see ``_encoded``), so a calibrated model compiles to one graph."""
         if not self._enabled or not x.is_floating_point():
             return x
         if self.required_mode is not None:
             self._check_mode()
         state = self._state
-        if state == "quantize" and self.axis is None and not (
+        compiling = torch.compiler.is_compiling()
+        if state == "quantize" and self.axis is None and not compiling and not (
                 x.requires_grad and torch.is_grad_enabled()):
             fast = self._per_tensor_constants()  # the eval hot path
             if fast is not None:
@@ -606,7 +628,9 @@ class Quantizer(nn.Module):
             return x
         if state == "qat" and not self.learnable and not self.frozen:
             self._observe_moving_average(x)
-        elif not self.is_initialized:
+        elif not (self._encoded or (self.learnable if compiling else self.is_initialized)):
+            # the flag says no: eager reads the buffer (written directly by someone?); a
+            # compiled forward cannot, and lets learnable ranges (always set) through
             raise CalibrationError(
                 f"{self.name or 'Quantizer'} has no encoding: run compute_encodings() (or "
                 "load_encodings()) first, or disable it with .enabled = False")
