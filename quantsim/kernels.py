@@ -24,6 +24,10 @@ Training (autograd records) runs the same arithmetic as two fused passes, on the
 * :func:`qdq_backward`: the input gradient ``grad * inside`` and the per-channel sums
   ``sum(grad * ds)`` and ``sum(grad * (1 - inside))``, likewise.
 
+Inside a caller's ``torch.compile`` (``torch.compile(sim.model)``) every entry point returns the
+one expression itself, whatever the backend: the caller's inductor fuses it with the
+neighbouring ops (a nested compiled kernel, a cache or a host read would break its graph).
+
 Nothing is recomputed from ``x`` in the backward pass, and masks are float tensors of ``x``'s
 dtype (CPU kernels for bool tensors, ``torch.where`` in particular, are several times slower
 than float arithmetic). Elementwise results are bit-identical across backends; the sums agree
@@ -119,6 +123,8 @@ def qdq(
     """
     lo = o + qmin
     hi = o + qmax
+    if rounding == "nearest" and torch.compiler.is_compiling():
+        return _nearest(x, s, lo, hi)
     if rounding != "nearest":
         v = x.to(s.dtype) / s
         v = torch.floor(v + torch.rand_like(v)).clamp_(lo, hi).mul_(s)
@@ -274,7 +280,10 @@ def qdq_train(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tenso
         xc, sc = x.reshape(pre, x.shape[axis], -1), scale.reshape(1, -1, 1)
         oc = None if offset is None else offset.reshape(1, -1, 1)
     result = None
-    if rounding == "nearest" and _wants_compiled(x.numel(), AUTO_MIN_ELEMENTS_TRAIN):
+    if torch.compiler.is_compiling():
+        result = (_train_nearest(xc, sc, float(qmin), float(qmax), lsq) if oc is None
+                  else _train_nearest(xc, sc, oc + qmin, oc + qmax, lsq))
+    elif rounding == "nearest" and _wants_compiled(x.numel(), AUTO_MIN_ELEMENTS_TRAIN):
         oc_t = torch.zeros_like(sc) if oc is None else oc
         result = _try_compiled(lambda: _compile(_train_nearest), xc, sc, oc_t + qmin,
                                oc_t + qmax, lsq)
@@ -319,7 +328,9 @@ def qdq_backward(grad: torch.Tensor, inside: torch.Tensor, ds: Optional[torch.Te
     if ds is None:
         return (g * inside).view(grad.shape), None, None
     result = None
-    if _wants_compiled(g.numel(), AUTO_MIN_ELEMENTS_TRAIN):
+    if torch.compiler.is_compiling():
+        result = _backward_sums(g, inside, ds, need_out)
+    elif _wants_compiled(g.numel(), AUTO_MIN_ELEMENTS_TRAIN):
         result = _try_compiled(lambda: _compile(_backward_sums), g, inside, ds, need_out)
     if result is None:
         result = _eager_backward_sums(g, inside, ds, need_out)

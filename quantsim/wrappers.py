@@ -17,6 +17,13 @@ float parameters stay in ``_parameters`` for optimizers, ``state_dict`` and othe
 keep receiving gradients. In eval (no grad) a quantized parameter is computed once and reused
 until the parameter or its encoding changes, up to a size (:func:`set_param_cache_limit`).
 
+Under ``torch.compile`` (``torch.compile(sim.model)``) the forward takes a straight path that
+dynamo traces into one graph: no context variable (dynamo cannot trace one), no caches, no
+in-place output; the fake-quantized parameters reach the float forward through the instance's
+``_traced_params``, which exists only in the traced program (dynamo records the assignment and
+its undoing; the compiled code leaves ``None`` behind), so the float parameters stay in
+``_parameters`` there too.
+
 A module of a type registered with :func:`register_fresh_output` (its forward returns a newly
 allocated tensor: conv, linear, norms, activations without ``inplace``, elementwise ops), without
 children or forward hooks, outside autograd, has its output fake-quantized in place: nothing but
@@ -179,6 +186,8 @@ class QuantizationMixin:
         nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
         self._qparam_cache: Dict[str, tuple] = {}
         self._plan: Tuple[int, bool, bool, bool] = (-1, True, True, True)
+        #: the fake-quantized parameters while a torch.compile trace runs the float forward
+        self._traced_params: Optional[Dict[str, torch.Tensor]] = None
 
     def _active(self) -> Tuple[bool, bool, bool]:
         """Whether any input / output / parameter quantizer is enabled (cached per generation)."""
@@ -194,6 +203,12 @@ class QuantizationMixin:
 
     # -- forward --------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
+        traced = self.__dict__.get("_traced_params")
+        if traced is not None:  # inside torch.compile's program (see _traced_forward)
+            value = traced.get(name)
+            return value if value is not None else super().__getattr__(name)
+        if torch.compiler.is_compiling():  # dynamo cannot trace a context variable
+            return super().__getattr__(name)
         frame = _SUBSTITUTED.get()
         while frame is not None:  # this thread's substitutions, innermost first
             if frame[0] is self:
@@ -205,6 +220,8 @@ class QuantizationMixin:
         return super().__getattr__(name)
 
     def forward(self, *args, **kwargs):  # noqa: D102 (documented in the module docstring)
+        if torch.compiler.is_compiling():
+            return self._traced_forward(args, kwargs)
         inputs_on, outputs_on, params_on = self._active()
         if inputs_on:
             args = self._quantize_inputs(args)
@@ -220,6 +237,32 @@ class QuantizationMixin:
         if outputs_on:
             out = self._quantize_outputs(out)
         return out
+
+    def _traced_forward(self, args: tuple, kwargs: dict) -> Any:
+        """The forward as torch.compile traces it: every quantizer call and parameter read
+        is graph code (dynamo guards on the quantizers' settings, so changing one recompiles
+        once). The fake-quantized parameters are handed to the float forward through
+        ``_traced_params`` (read by ``__getattr__``), an assignment dynamo records instead of
+        performing, so the compiled program mutates nothing that other threads read."""
+        modules = self._modules
+        args = self._quantize_inputs(args)
+        quantized = {}
+        for name, quantizer in modules["param_quantizers"].items():
+            param = self._parameters.get(name)
+            if param is not None and quantizer.enabled:
+                quantized[name] = quantizer(param)
+        if quantized:
+            self.__dict__["_traced_params"] = quantized
+            try:
+                out = super().forward(*args, **kwargs)
+            finally:
+                self.__dict__["_traced_params"] = None
+        else:
+            out = super().forward(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return modules["output_quantizers"][0](out) if (
+                out.is_floating_point() and len(modules["output_quantizers"])) else out
+        return _map_float_leaves(out, modules["output_quantizers"])
 
     def _quantize_inputs(self, args: tuple) -> tuple:
         quantizers = self._modules["input_quantizers"]
