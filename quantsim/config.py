@@ -61,11 +61,15 @@ class ConfigWarning(UserWarning):
 class ParamConfig:
     """Parameter-quantizer settings (``defaults.params``, ``params.<kind>``, ``op_type.*.params``).
 
-    ``None`` means the key is absent and the lower level's value stays.
+    ``None`` means the key is absent and the lower level's value stays. ``block_size`` and
+    ``decompressed_bw`` are quantsim's extension for per-block (LPBQ) weights
+    (``docs/config.md``).
     """
 
     is_quantized: Optional[bool] = None
     is_symmetric: Optional[bool] = None
+    block_size: Optional[int] = None
+    decompressed_bw: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -342,6 +346,14 @@ def _semantic_problems(data: Dict[str, Any], label: str) -> List[str]:
             "outputs unquantized; op_type.<name>.is_output_quantized disables one op type)"
         )
     out += _kernel_problems(data["defaults"].get("supported_kernels", ()), "defaults", label)
+    param_levels = [("defaults.params", data["defaults"]["params"])]
+    param_levels += [(f"params.{k}", v) for k, v in data["params"].items()]
+    param_levels += [(f"op_type.{n}.params.{k}", v) for n, op in data["op_type"].items()
+                     for k, v in op.get("params", {}).items()]
+    for where, param in param_levels:
+        if "decompressed_bw" in param and "block_size" not in param:
+            out.append(f"{label}: {where}.decompressed_bw: LPBQ needs block_size in the same "
+                       "entry (per-block weights)")
     for name, op in data["op_type"].items():
         where = f"op_type.{name}"
         if _flag(op.get("is_input_quantized")) is False:
@@ -425,7 +437,8 @@ def _flag(value: Union[str, bool, None]) -> Optional[bool]:
 
 
 def _param(d: Mapping[str, Any]) -> ParamConfig:
-    return ParamConfig(_flag(d.get("is_quantized")), _flag(d.get("is_symmetric")))
+    return ParamConfig(_flag(d.get("is_quantized")), _flag(d.get("is_symmetric")),
+                       d.get("block_size"), d.get("decompressed_bw"))
 
 
 def _kernels(entries: Iterable[Mapping[str, Any]]) -> Tuple[SupportedKernel, ...]:

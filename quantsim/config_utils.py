@@ -22,7 +22,7 @@ forms), whose weights hold output channels on dimension 0 and inputs on dimensio
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from torch import nn
 
@@ -174,18 +174,29 @@ def _weight_quantizers(sim: Any, arg: Any, block_size: int, where: str
         q = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
         if q is None or not q.enabled:
             continue  # weights left in float (config, excluded layer): aimet-torch skips too
-        if not isinstance(module, BLOCK_WEIGHT_TYPES):
-            raise QuantizationSettingError(
-                f"{where}: {name} ({type(module).__mro__[1].__name__}) has no per-block weight; "
-                f"allowed: {[t.__name__ for t in BLOCK_WEIGHT_TYPES]} (output channels on "
-                "dimension 0, inputs on dimension 1)")
         shape = tuple(params_of(module)["weight"].shape)
-        if len(shape) < 2 or shape[1] % block_size:
-            raise QuantizationSettingError(
-                f"{where}: {name}: weight of shape {list(shape)} has {shape[1]} inputs "
-                f"(dimension 1), not a multiple of block_size {block_size}")
+        problem = block_weight_problem(module, shape, block_size)
+        if problem is not None:
+            raise QuantizationSettingError(f"{where}: {name}: {problem}")
         picked.append((q, shape))
     return picked
+
+
+def block_weight_problem(module: nn.Module, shape: Tuple[int, ...], block_size: int
+                         ) -> Optional[str]:
+    """Why the weight (of ``shape``) of ``module`` cannot be quantized per block of
+    ``block_size`` inputs, or None when it can."""
+    if not isinstance(module, BLOCK_WEIGHT_TYPES):
+        float_cls = next((c for c in type(module).__mro__[1:] if c.__module__ != __name__
+                          and issubclass(c, nn.Module) and "Quantized" not in c.__name__),
+                         type(module))
+        return (f"a {float_cls.__name__} has no per-block weight; allowed: "
+                f"{[t.__name__ for t in BLOCK_WEIGHT_TYPES]} (output channels on dimension 0, "
+                "inputs on dimension 1)")
+    if len(shape) < 2 or shape[1] % block_size:
+        return (f"weight of shape {list(shape)} has {shape[1] if len(shape) > 1 else 0} inputs "
+                f"(dimension 1), not a multiple of block_size {block_size}")
+    return None
 
 
 def _names(sim: Any, picked: List[Tuple[Quantizer, Tuple[int, ...]]]) -> List[str]:

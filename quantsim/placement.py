@@ -47,6 +47,9 @@ class QuantizerSetting:
     symmetric: bool = False
     per_channel: bool = False
     constraint: Optional[Tuple[Optional[float], Optional[float]]] = None
+    #: per-block weights (config extension: ``block_size``, LPBQ ``decompressed_bw``)
+    block_size: Optional[int] = None
+    decompressed_bw: Optional[int] = None
 
 
 @dataclass
@@ -91,7 +94,8 @@ def _apply_defaults(config: HardwareConfig, n_in: int, n_out: int, params: List[
         inputs=[QuantizerSetting(False, act_sym) for _ in range(n_in)],
         outputs=[QuantizerSetting(out_on, act_sym) for _ in range(n_out)],
         params={p: QuantizerSetting(_set(prm.is_quantized, False), _set(prm.is_symmetric, False),
-                                    per_channel) for p in params},
+                                    per_channel, None, prm.block_size, prm.decompressed_bw)
+                for p in params},
     )
 
 
@@ -101,6 +105,8 @@ def _apply_param_rules(rules, settings: ModuleSettings) -> None:
         if s is not None:
             s.enabled = _set(rule.is_quantized, s.enabled)
             s.symmetric = _set(rule.is_symmetric, s.symmetric)
+            if rule.block_size is not None:  # the two come together (config check)
+                s.block_size, s.decompressed_bw = rule.block_size, rule.decompressed_bw
 
 
 def _apply_op_type(config: HardwareConfig, types: Tuple[str, ...], settings: ModuleSettings) -> None:

@@ -22,7 +22,9 @@ from quantsim import config as config_mod, progress
 from quantsim.calibration import Calibration
 from quantsim.checks import require_flag, require_module
 from quantsim.encoding import validate_bitwidth, validate_data_type, validate_rounding
-from quantsim.errors import CalibrationError, QuantizationSettingError, UnsupportedModelError
+from quantsim.config_utils import block_weight_problem
+from quantsim.errors import (CalibrationError, ConfigError, QuantizationSettingError,
+                             UnsupportedModelError)
 from quantsim.graph import ModelGraph, eval_mode, leaf_modules, trace
 from quantsim.op_types import onnx_types_of, params_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
@@ -188,7 +190,22 @@ class QuantizationSimModel:
             q.set_range_constraint(*setting.constraint)
         return q
 
+    def _config_blocks(self, name: str, module: nn.Module, q: Quantizer,
+                       setting: QuantizerSetting, shape: Tuple[int, ...]) -> None:
+        """The config's per-block weights (docs/config.md): where the module type and shape
+        allow, else noted for one warning."""
+        problem = block_weight_problem(module, shape, setting.block_size)
+        if problem is not None or self._data_type != "int":
+            self._unblocked.append(f"{name}: {problem or 'float data type'}")
+            return
+        try:
+            q.set_block_size(setting.block_size, shape, setting.decompressed_bw)
+        except QuantizationSettingError as exc:  # LPBQ of an asymmetric weight, bad bitwidths
+            raise ConfigError(f"config block_size / decompressed_bw for {name}.weight: "
+                              f"{exc}") from None
+
     def _wrap(self, leaves: Dict[str, nn.Module]) -> None:
+        self._unblocked: List[str] = []
         for name, module in leaves.items():
             s = self.placement.modules[name]
             quantize_module(module)
@@ -205,9 +222,15 @@ class QuantizationSimModel:
                 param = params[pname]
                 axis = param_axis(module, pname) if setting.per_channel and param.dim() else None
                 shape = (param.shape[axis],) if axis is not None else ()
-                module.param_quantizers[pname] = self._new_quantizer(
+                q = module.param_quantizers[pname] = self._new_quantizer(
                     f"{name}.param_quantizers.{pname}", QuantizerRole.PARAM, setting,
                     self._param_bw, shape, axis)
+                if setting.block_size is not None and pname == "weight":
+                    self._config_blocks(name, module, q, setting, tuple(param.shape))
+        if self._unblocked:
+            warnings.warn(
+                "the config's block_size leaves these weights at their per-channel / per-tensor "
+                f"granularity: {self._unblocked[:10]}", stacklevel=3)
         # a quantizer lives on the device of its module (or the model's, for parameterless ones)
         model_ref = next(self.model.parameters(), None)
         for name, module in leaves.items():

@@ -471,10 +471,19 @@ def _v1_doc():
      "<dict>: param_encodings[0] ('w'): is_sym is true but the offsets [-128, -127] are not "
      "symmetric"),
     (lambda d: d["param_encodings"][0].update(enc_type="LPBQ", block_size=64, compressed_bw=4,
-                                              per_block_int_scale=[1, 2]),
-     "<dict>: param_encodings[0] ('w'): enc_type 'LPBQ' is not supported"),
-    (lambda d: d["param_encodings"][0].update(enc_type="PER_BLOCK", block_size=64),
-     "<dict>: param_encodings[0] ('w'): enc_type 'PER_BLOCK' is not supported"),
+                                              per_block_int_scale=[1, 2, 3]),
+     "<dict>: param_encodings[0] ('w'): LPBQ needs one offset per scale (channel) and a "
+     "multiple of 2 per_block_int_scale values, got 2 and 3"),
+    (lambda d: d["param_encodings"][0].update(enc_type="LPBQ", block_size=64, compressed_bw=4,
+                                              per_block_int_scale=[1, 17]),
+     "<dict>: param_encodings[0] ('w'): Encoding: LPBQ per_block_int_scale must be (channels, "
+     "blocks) integers in 1..16"),
+    (lambda d: d["param_encodings"][0].update(enc_type="LPBQ", block_size=64, compressed_bw=4,
+                                              per_block_int_scale=[1, 2], is_sym=False),
+     "<dict>: param_encodings[0] ('w'): LPBQ entries are symmetric with every offset"),
+    (lambda d: d["param_encodings"][0].update(enc_type="PER_BLOCK", dtype="FLOAT",
+                                              block_size=64),
+     "<dict>: param_encodings[0] ('w'): PER_BLOCK entries must have dtype INT"),
     (lambda d: d["activation_encodings"].append(copy.deepcopy(d["activation_encodings"][0])),
      "<dict>: activation_encodings[1] ('x'): 'x' appears twice"),
 ])
@@ -491,9 +500,21 @@ def test_bad_1_0_0_documents(mutate, message):
     ({"name": "w", "output_dtype": "int4", "y_scale": {"x": [[3, 5]], "x_scale": [0.1], "axis": 0},
       "axis": 1, "block_size": 32}, "encodings[0] ('w'): y_scale is a 2.1.0 meta encoding"),
     ({"name": "w", "output_dtype": "int4", "per_block_int_scale": [[1, 2]],
-      "per_channel_float_scale": [0.1], "block_size": 32}, "encodings[0] ('w'): LPBQ encodings"),
-    ({"name": "w", "output_dtype": "int4", "y_scale": [[0.1, 0.2]], "axis": 1, "block_size": 32},
-     "encodings[0] ('w'): per-block encodings"),
+      "per_channel_float_scale": [0.1], "block_size": 32},
+     "encodings[0] ('w'): per-block entries need axis 1"),
+    ({"name": "w", "output_dtype": "int4", "per_block_int_scale": [[1, 2]],
+      "per_channel_float_scale": [0.1, 0.2], "axis": 1, "block_size": 32},
+     "encodings[0] ('w'): LPBQ needs 1 per-channel scales"),
+    ({"name": "w", "output_dtype": "uint4", "per_block_int_scale": [[1, 2]],
+      "per_channel_float_scale": [0.1], "axis": 1, "block_size": 32},
+     "encodings[0] ('w'): LPBQ entries are signed symmetric"),
+    ({"name": "w", "output_dtype": "int4", "y_scale": [[0.1, 0.2]], "axis": 0, "block_size": 32},
+     "encodings[0] ('w'): per-block entries need axis 1"),
+    ({"name": "w", "output_dtype": "int4", "y_scale": [[0.1, 0.2], [0.3]], "axis": 1,
+      "block_size": 32}, "encodings[0] ('w'): y_scale is not a rectangular nested list"),
+    ({"name": "w", "output_dtype": "uint4", "y_scale": [[0.1, 0.2]], "y_zero_point": [[1]],
+      "axis": 1, "block_size": 32},
+     "encodings[0] ('w'): y_zero_point must be integers shaped as y_scale"),
     ({"name": "w", "output_dtype": "float8e4m3fn", "y_scale": 0.1},
      "encodings[0] ('w'): output_dtype 'float8e4m3fn' is not supported"),
     ({"name": "w", "output_dtype": "int2", "y_scale": 0.1}, "integer bitwidth 2 is not supported"),
@@ -506,7 +527,8 @@ def test_bad_1_0_0_documents(mutate, message):
     ({"name": "w", "y_scale": 0.1}, "encodings[0]: missing required key 'output_dtype'"),
 ])
 def test_bad_2_0_0_entries(entry, message):
-    """LPBQ, per-block, 2.1.0 meta scales, float8, int2 and malformed entries are rejected."""
+    """2.1.0 meta scales, float8, int2 and malformed entries (per-block and LPBQ ones
+    included) are rejected."""
     with pytest.raises(EncodingsError) as info:
         load({"version": "2.0.0", "encodings": [entry]})
     assert message in str(info.value)
