@@ -143,3 +143,35 @@ def test_qat_modules_amct_notebook():
     codes = re.search(r"4 weight tensors, codes in \[(-?\d+), (-?\d+)\]", weights)
     assert codes and -8 <= int(codes.group(1)) < 0 < int(codes.group(2)) <= 7, weights
     assert "'INT32': " in weights, weights  # int32 bias codes
+
+
+@pytest.mark.slow
+def test_from_aimet_notebook():
+    """05_from_aimet: the AIMET script differs from the run one in import lines only, runs
+    (calibrates, keeps the accuracy, exports AIMET's file set), and aimet-torch's own 2.0.0
+    and 1.0.0 encodings files load (the 1.0.0 one with strict=False, leaving the quantizers of
+    its two TorchScript-named tensors uncalibrated)."""
+    nb = _execute(NOTEBOOKS / "05_from_aimet.ipynb")
+    _no_errors(nb)
+
+    diff = _stdout(_tagged(nb, "diff")).splitlines()
+    changed = [line for line in diff
+               if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+    assert len(changed) == 8, diff
+    assert all(re.match(r"[+-]from (aimet_\w+|quantsim)[\w.]* import \w+$", line) for line in changed)
+
+    run = _stdout(_tagged(nb, "script-run"))
+    accs = re.search(r"float (\d+\.\d+)%, W8A8 simulated (\d+\.\d+)%", run)
+    assert accs and float(accs.group(2)) > float(accs.group(1)) - 2, run
+    assert "7 enabled quantizers" in run, run
+    exported = _stdout(_tagged(nb, "exported"))
+    for name in ("digits.encodings", "digits.onnx", "digits.pth", "digits_torch.encodings"):
+        assert f"'{name}'" in exported, exported
+    assert "version 1.0.0" in exported, exported
+
+    v2 = _stdout(_tagged(nb, "aimet-v2"))
+    assert re.search(r"2\.0\.0 file: \d+ quantizers set", v2), v2
+    assert re.search(r"^conv1\.input_quantizers\.0 .* 0\.03059 +-128$", v2, re.MULTILINE), v2
+    v1 = _stdout(_tagged(nb, "aimet-v1"))
+    assert "strict=True:" in v1 and "'t.1', '44'" in v1, v1
+    assert "left to calibrate: ['conv1.input_quantizers.0', 'fc.output_quantizers.0']" in v1, v1
