@@ -467,7 +467,8 @@ class _Converter:
                                output_padding=layer.output_padding, groups=layer.groups,
                                dilation=layer.dilation)
         in_enc = x.encoding
-        int_op = ops.IntConv(kind, codes.to(w_dtype), int(in_enc.offset), **options)
+        int_op = ops.IntConv(kind, codes.to(w_dtype), int(in_enc.offset),
+                             (in_enc.qmin, in_enc.qmax), **options)
         acc = self._module_node(f"{name}.{kind}", int_op, x.node)
         w_scale = w_enc.scale.to(torch.float64)
         if w_enc.per_channel and w_enc.axis != axis:
@@ -564,7 +565,8 @@ class _Converter:
             return self.island(name, pool, args, kwargs, why, node)
         kernel, stride, padding, global_pool, count = plan
         enc = x.encoding
-        op = ops.SumPool(int(enc.offset), kernel, stride, padding, dims, global_pool)
+        op = ops.SumPool(int(enc.offset), (enc.qmin, enc.qmax), kernel, stride, padding, dims,
+                         global_pool)
         out = self._module_node(f"{name}.sumpool", op, x.node)
         ndim = len(node.meta["tensor_meta"].shape)
         return _Pending([_Term(out, 0, enc.scale.to(torch.float64) / count)], None, ndim, name,

@@ -9,7 +9,7 @@ with a 31-bit multiplier cannot overflow). Only :class:`Quantize` reads and only
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +60,12 @@ class IntConv(nn.Module):
     """
 
     def __init__(self, kind: str, weight_codes: torch.Tensor, input_offset: int,
-                 **options) -> None:
+                 input_grid: Tuple[int, int], **options) -> None:
         super().__init__()
         self.kind = kind
         self.register_buffer("weight", weight_codes)
         self.input_offset = int(input_offset)
+        self.input_grid = tuple(input_grid)
         self.options = options
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
@@ -80,10 +81,11 @@ class SumPool(nn.Module):
     """Window sums of ``q + input_offset`` (int64): the numerator of an average pool, divided
     by the window size in :class:`Requantize` (rounded with its tie rule)."""
 
-    def __init__(self, input_offset: int, kernel_size, stride, padding, dims: int,
-                 global_pool: bool) -> None:
+    def __init__(self, input_offset: int, input_grid: Tuple[int, int], kernel_size, stride,
+                 padding, dims: int, global_pool: bool) -> None:
         super().__init__()
         self.input_offset = int(input_offset)
+        self.input_grid = tuple(input_grid)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dims, self.global_pool = dims, global_pool
 

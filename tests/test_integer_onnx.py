@@ -1,0 +1,103 @@
+"""quantsim.export.integer_onnx: the IntegerModel as integer ONNX, bit-exact in ONNX Runtime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from models import ResidualNet, randomize_batch_norms
+from quantsim import QuantizationSimModel, convert
+from quantsim.errors import ExportError
+from quantsim.export.integer_onnx import export_integer_onnx
+from test_convert import Net1d, OpsNet, _sim_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_INTEGER_OPS = {"ConvInteger", "MatMulInteger"}
+
+
+def _run(path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _assert_bit_exact(int_model, x, tmp_path, name="model"):
+    path = tmp_path / f"{name}.onnx"
+    model = export_integer_onnx(int_model, str(path), x[:2])
+    onnx.checker.check_model(onnx.load(str(path)))
+    with torch.no_grad():
+        expected = int_model(x).numpy()
+    got = _run(path, x)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected), \
+        f"max diff {np.abs(got.astype(np.float64) - expected).max()}"
+    return {n.op_type for n in model.graph.node}
+
+
+@pytest.fixture(scope="module")
+def digits_sims(trained_digits_cnn, digits):
+    x = digits[0]
+    sims = {}
+    for bitwidth in (8, 16):
+        sim = QuantizationSimModel(trained_digits_cnn, x[:8], quant_scheme="tf",
+                                   default_output_bw=bitwidth)
+        sim.compute_encodings(lambda m, _: m(x[:512]), None)
+        sims[bitwidth] = sim
+    return sims
+
+
+@pytest.mark.parametrize("bitwidth", [8, 16])
+@pytest.mark.parametrize("rounding", ["half_to_even", "half_away_from_zero"])
+@pytest.mark.parametrize("return_integers", [False, True], ids=["floats", "codes"])
+def test_digits_cnn_bit_exact_in_onnxruntime(digits_sims, digits, tmp_path, bitwidth,
+                                             rounding, return_integers):
+    int_model = convert(digits_sims[bitwidth], rounding=rounding,
+                        return_integers=return_integers)
+    op_types = _assert_bit_exact(int_model, digits[2], tmp_path)
+    assert _INTEGER_OPS <= op_types
+    assert not {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul"} & op_types
+
+
+@pytest.mark.parametrize("bitwidth", [8, 16])
+def test_residual_net_bit_exact_in_onnxruntime(tmp_path, bitwidth):
+    from quantsim.prepare import prepare_model
+    torch.manual_seed(0)
+    model = prepare_model(randomize_batch_norms(ResidualNet(width=8)).eval())
+    x = torch.rand(32, 3, 16, 16)
+    sim = QuantizationSimModel(model, x[:2], quant_scheme="tf", default_output_bw=bitwidth)
+    sim.compute_encodings(lambda m, _: m(x[:16]), None)
+    op_types = _assert_bit_exact(convert(sim), x, tmp_path)
+    assert "ReduceSum" in op_types and "ConvInteger" in op_types
+
+
+def test_ops_net_bit_exact_with_its_float_islands(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    op_types = _assert_bit_exact(convert(_sim_of(OpsNet(), x)), x, tmp_path)
+    assert {"ConvTranspose", "Gather", "Softmax", "LayerNormalization", "Concat"} <= op_types
+
+
+def test_conv1d_net_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 16)
+    _assert_bit_exact(convert(_sim_of(randomize_batch_norms(Net1d()), x)), x, tmp_path)
+
+
+def test_refuses_what_it_cannot_write(digits_sims, digits, tmp_path):
+    with pytest.raises(ExportError, match="IntegerModel"):
+        export_integer_onnx(torch.nn.Linear(2, 2), str(tmp_path / "x.onnx"), digits[2][:2])
+    sim = QuantizationSimModel(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                                                   torch.nn.Linear(4, 2), torch.nn.Softplus()),
+                               torch.randn(2, 4), quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(torch.randn(64, 4)), None)
+    int_model = convert(sim)
+    assert not int_model.report.float_ops  # Tanh / Softplus: lookup tables
+    _assert_bit_exact(int_model, torch.randn(32, 4), tmp_path, "tables")
+    sim = QuantizationSimModel(torch.nn.Sequential(torch.nn.Linear(4, 4),
+                                                   torch.nn.LogSoftmax(dim=-1)),
+                               torch.randn(2, 4), quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(torch.randn(64, 4)), None)
+    with pytest.raises(ExportError, match="float island LogSoftmax"):
+        export_integer_onnx(convert(sim), str(tmp_path / "x.onnx"), torch.randn(2, 4))
+    assert not (tmp_path / "x.onnx").exists()
