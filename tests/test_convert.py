@@ -350,3 +350,73 @@ def test_unmappable_quantization_is_reported_not_raised(trained_digits_cnn, digi
     bound = float(sim.model.fc.weight.abs().sum(dim=1).max()) * step * (1 + 1e-5)
     with torch.no_grad():
         assert float((int_model(digits[2]) - sim.model(digits[2])).abs().max()) <= bound
+
+
+# ----------------------------------------------------------------------------------------------
+# every path that produces a calibrated sim
+# ----------------------------------------------------------------------------------------------
+def _qat(sim, x, y, steps: int = 20) -> None:
+    """A few Adam steps of QAT on sim.model, then eval mode."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(sim.model.parameters(), lr=1e-3)
+    sim.model.train()
+    for i in range(steps):
+        idx = torch.randint(0, len(x), (64,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(sim.model(x[idx]), y[idx]).backward()
+        opt.step()
+    sim.model.eval()
+
+
+def _agrees(sim, x) -> IntegerModel:
+    int_model = convert(sim)
+    report = int_model.compare(sim, x)
+    assert report.output_within_1_lsb[0] >= 0.99, str(report)
+    return int_model
+
+
+def test_from_range_learning_qat(trained_digits_cnn, digits):
+    x, y = digits[0], digits[1]
+    sim = QuantizationSimModel(trained_digits_cnn, x[:4], quant_scheme="range_learning_tf")
+    sim.compute_encodings(lambda m, _: m(x[:256]), None)
+    before = float(sim.model.relu1.output_quantizers[0].encoding.scale)
+    _qat(sim, x, y)
+    assert float(sim.model.relu1.output_quantizers[0].encoding.scale) != before  # ranges moved
+    _agrees(sim, digits[2])
+
+
+def test_from_fused_conv_bn_qat(trained_digits_cnn, digits):
+    from quantsim.prepare import fuse_all_conv_bn
+    x, y = digits[0], digits[1]
+    model = copy.deepcopy(trained_digits_cnn)
+    assert fuse_all_conv_bn(model, dummy_input=x[:2])
+    sim = QuantizationSimModel(model, x[:4], quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x[:256]), None)
+    _qat(sim, x, y)  # the BatchNorm statistics move: conversion folds the current ones
+    int_model = _agrees(sim, digits[2])
+    assert int_model.report.layers[1].op.startswith("ConvInteger2d + folded BatchNorm + ReLU")
+
+
+def test_from_aimet_encodings_file():
+    from conftest import EXAMPLES
+    from test_export import _PeerCNN
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8)
+    sim = QuantizationSimModel(_PeerCNN().eval(), x[:2])
+    sim.load_encodings(EXAMPLES / "example_encodings_v2.0.0.json")
+    assert float(sim.model.conv1.input_quantizers[0].encoding.scale) == \
+        pytest.approx(0.030594557523727417)
+    _agrees(sim, x)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_mixed_8_and_16_bit(trained_digits_cnn, digits, weight_bits):
+    x = digits[0]
+    sim = QuantizationSimModel(trained_digits_cnn, x[:4], quant_scheme="tf",
+                               default_param_bw=weight_bits)
+    sim.model.relu1.output_quantizers[0].bitwidth = 16   # int16 between conv1 and conv2
+    sim.model.conv2.param_quantizers["weight"].bitwidth = 8
+    sim.compute_encodings(lambda m, _: m(x[:256]), None)
+    int_model = _agrees(sim, digits[2])
+    ops_text = [layer.op for layer in int_model.report.layers]
+    assert ops_text[1].endswith("requantize int16") and ops_text[2].endswith("requantize int8")
