@@ -13,9 +13,10 @@
 predicate ``module -> bool``. The weight quantizer of each picked module becomes per-block
 (one encoding per output channel and block of ``block_size`` input features / input channels,
 :func:`quantsim.encoding.block_rows`) with the given bitwidth and symmetry; its encoding is
-dropped, so calibrate (or load encodings) afterwards. Modules whose weight quantizer is disabled
-(the config leaves their weights in float, or ``exclude_layers_from_quantization``) are left as
-they are, as aimet-torch leaves modules without a weight quantizer.
+dropped, so calibrate (or load encodings) afterwards. Modules that a type list or predicate
+picks but whose weight quantizer is disabled (the config leaves their weights in float, or
+``exclude_layers_from_quantization``) are left as they are, as aimet-torch leaves modules
+without a weight quantizer; a module named in a list of modules must have one.
 
 Per-block weights suit Linear and Conv1d/2d/3d layers (and their fused conv-BN / linear-BN
 forms), whose weights hold output channels on dimension 0 and inputs on dimension 1.
@@ -135,15 +136,16 @@ def _block_size(block_size: Any, where: str) -> int:
     return block_size
 
 
-def _condition(arg: Any, sim: Any, where: str) -> Callable[[nn.Module], bool]:
-    """aimet-torch's three forms of ``arg`` as a predicate over modules."""
+def _condition(arg: Any, sim: Any, where: str) -> Tuple[Callable[[nn.Module], bool], bool]:
+    """aimet-torch's three forms of ``arg`` as a predicate over modules, and whether ``arg``
+    names the modules one by one."""
     if isinstance(arg, (list, tuple)):
         if not arg:
             raise QuantizationSettingError(
                 f"{where}: arg is an empty list; pass module types, modules or a predicate")
         if all(isinstance(a, type) and issubclass(a, nn.Module) for a in arg):
             types = tuple(arg)
-            return lambda m: isinstance(m, types)
+            return (lambda m: isinstance(m, types)), False
         if all(isinstance(a, nn.Module) for a in arg):
             known = {id(m) for m in sim.qmodules()}
             foreign = [type(a).__name__ for a in arg if id(a) not in known]
@@ -152,12 +154,12 @@ def _condition(arg: Any, sim: Any, where: str) -> Callable[[nn.Module], bool]:
                     f"{where}: arg holds modules that are not quantized modules of sim.model: "
                     f"{foreign[:5]} (pass modules of sim.model, e.g. sim.model.fc1)")
             ids = {id(a) for a in arg}
-            return lambda m: id(m) in ids
+            return (lambda m: id(m) in ids), True
         raise QuantizationSettingError(
             f"{where}: a list arg must hold only torch.nn.Module types or only modules of "
             f"sim.model, got {[type(a).__name__ for a in arg][:5]}")
     if callable(arg):
-        return arg
+        return arg, False
     raise QuantizationSettingError(
         f"{where}: arg must be a list of module types, a list of modules or a callable "
         f"module -> bool, got {type(arg).__name__}")
@@ -166,12 +168,17 @@ def _condition(arg: Any, sim: Any, where: str) -> Callable[[nn.Module], bool]:
 def _weight_quantizers(sim: Any, arg: Any, block_size: int, where: str
                        ) -> List[Tuple[Quantizer, Tuple[int, ...]]]:
     """``(weight quantizer, weight shape)`` of each picked module, all checked first."""
-    condition = _condition(arg, sim, where)
+    condition, named = _condition(arg, sim, where)
     picked = []
     for name, module in sim.named_qmodules():
         if not condition(module):
             continue
         q = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+        if (q is None or not q.enabled) and named:
+            raise QuantizationSettingError(
+                f"{where}: {name} has no {'enabled ' if q is not None else ''}weight "
+                "quantizer to make per-block (pass modules with quantized weights: Linear, "
+                "Conv1d/2d/3d)")
         if q is None or not q.enabled:
             continue  # weights left in float (config, excluded layer): aimet-torch skips too
         shape = tuple(params_of(module)["weight"].shape)
