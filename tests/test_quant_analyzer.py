@@ -390,3 +390,19 @@ def test_bad_arguments(planted, tmp_path):
     fresh = QuantizationSimModel(model, batches[0], quant_scheme="tf")
     with pytest.raises(AnalysisError, match="compute_encodings"):
         analyze_sim(fresh, batches)
+
+
+def test_keyword_batches_through_the_pass():
+    """Dict batches reach ``forward(input_ids, attention_mask)`` as keyword arguments while the
+    pass stands in for ``sim.model.forward`` (its signature is kept for the dict rule)."""
+    from models import KeywordNet
+    torch.manual_seed(0)
+    model = KeywordNet().eval()
+    batches = [{"input_ids": torch.randint(0, 50, (4, 6)),
+                "attention_mask": torch.ones(4, 6, dtype=torch.long)} for _ in range(2)]
+    sim = QuantizationSimModel(model, batches[0], quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: [m(**b) for b in batches], None)
+    results = analyze_sim(sim, batches, OutputSQNR(model, batches))
+    assert results.num_batches == 2
+    assert all(q.numel > 0 for q in results.quantizers)
+    assert math.isfinite(results.quantized_score)

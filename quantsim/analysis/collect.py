@@ -16,6 +16,7 @@ first call in the sim's trace.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -245,6 +246,7 @@ class _StatisticsPass:
         forward = model.forward
         params = [q for _, q in self.enabled if q.role is QuantizerRole.PARAM]
 
+        @functools.wraps(forward)   # keeps forward's signature for split_dummy_input
         def both(*args, **kwargs):
             self._float.clear()
             self._cursor.clear()
