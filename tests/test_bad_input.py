@@ -27,6 +27,8 @@ from quantsim import (FakeQuantState, QuantizationSimModel, convert_qat_model, e
                       set_fake_quantize)
 from quantsim import encodings as enc_files
 from quantsim.checkpoint import load_checkpoint, save_checkpoint
+from quantsim.config_utils import (set_blockwise_quantization_for_weights,
+                                   set_grouped_blockwise_quantization_for_weights)
 from quantsim.config import BUILTIN_CONFIGS, load_config
 from quantsim.errors import (BatchNormFoldError, CheckpointError, ConfigError, EncodingsError,
                              ExportError, QuantizationSettingError, QuantSimError,
@@ -383,6 +385,42 @@ ROWS = [
     Row("fold_all_batch_norms with shapes the model does not take (RuntimeError)",
         lambda ctx: fold_all_batch_norms(_bn_model(eps=1e-5, var=1.0), (1, 3, 8, 8)),
         UnsupportedModelError, "forward failed with the input_shapes (1, 3, 8, 8)"),
+    # -- per-block weights (quantsim.config_utils; every check runs before anything changes) ---
+    Row("blockwise block_size that does not divide a picked weight's inputs",
+        lambda ctx: set_blockwise_quantization_for_weights(ctx.sim, [nn.Conv2d], 4, True, 8),
+        QuantizationSettingError,
+        "conv1: weight of shape [16, 1, 3, 3] has 1 inputs (dimension 1), not a multiple of "
+        "block_size 8"),
+    Row("blockwise on a module listed by name that has no weight",
+        lambda ctx: set_blockwise_quantization_for_weights(ctx.sim, [ctx.sim.model.relu1], 4,
+                                                           True, 8),
+        QuantizationSettingError, "relu1 has no weight quantizer"),
+    Row("blockwise bitwidth 3",
+        lambda ctx: set_blockwise_quantization_for_weights(ctx.sim, [nn.Linear], 3, True, 32),
+        QuantizationSettingError,
+        "set_blockwise_quantization_for_weights: integer bitwidth 3 is not supported"),
+    Row("blockwise block_size given as a string",
+        lambda ctx: set_blockwise_quantization_for_weights(ctx.sim, [nn.Linear], 4, True, "32"),
+        QuantizationSettingError, "block_size must be a positive integer"),
+    Row("blockwise arg that is a module name string",
+        lambda ctx: set_blockwise_quantization_for_weights(ctx.sim, "fc", 4, True, 32),
+        QuantizationSettingError, "arg must be a list of module types"),
+    Row("blockwise arg holding a module of another model",
+        lambda ctx: set_blockwise_quantization_for_weights(ctx.sim, [nn.Linear(2, 2)], 4, True,
+                                                           2),
+        QuantizationSettingError, "not quantized modules of sim.model: ['Linear']"),
+    Row("LPBQ with symmetric=False",
+        lambda ctx: set_grouped_blockwise_quantization_for_weights(ctx.sim, [nn.Linear], 4,
+                                                                   False, 8, 32),
+        QuantizationSettingError, "LPBQ needs symmetric=True"),
+    Row("LPBQ decompressed_bw below the bitwidth",
+        lambda ctx: set_grouped_blockwise_quantization_for_weights(ctx.sim, [nn.Linear], 4,
+                                                                   True, 2, 32),
+        QuantizationSettingError, "decompressed_bw must be an integer in 4..31"),
+    Row("LPBQ block_grouping other than -1 or the blocks per channel",
+        lambda ctx: set_grouped_blockwise_quantization_for_weights(ctx.sim, [nn.Linear], 4,
+                                                                   True, 8, 32, 4),
+        QuantizationSettingError, "fc: block_grouping 4 is not supported; allowed: -1 or 16"),
 ]
 
 
