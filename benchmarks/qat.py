@@ -1,6 +1,7 @@
 """QAT: the digits CNN's accuracy at W4A8, and the cost of one QAT train step.
 
-Run: ``python benchmarks/qat.py [--quick] [--skip-accuracy] [--threads N] [--rounds N]``.
+Run: ``python benchmarks/qat.py [--quick] [--skip-accuracy] [--skip-compile] [--threads N]
+[--rounds N]``.
 Prints two tables and writes ``benchmarks/results/qat.json``.
 
 * **accuracy**: the digits CNN at W4A8 (per-channel weights, range learning initialised with
@@ -10,9 +11,11 @@ Prints two tables and writes ``benchmarks/results/qat.json``.
   with **fixed ranges** (``quant_scheme='tf'``: weights and activations fake-quantized with
   their calibrated encodings, gradients reach the weights) and with **range learning**
   (``'range_learning_tf'``: every quantizer's ``min`` / ``max`` trains as well). Models: the
-  digits CNN (1x8x8) and ResidualNet (3x32x32) from ``tests/models.py``. The three steps of a
+  digits CNN (1x8x8) and ResidualNet (3x32x32) from ``tests/models.py``. The ``compiled``
+  columns run the same sims' steps with ``torch.compile(sim.model)`` (inductor; the optimizer
+  step stays eager). The steps of a
   model run in rotating order, one of each per round, for ``--rounds`` rounds after warm-up,
-  so that load from other processes falls on all three alike; the ratio is of the median
+  so that load from other processes falls on all alike; the ratio is of the median
   wall-clock steps (also given: of the fastest steps, and of the median process CPU times,
   which waiting for a core does not inflate). Goal: <= 2x float in both modes.
   Peers, as reported with the issue that set the goal (aimet-torch 2.42, batch 32, CPU,
@@ -116,13 +119,16 @@ def _sim_model(model: nn.Module, x: torch.Tensor, scheme: str) -> nn.Module:
     return sim.model
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                compiled: bool = False) -> Callable[[], None]:
+    """One SGD step of ``model`` (through ``torch.compile(model)`` with ``compiled``)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compiled else model
 
     def step() -> None:
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(forward(x), y).backward()
         opt.step()
     return step
 
@@ -147,20 +153,25 @@ def rotating_rounds(steps: Dict[str, Callable[[], None]], rounds: int, warmup: i
     return wall, cpu
 
 
-def step_cost_section(quick: bool, rounds: int) -> List[Dict]:
-    """Float vs fixed-range vs range-learning train steps of both nets, interleaved."""
+def step_cost_section(quick: bool, rounds: int, compiled: bool = True) -> List[Dict]:
+    """Float vs fixed-range vs range-learning train steps of both nets (each eager and, with
+    ``compiled``, through torch.compile), interleaved."""
     rows = []
+    modes = list(MODES) + ([f"{m}_compiled" for m in MODES] if compiled else [])
     for name, model, x, y in _models(quick):
         steps = {"float": _train_step(copy.deepcopy(model), x, y)}
         for mode, scheme in MODES.items():
             steps[mode] = _train_step(_sim_model(model, x, scheme), x, y)
+            if compiled:
+                steps[f"{mode}_compiled"] = _train_step(_sim_model(model, x, scheme), x, y,
+                                                        compiled=True)
         times, cpu_times = rotating_rounds(steps, rounds, warmup=5)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         low = {k: min(v) * 1e3 for k, v in times.items()}
         cpu = {k: statistics.median(v) * 1e3 for k, v in cpu_times.items()}
         row = {"model": name, "batch": BATCH, "rounds": rounds, "peers": PEERS[name],
                "float_ms": med["float"], "float_min_ms": low["float"]}
-        for mode in MODES:
+        for mode in modes:
             row[f"{mode}_ms"] = med[mode]
             row[f"{mode}_min_ms"] = low[mode]
             row[f"{mode}_ratio"] = med[mode] / med["float"]
@@ -168,8 +179,8 @@ def step_cost_section(quick: bool, rounds: int) -> List[Dict]:
             row[f"{mode}_cpu_ratio"] = cpu[mode] / cpu["float"]
             row[f"{mode}_meets_goal"] = row[f"{mode}_ratio"] <= GOAL
         rows.append(row)
-        print(f"  {name:<12} float {med['float']:7.2f} ms  fixed {row['fixed_ratio']:.2f}x  "
-              f"learning {row['learning_ratio']:.2f}x", flush=True)
+        print(f"  {name:<12} float {med['float']:7.2f} ms  " + "  ".join(
+            f"{mode} {row[mode + '_ratio']:.2f}x" for mode in modes), flush=True)
     return rows
 
 
@@ -185,6 +196,14 @@ def print_step_table(rows: List[Dict], load: List[float]) -> None:
               f"{r['fixed_ratio_of_mins']:7.2f}x{r['fixed_cpu_ratio']:6.2f}x"
               f"{r['learning_ms']:9.2f}{r['learning_ratio']:6.2f}x"
               f"{r['learning_ratio_of_mins']:7.2f}x{r['learning_cpu_ratio']:6.2f}x  {r['peers']}")
+    if "fixed_compiled_ms" in rows[0]:
+        print(f"\ntorch.compile(sim.model), same rounds\n{'model':<12}{'fixed ms':>9}"
+              f"{'ratio':>7}{'of mins':>8}{'learn ms':>9}{'ratio':>7}{'of mins':>8}")
+        for r in rows:
+            print(f"{r['model']:<12}{r['fixed_compiled_ms']:9.2f}"
+                  f"{r['fixed_compiled_ratio']:6.2f}x{r['fixed_compiled_ratio_of_mins']:7.2f}x"
+                  f"{r['learning_compiled_ms']:9.2f}{r['learning_compiled_ratio']:6.2f}x"
+                  f"{r['learning_compiled_ratio_of_mins']:7.2f}x")
     print("ratio: of the median wall-clock steps (the goal); of mins: fastest sim step over "
           "fastest float step; cpu: of the median process CPU times (unaffected by waiting for "
           "a core, but it counts the spinning of idle threads)")
@@ -197,6 +216,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--skip-accuracy", action="store_true", help="step cost only")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (default 2; 1 is steadier on a busy machine)")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="leave out the torch.compile(sim.model) steps")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per model (default 40, --quick 10)")
     parser.add_argument("--json", default=str(RESULTS), help="where to write the results")
@@ -207,7 +228,8 @@ def main(argv=None) -> Dict:
         result["accuracy"] = accuracy_section(args.quick)
     load = [os.getloadavg()[0]]
     print("step cost:")
-    rows = step_cost_section(args.quick, args.rounds or (10 if args.quick else 40))
+    rows = step_cost_section(args.quick, args.rounds or (10 if args.quick else 40),
+                             compiled=not args.skip_compile)
     load.append(os.getloadavg()[0])
     print_step_table(rows, load)
     result["step_cost"] = rows

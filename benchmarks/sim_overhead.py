@@ -15,10 +15,12 @@ Prints three tables and writes ``benchmarks/results/sim_overhead.json``:
   64 (1x8x8), ResidualNet at batch 32 and 64 (3x32x32; peers were measured at 64) and
   all-MiniLM-L6-v2's ``BertModel`` at batch 32 x 16 tokens. Target sim/float <= 1.5x, goal
   1.3x; the peers column repeats TOOLCHAIN.md section 9 (W8A8, same batch, same process, CPU).
-* **whole-model torch.compile**: ``torch.compile(sim.model)`` on the digits CNN and
-  ResidualNet at batch 64 under ``no_grad``, against the float model and the eager sim:
-  whether compiling the simulated model beats the per-quantizer kernels (``speedup`` > 1),
-  and the largest output difference from the eager sim.
+* **whole-model torch.compile**: ``torch.compile(sim.model)`` (the ``compiled`` column) on
+  the digits CNN and ResidualNet at batch 64 and MiniLM under ``no_grad``, against the float
+  model, the eager sim and the compiled float model, timed in turn in one process: whether
+  compiling the simulated model beats the per-quantizer kernels (``speedup`` > 1), its cost
+  over the float model eager and compiled, the largest output difference from the eager sim
+  and how many graphs dynamo compiled (1: no graph break, no recompile while timed).
 * **calibration**: ``compute_encodings`` wall time per scheme (``tf``, ``tf_enhanced``,
   ``percentile``) on ResidualNet (8 batches of 32) and MiniLM (8 batches of 32 x 16 tokens;
   not with ``--quick``). Target: tf_enhanced <= 3x tf.
@@ -56,7 +58,7 @@ RESULTS = os.path.join(HERE, "results", "sim_overhead.json")
 TARGET, GOAL = 1.5, 1.3
 CALIBRATION_TARGET = 3.0  # tf_enhanced / tf
 SCHEMES = ("tf", "tf_enhanced", "percentile")
-COMPILE_WARMUP = 20  # calls before timing torch.compile(sim.model): recompilations settle
+COMPILE_WARMUP = 20  # calls before timing the compiled models (the first compiles)
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 BACKENDS = ("auto", "eager")
 
@@ -206,35 +208,48 @@ def overhead_rows(case: Case, runs: int, warmup: int) -> List[Dict]:
     return rows
 
 
+def _first_output(out: Any) -> torch.Tensor:
+    """The tensor to compare of a model's output (MiniLM returns a ModelOutput)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
 def compiled_model_row(case: Case, runs: int, warmup: int) -> Dict:
     """``torch.compile(sim.model)`` (the whole simulated model, default inductor) against the
-    eager float model and the eager sim (``auto`` kernels), under ``no_grad``, timed in turn:
-    whether compiling the model beats running the per-quantizer kernels. The warm-up lets
-    recompilations settle (dynamo gives up on a frame after its cache size limit)."""
+    eager float model, the eager sim (``auto`` kernels) and ``torch.compile(model)``, under
+    ``no_grad``, timed in turn: whether compiling the model beats running the per-quantizer
+    kernels, and what the simulation costs once both are compiled. ``graphs`` counts the
+    graphs dynamo compiled for the sim, warm-up and timed calls included."""
     sim = build_sim(case)
     _calibrate(case, sim)
     sim.model.eval()
     torch._dynamo.reset()
-    compiled = torch.compile(sim.model)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(sim.model, backend=counter)
+    compiled_float = torch.compile(case.model)
     with torch.no_grad():
-        eager_out = case.call(sim.model, case.batch)
+        eager_out = _first_output(case.call(sim.model, case.batch))
         start = time.perf_counter()
-        compiled_out = case.call(compiled, case.batch)
+        compiled_out = _first_output(case.call(compiled, case.batch))
         first = (time.perf_counter() - start) * 1e3
         times = interleaved_times({
             "float": lambda: case.call(case.model, case.batch),
             "eager_sim": lambda: case.call(sim.model, case.batch),
-            "compiled_sim": lambda: case.call(compiled, case.batch)},
+            "compiled_sim": lambda: case.call(compiled, case.batch),
+            "compiled_float": lambda: case.call(compiled_float, case.batch)},
             runs, max(warmup, COMPILE_WARMUP))
     ms = {key: statistics.median(t) for key, t in times.items()}
     row = {"kind": "compiled_model", "model": case.name, "first_call_ms": first,
            **{f"{key}_ms": value for key, value in ms.items()},
            "ratio": ms["compiled_sim"] / ms["float"],
+           "eager_ratio": ms["eager_sim"] / ms["float"],
+           "ratio_to_compiled_float": ms["compiled_sim"] / ms["compiled_float"],
            "speedup_over_eager_sim": ms["eager_sim"] / ms["compiled_sim"],
+           "graphs": counter.frame_count,
            "max_abs_diff": float((compiled_out - eager_out).abs().max()), "runs": runs}
-    print(f"  {case.name:<26}torch.compile(sim.model): {row['ratio']:.2f}x float, "
-          f"{row['speedup_over_eager_sim']:.2f}x the eager sim's speed (first call "
-          f"{first / 1e3:.1f} s)", flush=True)
+    print(f"  {case.name:<26}torch.compile(sim.model): {row['ratio']:.2f}x float (eager sim "
+          f"{row['eager_ratio']:.2f}x), {row['speedup_over_eager_sim']:.2f}x the eager sim's "
+          f"speed, {row['graphs']} graph(s) (first call {first / 1e3:.1f} s)", flush=True)
     return row
 
 
@@ -278,15 +293,18 @@ def print_tables(rows: List[Dict]) -> None:
           "sensitive to other load on the machine)")
     comp = [r for r in rows if r["kind"] == "compiled_model"]
     if comp:
-        print("\ntorch.compile(sim.model) under no_grad (median ms; speedup > 1: compiling the "
-              "whole model beats the eager sim's per-quantizer kernels)")
-        print(f"{'model':<26}{'float ms':>9}{'eager sim':>10}{'compiled':>10}{'vs float':>9}"
-              f"{'speedup':>9}{'max |diff|':>11}")
+        print("\ntorch.compile(sim.model) under no_grad (median ms, the four interleaved; "
+              "speedup > 1: compiling the whole model beats the eager sim's per-quantizer "
+              "kernels; vs c.float: over torch.compile(model))")
+        print(f"{'model':<26}{'float ms':>9}{'eager sim':>10}{'compiled':>10}{'c.float':>9}"
+              f"{'eager/fl':>9}{'comp/fl':>8}{'vs c.fl':>8}{'speedup':>8}{'graphs':>7}"
+              f"{'max |diff|':>11}")
         for r in comp:
             print(f"{r['model']:<26}{r['float_ms']:9.2f}{r['eager_sim_ms']:10.2f}"
-                  f"{r['compiled_sim_ms']:10.2f}{r['ratio']:8.2f}x"
-                  f"{r['speedup_over_eager_sim']:8.2f}x"
-                  f"{r['max_abs_diff']:11.3g}")
+                  f"{r['compiled_sim_ms']:10.2f}{r['compiled_float_ms']:9.2f}"
+                  f"{r['eager_ratio']:8.2f}x{r['ratio']:7.2f}x"
+                  f"{r['ratio_to_compiled_float']:7.2f}x{r['speedup_over_eager_sim']:7.2f}x"
+                  f"{r['graphs']:7d}{r['max_abs_diff']:11.3g}")
     cal = [r for r in rows if r["kind"] == "calibration"]
     if cal:
         print(f"\ncompute_encodings time (target: tf_enhanced <= {CALIBRATION_TARGET}x tf); "
@@ -333,7 +351,7 @@ def main(argv=None) -> int:
     if not args.skip_compile:
         print("whole-model torch.compile:")
         for case in cases:
-            if case.name.startswith(("DigitsCNN", "ResidualNet b64")):
+            if case.name.startswith(("DigitsCNN", "ResidualNet b64", "MiniLM")):
                 rows.append(compiled_model_row(case, runs, warmup))
     if not args.skip_calibration:
         print("calibration:")

@@ -67,29 +67,13 @@ def _step(model: nn.Module, compiled, x, y):
                           if p.grad is not None}
 
 
-def test_eval_compiles_to_one_graph_without_breaks(sims, digits):
-    """No context variable, cache, host read or in-place shortcut reaches dynamo: the whole
-    calibrated sim is one graph in eval, in training with fixed ranges and with range
-    learning."""
-    x = digits[2][:BATCH]
-    for scheme, sim in sims.items():
-        sim.model.eval()
-        with torch.no_grad():
-            explained = torch._dynamo.explain(sim.model)(x)
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (
-            scheme, [b.reason for b in explained.break_reasons])
-        sim.model.train()
-        explained = torch._dynamo.explain(sim.model)(x)
-        sim.model.eval()
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (
-            scheme, [b.reason for b in explained.break_reasons])
-
-
 @pytest.mark.parametrize("scheme", ["tf", "range_learning_tf"])
 def test_aot_eager_graph_is_the_eager_sim_bit_for_bit(sims, digits, scheme):
-    """Eval outputs, training outputs and weight gradients equal the eager sim's exactly; the
-    range gradients (sums over the batch) agree to float32 summation-order error; the second
-    and third calls reuse the compiled graph (a recompile would raise)."""
+    """One graph per mode: no context variable, cache, host read or in-place shortcut breaks
+    it (a graph break would show as a second compiled frame), and the second and third calls
+    reuse it (a recompile would raise). Eval outputs, training outputs and weight gradients
+    equal the eager sim's exactly; the range gradients (sums over the batch) agree to float32
+    summation-order error."""
     sim = sims[scheme]
     x, y = digits[0][:BATCH], digits[1][:BATCH]
     counter = CompileCounterWithBackend("aot_eager")
@@ -125,6 +109,7 @@ def test_aot_eager_graph_is_the_eager_sim_bit_for_bit(sims, digits, scheme):
             assert torch.equal(c_grads[name], grad), name
 
 
+@pytest.mark.slow
 def test_inductor_eval_matches_eager_and_never_recompiles(sims, digits):
     """The default backend: the outputs lie on the output quantizer's grid, within one step
     of the eager sim's (see the module docstring); calls 2 and 3 do not recompile."""
@@ -216,3 +201,21 @@ def test_uncalibrated_quantizer_is_refused_under_compile(digits):
     compiled = torch.compile(sim.model, backend="aot_eager")
     with pytest.raises(CalibrationError, match="has no encoding"), torch.no_grad():
         compiled(torch.randn(2, 64))
+
+
+def test_new_encodings_reach_the_compiled_model(sims, digits):
+    """The graph reads the encodings from the quantizers' buffers when it runs: after an
+    encoding changes (here: one quantizer re-encoded to a narrower range) the compiled model
+    computes the eager sim's new outputs, without recompiling."""
+    from quantsim.encoding import Encoding
+    sim = copy.deepcopy(sims["tf"])
+    x = digits[2][:BATCH]
+    compiled = torch.compile(sim.model, backend="aot_eager")
+    quantizer = sim.model.relu1.output_quantizers[0]
+    with torch.no_grad():
+        before = compiled(x)
+        quantizer.set_encoding(Encoding.from_range(torch.tensor(0.0), quantizer.get_max() / 2,
+                                                   quantizer.bitwidth))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            after = compiled(x)
+        assert torch.equal(after, sim.model(x)) and not torch.equal(after, before)
