@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/sim_overhead.py [--quick] [--skip-minilm] [--skip-calibration]
-        [--skip-compile] [--threads N] [--runs N] [--json PATH]
+        [--skip-compile] [--models digits,residual32,residual64,minilm] [--backends auto,eager]
+        [--threads N] [--runs N] [--json PATH]
 
 Prints three tables and writes ``benchmarks/results/sim_overhead.json``:
 
@@ -181,13 +182,13 @@ def _calibrate(case: Case, sim: QuantizationSimModel) -> None:
     sim.compute_encodings(forward, case.calibration)
 
 
-def overhead_rows(case: Case, runs: int, warmup: int) -> List[Dict]:
+def overhead_rows(case: Case, runs: int, warmup: int, backends=BACKENDS) -> List[Dict]:
     """sim/float of one model for every backend x context."""
     sim = build_sim(case)
     _calibrate(case, sim)
     sim.model.eval()
     rows = []
-    for backend in BACKENDS:
+    for backend in backends:
         kernels.set_backend(backend)
         for ctx_name, ctx in CONTEXTS.items():
             with ctx():
@@ -328,6 +329,10 @@ def main(argv=None) -> int:
                         help="forward overhead only")
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out torch.compile of the whole simulated model")
+    parser.add_argument("--models", default="digits,residual32,residual64,minilm",
+                        help="comma-separated subset of digits, residual32, residual64, minilm")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated kernel backends of the forward rows")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (default 2; 1 is steadier on a busy machine)")
     parser.add_argument("--runs", type=int, default=None,
@@ -338,8 +343,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     runs, warmup = (7, 2) if args.quick else (21, 3)
     runs = args.runs or runs
-    cases = [digits_case(args.quick), residual_case(32), residual_case(64)]
-    if not args.skip_minilm:
+    models = set(args.models.split(","))
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = (models - {"digits", "residual32", "residual64", "minilm"}) | (
+        set(backends) - set(BACKENDS))
+    if unknown:
+        parser.error(f"unknown models / backends {sorted(unknown)}")
+    cases = ([digits_case(args.quick)] * ("digits" in models)
+             + [residual_case(b) for b in (32, 64) if f"residual{b}" in models])
+    if not args.skip_minilm and "minilm" in models:
         minilm = minilm_case(8)
         if minilm is not None:
             cases.append(minilm)
@@ -347,7 +359,7 @@ def main(argv=None) -> int:
     print("forward overhead:")
     for case in cases:
         rows += overhead_rows(case, runs if "MiniLM" not in case.name else max(5, runs // 2),
-                              warmup)
+                              warmup, backends)
     if not args.skip_compile:
         print("whole-model torch.compile:")
         for case in cases:
