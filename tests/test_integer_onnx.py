@@ -101,3 +101,46 @@ def test_refuses_what_it_cannot_write(digits_sims, digits, tmp_path):
     with pytest.raises(ExportError, match="float island LogSoftmax"):
         export_integer_onnx(convert(sim), str(tmp_path / "x.onnx"), torch.randn(2, 4))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_horizon_flow_end_to_end(trained_digits_cnn, digits, tmp_path):
+    """Digits CNN: fuse conv-BN -> calibrate -> QAT (W8A8) -> convert -> integer ONNX in ORT,
+    with the accuracy of each stage in one table."""
+    import copy
+
+    from models import accuracy
+    from quantsim import check_deployable
+    from quantsim.prepare import fuse_all_conv_bn
+    x_train, y_train, x_test, y_test = digits
+    stages = {"float": accuracy(trained_digits_cnn, x_test, y_test)}
+    model = copy.deepcopy(trained_digits_cnn)
+    fuse_all_conv_bn(model, dummy_input=x_train[:2])
+    stages["fused"] = accuracy(model, x_test, y_test)
+    sim = QuantizationSimModel(model, x_train[:2], quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x_train[:512]), None)
+    stages["calibrated"] = accuracy(sim.model, x_test, y_test)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(sim.model.parameters(), lr=1e-3)
+    sim.model.train()
+    for idx in torch.split(torch.randperm(len(x_train)), 64):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(sim.model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
+    sim.model.eval()
+    stages["QAT W8A8"] = accuracy(sim.model, x_test, y_test)
+    assert check_deployable(sim).deployable
+    int_model = convert(sim)
+    stages["fixed point"] = accuracy(int_model, x_test, y_test)
+    path = tmp_path / "deploy.onnx"
+    int_model.export_onnx(str(path), x_test[:2])
+    deployed = _run(path, x_test)
+    stages["ORT deploy"] = float((torch.from_numpy(deployed).argmax(1) == y_test).float().mean())
+    table = "\n".join(f"| {stage} | {acc:.4f} |" for stage, acc in stages.items())
+    print("| stage | accuracy |\n|---|---|\n" + table)
+    with torch.no_grad():
+        assert np.array_equal(deployed, int_model(x_test).numpy())
+    assert stages["ORT deploy"] == stages["fixed point"]
+    n = len(y_test)
+    assert abs(stages["fixed point"] - stages["QAT W8A8"]) <= 2 / n, table
+    assert abs(stages["fused"] - stages["float"]) <= 1 / n, table
+    assert min(stages.values()) >= 0.95, table

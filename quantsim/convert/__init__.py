@@ -64,6 +64,12 @@ class IntegerModel(nn.Module):
         """Run the integer model on float inputs."""
         return self.graph_module(*inputs)
 
+    def export_onnx(self, path: str, dummy_input: Any) -> Any:
+        """Write this model as integer ONNX for ONNX Runtime (bit-exact with this model); see
+        :func:`quantsim.export.integer_onnx.export_integer_onnx`. Returns the ONNX model."""
+        from quantsim.export.integer_onnx import export_integer_onnx
+        return export_integer_onnx(self, path, dummy_input)
+
     @torch.no_grad()
     def compare(self, sim: Any, *inputs: Any) -> ConversionReport:
         """Run this model and ``sim.model`` on ``inputs`` and fill the report's per-layer
