@@ -30,7 +30,7 @@ from quantsim.op_types import onnx_types_of, params_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer, QuantizerRole
 from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
-                               quantizer_items, unwrap_class)
+                               quantizer_items, record_model_size, unwrap_class)
 
 
 class QuantScheme(enum.Enum):
@@ -231,6 +231,7 @@ class QuantizationSimModel:
             warnings.warn(
                 "the config's block_size leaves these weights at their per-channel / per-tensor "
                 f"granularity: {self._unblocked[:10]}", stacklevel=3)
+        record_model_size(self.model)  # the param cache's model limit (wrappers)
         # a quantizer lives on the device of its module (or the model's, for parameterless ones)
         model_ref = next(self.model.parameters(), None)
         for name, module in leaves.items():
@@ -401,11 +402,13 @@ class QuantizationSimModel:
                 continue
             enc = q.encoding
             per_channel = "yes" if q.axis is not None else "no"
+            if q.block_size is not None:
+                per_channel = f"block {q.block_size}" + (" LPBQ" if q.decompressed_bw else "")
             if enc is None:
                 values = ("-",) * 4
             elif enc.is_float:
                 values = ("fp16",) + ("-",) * 3
-            elif enc.per_channel:
+            elif enc.per_channel or enc.per_block:
                 values = (f"{float(enc.min.min()):.4g}", f"{float(enc.max.max()):.4g}",
                           f"[{float(enc.scale.min()):.3g}..{float(enc.scale.max()):.3g}]",
                           f"[{int(enc.offset.min())}..{int(enc.offset.max())}]")
