@@ -288,3 +288,37 @@ def test_verify_refuses_a_module_keyed_file(exports):
     files = exports["w8a8"]
     code, out, err = run("verify", files.qdq_onnx, "--encodings", files.torch_encodings)
     assert code == 1 and "module-keyed _torch.encodings" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# per-block and LPBQ encodings: inspect and diff stay generic over kinds
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["1.0.0", "2.0.0"])
+def test_per_block_and_lpbq_files(tmp_path, version):
+    from quantsim.encodings import EncodingsFile, write
+
+    block = Encoding(4, torch.full((4, 2), 0.1), torch.zeros(4, 2), True, False, False, 0, "int",
+                     16)
+    lpbq = Encoding.lpbq(torch.tensor([[1.0, 4.0], [2.0, 3.0]]), torch.tensor([0.01, 0.02]), 4, 8,
+                         32)
+    act = Encoding.from_range(torch.tensor(-1.0), torch.tensor(1.0))
+    path = tmp_path / "blocks.encodings"
+    write(path, EncodingsFile(version=version, param={"fc.weight": block, "fc2.weight": lpbq},
+                              activation={"x": act}), version)
+    assert run("validate-encodings", path)[0] == 0
+    code, out, _ = run("inspect", path, "--json")
+    rows = {r["tensor"]: r for r in json.loads(out)["encodings"]}
+    assert code == 0
+    if version == "2.0.0":  # 1.0.0 PER_BLOCK entries record no channel count (one row of blocks)
+        assert (rows["fc.weight"]["granularity"], rows["fc.weight"]["scales"]) == ("per-block", 8)
+    assert rows["fc.weight"]["block_size"] == 16
+    assert rows["fc2.weight"]["granularity"] == "LPBQ" and rows["fc2.weight"]["block_size"] == 32
+    assert rows["fc2.weight"]["scale_max"] == pytest.approx(0.06, rel=1e-6)
+    assert run("diff", path, path) == (0, "", "")
+    moved = tmp_path / "moved.encodings"
+    write(moved, EncodingsFile(version=version, param={"fc.weight": Encoding(
+        4, torch.full((4, 2), 0.1), torch.zeros(4, 2), False, False, False, 0, "int", 16),
+        "fc2.weight": lpbq}, activation={"x": act}), version)
+    code, out, _ = run("diff", path, moved)
+    assert code == 1 and out.startswith("differs: fc.weight: int4 symmetric per-block vs int4 "
+                                        "asymmetric per-block")
