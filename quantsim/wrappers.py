@@ -15,7 +15,8 @@ wrapper's forward runs, ``self.weight`` read *in that thread (context)* resolves
 fake-quantized tensor (a :class:`contextvars.ContextVar` consulted by ``__getattr__``), so the
 float parameters stay in ``_parameters`` for optimizers, ``state_dict`` and other threads, and
 keep receiving gradients. In eval (no grad) a quantized parameter is computed once and reused
-until the parameter or its encoding changes, up to a size (:func:`set_param_cache_limit`).
+until the parameter or its encoding changes, up to a parameter size and a model size
+(:func:`set_param_cache_limit`).
 
 Under ``torch.compile`` (``torch.compile(sim.model)``) the forward takes a straight path that
 dynamo traces into one graph: no context variable (dynamo cannot trace one), no caches, no
@@ -125,42 +126,70 @@ _SUBSTITUTED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
 
 #: quantized parameters of at most this many elements are kept between eval calls (None: all)
 _param_cache_limit: Optional[int] = 1 << 20
+#: a sim whose model has more parameter elements than this keeps none (None: no model limit)
+_model_cache_limit: Optional[int] = 1 << 25
 #: modules whose call reads a few rows of their weight: theirs is cached whatever its size
 _LOOKUP_TABLES = (nn.Embedding, nn.EmbeddingBag)
 
 
-def set_param_cache_limit(max_elements: Optional[int]) -> None:
+def _check_limit(value: Any, argument: str) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(
+            value, numbers.Integral) or value < 0):
+        raise QuantizationSettingError(
+            f"set_param_cache_limit: {argument} must be None or an integer >= 0, got {value!r}")
+    return None if value is None else int(value)
+
+
+def set_param_cache_limit(max_elements: Optional[int] = 1 << 20, *,
+                          model_max_elements: Optional[int] = 1 << 25) -> None:
     """Keep the fake-quantized copy of a parameter between eval calls only when it has at most
-    ``max_elements`` elements (default ``2**20``, 4 MiB of float32); ``None`` keeps every one,
-    ``0`` none.
+    ``max_elements`` elements (default ``2**20``, 4 MiB of float32) and its sim's model at most
+    ``model_max_elements`` parameter elements (default ``2**25``, 128 MiB of float32); ``None``
+    lifts a limit, ``0`` keeps none. Called without arguments, it restores the defaults.
 
     Outside autograd a quantized module computes the fake-quantized value of each parameter
     once and reuses it until the parameter or its encoding changes. That makes small layers
     fast (a fake-quant call costs more than a small layer's own work) but holds a second copy
-    of every weight. Larger parameters are fake-quantized on every call instead: memory stays
+    of the weights. Larger parameters are fake-quantized on every call instead: memory stays
     near the float model's, and each call pays one fake-quant pass over the weight (for a
     Linear layer at batch 64, about as long as its matrix product: raise the limit where
-    memory allows). Embedding tables are cached whatever their size: a call reads a few rows, so
-    quantizing the whole table per call would cost many times the lookup.
+    memory allows). Embedding tables are cached whatever their size (a call reads a few rows,
+    so quantizing the whole table per call costs many times the lookup) unless the model is
+    above ``model_max_elements``. The model limit keeps a large model (an LLM's many
+    mid-sized weights) from being held twice; the sim records its model's size in each
+    quantized module when it is built (modules quantized outside a sim have no model size and
+    follow ``max_elements`` alone).
 
     The setting applies to every sim in the process; copies kept under a higher limit are
     dropped on their next use (or at once with :func:`clear_param_cache`).
 
     Raises:
-        QuantizationSettingError: ``max_elements`` is not None or an integer >= 0.
+        QuantizationSettingError: a limit is not None or an integer >= 0.
     """
-    global _param_cache_limit
-    if max_elements is not None and (isinstance(max_elements, bool) or not isinstance(
-            max_elements, numbers.Integral) or max_elements < 0):
-        raise QuantizationSettingError(
-            f"set_param_cache_limit: max_elements must be None or an integer >= 0, got "
-            f"{max_elements!r}")
-    _param_cache_limit = None if max_elements is None else int(max_elements)
+    global _param_cache_limit, _model_cache_limit
+    limit = _check_limit(max_elements, "max_elements")
+    _model_cache_limit = _check_limit(model_max_elements, "model_max_elements")
+    _param_cache_limit = limit
 
 
 def param_cache_limit() -> Optional[int]:
-    """The limit set by :func:`set_param_cache_limit` (elements; None: no limit)."""
+    """The per-parameter limit set by :func:`set_param_cache_limit` (elements; None: none)."""
     return _param_cache_limit
+
+
+def model_cache_limit() -> Optional[int]:
+    """The model-size limit set by :func:`set_param_cache_limit` (elements; None: none)."""
+    return _model_cache_limit
+
+
+def record_model_size(model: nn.Module) -> None:
+    """Tell each quantized module of ``model`` how many parameter elements the model holds
+    (shared parameters once), for the model limit of :func:`set_param_cache_limit`; the sim
+    calls it when it builds."""
+    size = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, QuantizationMixin):
+            module._model_size = size
 
 
 def clear_param_cache(model: nn.Module) -> None:
@@ -185,6 +214,7 @@ class QuantizationMixin:
         nn.Module.__setattr__(self, "output_quantizers", nn.ModuleList())
         nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
         self._qparam_cache: Dict[str, tuple] = {}
+        self._model_size = 0  # the sim's model, for the cache's model limit (record_model_size)
         self._plan: Tuple[int, bool, bool, bool] = (-1, True, True, True)
         #: the fake-quantized parameters while a torch.compile trace runs the float forward
         self._traced_params: Optional[Dict[str, torch.Tensor]] = None
@@ -318,9 +348,8 @@ class QuantizationMixin:
             return quantizer(param)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return quantizer(param)  # a trace or graph must compute it, not capture a cached copy
-        if (_param_cache_limit is not None and param.numel() > _param_cache_limit
-                and not isinstance(self, _LOOKUP_TABLES)):
-            self._qparam_cache.pop(name, None)  # a copy kept before the limit was lowered
+        if not self._may_cache(param):
+            self._qparam_cache.pop(name, None)  # a copy kept before a limit was lowered
             return quantizer(param)
         key = (param._version, id(param), quantizer.version_key())
         cached = self._qparam_cache.get(name)
@@ -330,6 +359,14 @@ class QuantizationMixin:
         # entries hold the objects whose ids are in the key, so no id can be reused
         self._qparam_cache[name] = (key, value, param, quantizer.encoding_tensors())
         return value
+
+    def _may_cache(self, param: torch.Tensor) -> bool:
+        """The limits of :func:`set_param_cache_limit` allow keeping ``param``'s copy."""
+        if _model_cache_limit is not None and self.__dict__.get(
+                "_model_size", 0) > _model_cache_limit:  # 0 in modules pickled before it
+            return False
+        return (_param_cache_limit is None or param.numel() <= _param_cache_limit
+                or isinstance(self, _LOOKUP_TABLES))
 
     def extra_repr(self) -> str:  # keeps the float module's own description
         return super().extra_repr()
