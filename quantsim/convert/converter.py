@@ -262,8 +262,8 @@ class _Converter:
         mapped = pytree.tree_map(lambda a: self.to_float(a, name)
                                  if isinstance(a, (_Codes, _Pending, _Float)) else a,
                                  (args, kwargs))
-        if isinstance(fn, nn.Module):  # a frozen copy: later training of the sim leaves it
-            module = ops.FloatIsland(copy.deepcopy(fn).requires_grad_(False), reason)
+        if isinstance(fn, nn.Module):
+            module = ops.FloatIsland(fn, reason)
             out = self._module_node(f"{name}.float", module, *mapped[0])
         elif node.op == "call_method":
             out = self.graph.call_method(node.target, mapped[0], mapped[1])
@@ -328,7 +328,7 @@ class _Converter:
             return self.graph.call_function(target, plain[0], plain[1])
         ndim = len(node.meta["tensor_meta"].shape)
         key = target if node.op == "call_function" else str(target)
-        fn = target if node.op == "call_function" else target
+        fn = target
         if key in _ADD or key in _SUB:
             if len(args) == 2 and not kwargs:
                 return self.add(name, args[0], args[1], key in _SUB, ndim, node, fn)
@@ -357,7 +357,7 @@ class _Converter:
         if not isinstance(module, QuantizationMixin):
             if isinstance(module, _MOVE_MODULES):
                 return self.move(name, args, kwargs, node, module)
-            return self.island(name, module, args, kwargs,
+            return self.island(name, _frozen(module), args, kwargs,
                                f"{type(module).__name__} is not quantized by the sim", node)
         quantizers = module.input_quantizers
         converted = []
@@ -385,7 +385,7 @@ class _Converter:
     # -- ops ------------------------------------------------------------------------------------
     def lower(self, name: str, module: nn.Module, cls: type, args: list, kwargs: dict,
               node: fx.Node) -> Any:
-        float_module = original_module(module)
+        float_module = _frozen(module)
         tensors = [a for a in args if isinstance(a, (_Codes, _Pending, _Float))]
         if cls in _CONV or cls in _FUSED:
             return self.conv(name, module, cls, args, kwargs, node, float_module)
@@ -440,8 +440,7 @@ class _Converter:
         elif kind.startswith("conv_transpose") and layer.groups != 1:
             reason = "grouped transposed convolution"
         if reason is not None:
-            return self.island(name, float_module if cls not in _FUSED else module_float(module),
-                               args, kwargs, reason, node)
+            return self.island(name, float_module, args, kwargs, reason, node)
         with torch.no_grad():
             params = module.folded_parameters() if cls in _FUSED else {
                 "weight": layer.weight, "bias": layer.bias}
@@ -466,14 +465,14 @@ class _Converter:
                 options = dict(stride=layer.stride, padding=layer.padding,
                                output_padding=layer.output_padding, groups=layer.groups,
                                dilation=layer.dilation)
+        if w_enc.per_channel and w_enc.axis != axis:
+            return self.island(name, float_module, args, kwargs,
+                               "its weight is per-channel along an input axis", node)
         in_enc = x.encoding
         int_op = ops.IntConv(kind, codes.to(w_dtype), int(in_enc.offset),
                              (in_enc.qmin, in_enc.qmax), **options)
         acc = self._module_node(f"{name}.{kind}", int_op, x.node)
         w_scale = w_enc.scale.to(torch.float64)
-        if w_enc.per_channel and w_enc.axis != axis:
-            return self.island(name, float_module, args, kwargs,
-                               "its weight is per-channel along an input axis", node)
         scale = in_enc.scale.to(torch.float64) * w_scale
         ndim = len(node.meta["tensor_meta"].shape)
         channel_axis = ndim - 1 if kind == "linear" else 1
@@ -486,7 +485,7 @@ class _Converter:
             if act is not None:
                 bounds = _module_bounds(act)
                 if bounds is None:
-                    return self.island(name, module_float(module), args, kwargs,
+                    return self.island(name, float_module, args, kwargs,
                                        f"fused activation {type(act).__name__} has no "
                                        "integer form", node)
                 pending.lo, pending.hi = bounds
@@ -670,9 +669,19 @@ _OP_NAMES = {"conv1d": "ConvInteger1d", "conv2d": "ConvInteger2d",
              "conv_transpose2d": "ConvTransposeInteger2d", "linear": "MatMulInteger"}
 
 
-def module_float(module: nn.Module) -> nn.Module:
-    """The float form of a quantized fused conv-BN module (runs as in eval mode)."""
-    return original_module(module)
+def _frozen(module: nn.Module) -> nn.Module:
+    """A float copy of a (quantized) module in eval mode without gradients, its parameters
+    fake-quantized as the sim uses them: a float island computes what the sim computes there,
+    and training the sim further does not change the integer model."""
+    clone = copy.deepcopy(original_module(module)).eval().requires_grad_(False)
+    if isinstance(module, QuantizationMixin) and not isinstance(module, _FUSED):
+        for pname, q in module.param_quantizers.items():
+            param = clone._parameters.get(pname)
+            if param is not None and q.enabled and q.encoding is not None:
+                with torch.no_grad():
+                    value = q.encoding.fake_quantize(param.detach())
+                clone._parameters[pname] = nn.Parameter(value, requires_grad=False)
+    return clone
 
 
 def _describe(fn: Any) -> str:
