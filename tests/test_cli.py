@@ -22,8 +22,11 @@ from quantsim.encodings import load
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BAD = ROOT / "tests" / "data" / "bad"
-CONFIGS = sorted(EXAMPLES.glob("*config*.json"))
-AIMET_ENCODINGS = sorted(EXAMPLES.glob("example_encodings*.json"))
+#: AIMET's hardware configs
+CONFIGS = [EXAMPLES / n for n in ("default_config.json", "default_config_per_channel.json",
+                                  "htp_config_example.json")]
+#: aimet-torch 2.42's 1.0.0 and 2.0.0 files of one model (per-channel weights)
+AIMET_ENCODINGS = [EXAMPLES / "example_encodings.json", EXAMPLES / "example_encodings_v2.0.0.json"]
 
 
 def run(*argv: str) -> Tuple[int, str, str]:
