@@ -75,7 +75,37 @@ def test_ops_net_bit_exact_with_its_float_islands(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(64, 3, 8, 8)
     op_types = _assert_bit_exact(convert(_sim_of(OpsNet(), x)), x, tmp_path)
-    assert {"ConvTranspose", "Gather", "Softmax", "LayerNormalization", "Concat"} <= op_types
+    assert {"Gather", "Softmax", "LayerNormalization", "Concat"} <= op_types
+    assert "ConvTranspose" not in op_types  # as a ConvInteger over spread-out codes
+
+
+_LAYER_CASES = {
+    "strided-dilated": lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2), torch.nn.ReLU()),
+    "depthwise": lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(4, 4, 3, padding=1, groups=4), torch.nn.ReLU6(), torch.nn.Conv2d(4, 8, 1)),
+    "grouped-padded-avgpool": lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, (3, 1), padding=(1, 0), groups=2), torch.nn.AvgPool2d(2, padding=1)),
+    "conv-transpose": lambda: torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.Hardtanh(-0.5, 0.5)),
+    "linear-on-3d": lambda: torch.nn.Sequential(
+        torch.nn.Flatten(2), torch.nn.Linear(64, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3)),
+}
+
+
+@pytest.mark.parametrize("bitwidth", [8, 16])
+@pytest.mark.parametrize("case", sorted(_LAYER_CASES))
+def test_layer_variants_agree_with_the_sim_and_onnxruntime(tmp_path, case, bitwidth):
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 8, 8)
+    sim = QuantizationSimModel(_LAYER_CASES[case]().eval(), x[:2], quant_scheme="tf",
+                               default_output_bw=bitwidth)
+    sim.compute_encodings(lambda m, _: m(x[:16]), None)
+    int_model = convert(sim)
+    report = int_model.compare(sim, x[16:])
+    assert report.deployable and report.output_within_1_lsb[0] >= 0.99, str(report)
+    _assert_bit_exact(int_model, x, tmp_path)
 
 
 def test_conv1d_net_bit_exact(tmp_path):

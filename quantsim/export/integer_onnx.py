@@ -11,8 +11,9 @@ Quantize          ``Div`` by the scale, ``Round`` (half to even), ``Sub`` the of
 IntConv conv      ``Pad`` with the code of real 0, then ``ConvInteger`` (int8/uint8 codes; 16-bit
                   codes as two byte planes, ``lo + 256 * hi``, each its own ``ConvInteger``)
 IntConv linear    ``MatMulInteger`` (16-bit codes: two byte planes)
-IntConv transp.   ``ConvTranspose`` in float32 on integer values: exact while the worst-case
-                  accumulator is below 2^24 (checked; ONNX has no integer ConvTranspose)
+IntConv transp.   codes spread out with codes of real 0 (``Unsqueeze``, ``Pad``, ``Reshape``,
+                  ``Slice``), then ``ConvInteger`` with the flipped kernel (ONNX has no
+                  integer ConvTranspose)
 SumPool           global: ``ReduceSum`` (int64); windows: depthwise ``ConvInteger`` with ones
 Requantize        int64 ``Mul`` by the multiplier, floor division by ``2^shift`` from ``Div``
                   (which truncates) and a sign fix, the tie rule from the remainder, ``Max`` /
@@ -45,9 +46,6 @@ from quantsim.errors import ExportError
 
 #: the ONNX opset of the written model (LayerNormalization needs 17)
 OPSET = 17
-#: float32 carries integers exactly up to this magnitude
-FLOAT32_EXACT = 2**24
-
 _ONNX_TYPE = {torch.uint8: TensorProto.UINT8, torch.int8: TensorProto.INT8,
               torch.int16: TensorProto.INT16, torch.int32: TensorProto.INT32,
               torch.int64: TensorProto.INT64, torch.float32: TensorProto.FLOAT,
@@ -123,16 +121,14 @@ class _Writer:
                      options: Dict[str, Any], base: str) -> str:
         """The int64 accumulator ``conv(q + input_offset, weight)`` from ConvInteger /
         MatMulInteger on byte planes."""
-        zero_code = -input_offset
         if kind != "linear":
-            padding = tuple(options["padding"])
-            if any(padding):  # pad with the code of real 0, as the torch op pads q + offset with 0
-                dims = len(padding)
-                pads = [0, 0] + list(padding) + [0, 0] + list(padding)
-                q = self.op("Pad", [q, self.const("pads", np.array(pads, np.int64)),
-                                    self.const("zero_code", np.array(zero_code).astype(
-                                        _numpy(in_dtype)))], base, mode="constant")
-                del dims
+            padding = list(options["padding"])
+            # (begin..., end...) per spatial dim; a symmetric padding given once
+            pads = padding if len(padding) == 2 * (weight.dim() - 2) else padding * 2
+            if any(pads):  # pad with the code of real 0, as the torch op pads q + offset with 0
+                half = len(pads) // 2
+                pads = [0, 0] + pads[:half] + [0, 0] + pads[half:]
+                q = self.pad_codes(q, in_dtype, input_offset, pads, base)
         w_dtype = weight.dtype
         if w_dtype not in (torch.int8, torch.uint8):
             raise ExportError(f"integer ONNX: {base}: {w_dtype} weight codes (more than 8 bits) "
@@ -162,29 +158,57 @@ class _Writer:
             total = self.op("Add", [total, self.const("offset_sum", w_sum.reshape(shape))], base)
         return total
 
-    def conv(self, m: Any, q: str, in_dtype: torch.dtype, base: str) -> str:
+    def pad_codes(self, q: str, dtype: torch.dtype, input_offset: int, pads: List[int],
+                  base: str) -> str:
+        """``q`` padded with the code of real 0 (ONNX ``Pad`` pads, all dims)."""
+        zero_code = np.array(-input_offset).astype(_numpy(dtype))
+        return self.op("Pad", [q, self.const("pads", np.array(pads, np.int64)),
+                               self.const("zero_code", zero_code)], base, mode="constant")
+
+    def conv(self, m: Any, q: str, in_dtype: torch.dtype, in_shape: Sequence[int],
+             base: str) -> str:
         if m.kind.startswith("conv_transpose"):
-            return self.conv_transpose(m, q, base)
+            return self.conv_transpose(m, q, in_dtype, in_shape, base)
         return self.integer_conv(q, in_dtype, m.input_offset, m.input_grid, m.weight, m.kind,
                                  m.options, base)
 
-    def conv_transpose(self, m: Any, q: str, base: str) -> str:
-        w = m.weight.to(torch.int64)
-        x_max = max(abs(c + m.input_offset) for c in m.input_grid)
-        per_output = w.abs().sum(dim=[d for d in range(w.dim()) if d != 1])
-        if float(per_output.max()) * x_max >= FLOAT32_EXACT:
-            raise ExportError(f"integer ONNX: {base}: the transposed convolution's worst-case "
-                              "accumulator reaches 2^24, beyond float32's exact integers")
-        x = self.op("Add", [self.cast(q, TensorProto.FLOAT, base),
-                            self.const("offset", np.float32(m.input_offset))], base)
+    def conv_transpose(self, m: Any, q: str, dtype: torch.dtype, in_shape: Sequence[int],
+                       base: str) -> str:
+        """A transposed convolution as ConvInteger: the codes spread out with ``stride - 1``
+        codes of real 0 between neighbours, then a stride-1 convolution with the flipped,
+        transposed kernel and padding ``dilation * (k - 1) - padding`` (plus
+        ``output_padding`` at the end); ONNX has no integer ConvTranspose."""
         o = m.options
-        dims = w.dim() - 2
-        y = self.op("ConvTranspose", [x, self.const("weight", m.weight.to(torch.float32))],
-                    base, strides=list(o["stride"]), pads=list(o["padding"]) * 2,
-                    output_padding=list(o["output_padding"]), dilations=list(o["dilation"]),
-                    group=int(o["groups"]), kernel_shape=list(m.weight.shape[2:]))
-        del dims
-        return self.cast(y, TensorProto.INT64, base)
+        dims = m.weight.dim() - 2
+        kernel, stride = list(m.weight.shape[2:]), list(o["stride"])
+        dilation, padding = list(o["dilation"]), list(o["padding"])
+        begin = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding)]
+        end = [b + op for b, op in zip(begin, o["output_padding"])]
+        if min(begin) < 0:
+            raise ExportError(f"integer ONNX: {base}: a transposed convolution whose padding "
+                              "exceeds dilation * (kernel - 1) has no ConvInteger form here")
+        spatial = list(in_shape[2:])
+        if any(s > 1 for s in stride):
+            # (N, C, H, W) -> (N, C, H, 1, W, 1) -> pad to (N, C, H, s, W, s) -> (N, C, Hs, Ws)
+            axes = [3 + 2 * i for i in range(dims)]
+            q = self.op("Unsqueeze", [q, self.const("axes", np.array(axes, np.int64))], base)
+            tail = []
+            for s in stride:
+                tail += [0, s - 1]
+            pads = [0] * (2 + 2 * dims) + [0, 0] + tail
+            q = self.pad_codes(q, dtype, m.input_offset, pads, base)
+            shape = [0, 0] + [n * s for n, s in zip(spatial, stride)]
+            q = self.op("Reshape", [q, self.const("shape", np.array(shape, np.int64))], base)
+            ends = [(n - 1) * s + 1 for n, s in zip(spatial, stride)]
+            q = self.op("Slice", [q, self.const("starts", np.zeros(dims, np.int64)),
+                                  self.const("ends", np.array(ends, np.int64)),
+                                  self.const("axes", np.arange(2, 2 + dims, dtype=np.int64))],
+                        base)
+        weight = m.weight.transpose(0, 1).flip(list(range(2, 2 + dims))).contiguous()
+        options = dict(stride=[1] * dims, padding=begin + end, dilation=dilation,
+                       groups=1)
+        return self.integer_conv(q, dtype, m.input_offset, m.input_grid, weight, "conv",
+                                 options, base)
 
     def sum_pool(self, m: Any, q: str, in_dtype: torch.dtype, channels: int,
                  base: str) -> str:
@@ -340,7 +364,7 @@ def integer_onnx_model(model: Any, dummy_input: Any) -> onnx.ModelProto:
             elif isinstance(m, ops.Dequantize):
                 out = w.dequantize(m, x, base)
             elif isinstance(m, ops.IntConv):
-                out = w.conv(m, x, in_dtype, base)
+                out = w.conv(m, x, in_dtype, meta(src[0]).shape, base)
             elif isinstance(m, ops.SumPool):
                 out = w.sum_pool(m, x, in_dtype, meta(src[0]).shape[1], base)
             elif isinstance(m, ops.Requantize):
