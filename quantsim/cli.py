@@ -291,6 +291,11 @@ def compare(a: Any, b: Any) -> Tuple[Optional[float], str]:
         return None, f"{_kind(a)} vs {_kind(b)}"
     sa, lo_a, hi_a = _grid_ends(a)
     sb, lo_b, hi_b = _grid_ends(b)
+    block = getattr(a, "block_size", None)
+    if block is not None and block == getattr(b, "block_size", None) and sa.numel() == sb.numel():
+        # a 1.0.0 PER_BLOCK entry records no channel count: read as one row of the same blocks
+        # in the same (row-major) order as a 2.0.0 file's (C, blocks)
+        sa, lo_a, hi_a, sb, lo_b, hi_b = (t.reshape(-1) for t in (sa, lo_a, hi_a, sb, lo_b, hi_b))
     if sa.shape != sb.shape or getattr(a, "axis", None) != getattr(b, "axis", None):
         return None, (f"shape {tuple(sa.shape)} axis {getattr(a, 'axis', None)} vs "
                       f"{tuple(sb.shape)} axis {getattr(b, 'axis', None)}")

@@ -325,3 +325,26 @@ def test_per_block_and_lpbq_files(tmp_path, version):
     code, out, _ = run("diff", path, moved)
     assert code == 1 and out.startswith("differs: fc.weight: int4 symmetric per-block vs int4 "
                                         "asymmetric per-block")
+
+
+def test_aimet_blockwise_and_lpbq_files():
+    """aimet-torch 2.42's per-block and LPBQ files (1.0.0 and 2.0.0 of one export): valid,
+    inspected with their granularity, and the two versions' weights equal (a 1.0.0 PER_BLOCK
+    entry is one row of the same blocks), the LPBQ weights another kind."""
+    names = ("blockwise_encodings.json", "blockwise_encodings_v2.0.0.json",
+             "lpbq_encodings.json", "lpbq_encodings_v2.0.0.json")
+    block_v1, block_v2, lpbq_v1, lpbq_v2 = (EXAMPLES / n for n in names)
+    for path, kind in ((block_v1, "per-block"), (block_v2, "per-block"), (lpbq_v1, "LPBQ"),
+                       (lpbq_v2, "LPBQ")):
+        assert run("validate-encodings", path)[0] == 0
+        code, out, _ = run("inspect", path, "--json")
+        rows = {r["tensor"]: r for r in json.loads(out)["encodings"]}
+        assert code == 0 and rows["fc1.weight"]["granularity"] == kind
+        assert rows["fc1.weight"]["block_size"] == 32 and rows["fc1.weight"]["scales"] == 512
+    for a, b in ((block_v1, block_v2), (lpbq_v1, lpbq_v2)):
+        result = json.loads(run("diff", a, b, "--json")[1])
+        assert not [d for d in result["differ"] if d["tensor"].endswith(".weight")], result
+    result = json.loads(run("diff", block_v2, lpbq_v2, "--json")[1])
+    kinds = {d["tensor"]: d["reason"] for d in result["differ"] if d["tensor"].endswith(".weight")}
+    assert kinds == {n: "int4 symmetric per-block vs int4 symmetric LPBQ"
+                     for n in ("conv.weight", "fc1.weight", "fc2.weight")}
