@@ -239,7 +239,9 @@ class QuantAnalyzer:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _analysis_data(self) -> Any:
-        return self._unlabeled_dataset_iterable or self._forward_pass_callback
+        if self._unlabeled_dataset_iterable is not None:
+            return self._unlabeled_dataset_iterable
+        return self._forward_pass_callback
 
     def _sweep(self, sim: QuantizationSimModel, sweep: str,
                results_dir: Union[str, os.PathLike]) -> Dict[str, float]:
