@@ -413,3 +413,48 @@ def test_mixed_8_and_16_bit(trained_digits_cnn, digits, weight_bits):
     int_model = _agrees(sim, digits[2])
     ops_text = [layer.op for layer in int_model.report.layers]
     assert ops_text[1].endswith("requantize int16") and ops_text[2].endswith("requantize int8")
+
+
+class TwoInputs(nn.Module):
+    """Two inputs, each quantized on entry, added after their convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_x = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv_y = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.relu(self.conv_x(x) + self.conv_y(y))
+
+
+def test_two_inputs():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 2, 6, 6), torch.randn(32, 3, 6, 6)
+    from quantsim.prepare import prepare_model
+    sim = QuantizationSimModel(prepare_model(TwoInputs().eval()), (x[:2], y[:2]),
+                               quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x[:16], y[:16]), None)
+    int_model = convert(sim)
+    report = int_model.compare(sim, x[16:], y[16:])
+    assert report.deployable and report.output_within_1_lsb[0] >= 0.99, str(report)
+    entries = [layer.name for layer in report.layers if layer.op == "quantize float -> int8"]
+    assert entries == ["conv_x (input 0)", "conv_y (input 0)"]
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_untraceable_model_is_a_conversion_error():
+    sim = QuantizationSimModel(Branchy(), torch.ones(2, 4), quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(torch.ones(8, 4)), None)
+    with pytest.raises(ConversionError, match="torch.fx cannot trace Branchy.*prepare_model"):
+        check_deployable(sim)

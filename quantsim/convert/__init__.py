@@ -35,7 +35,8 @@ __all__ = ["IntegerModel", "ConversionReport", "LayerReport", "convert", "check_
 class IntegerModel(nn.Module):
     """An integer-only model converted from a sim (build it with :func:`convert`).
 
-    Takes the float inputs the user's model takes. Returns float outputs dequantized with the
+    Takes the float inputs the user's model takes, on the CPU (torch's integer convolutions
+    are CPU ops; a sim on a GPU converts to a CPU model). Returns float outputs dequantized with the
     output encodings, or with ``return_integers=True`` the output codes (integer tensors)
     whose encodings are :attr:`output_encodings`. Between the input's quantize and the
     outputs' dequantize every tensor is an integer tensor, except in the float islands the
@@ -85,9 +86,11 @@ class IntegerModel(nn.Module):
                 if isinstance(out, torch.Tensor):
                     captured.setdefault(name, out)
             handles.append(modules[name].register_forward_hook(hook))
+        device = next((p.device for p in sim.model.parameters()), torch.device("cpu"))
         try:
             with eval_mode(sim.model):
-                sim_out = sim.model(*inputs)
+                sim_out = sim.model(*pytree.tree_map(
+                    lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs))
         finally:
             for h in handles:
                 h.remove()
@@ -97,10 +100,10 @@ class IntegerModel(nn.Module):
             ref = captured.get(tag["name"])
             if ref is None or node not in values:
                 continue
-            sim_codes = tag["encoding"].quantize(ref.float())
+            sim_codes = tag["encoding"].quantize(ref.float().cpu())
             _fill(tag["layer"], values[node].to(torch.int64) - sim_codes.to(torch.int64))
         ours = pytree.tree_leaves(values["__output__"])
-        theirs = [t for t in pytree.tree_leaves(sim_out) if isinstance(t, torch.Tensor)]
+        theirs = [t.cpu() for t in pytree.tree_leaves(sim_out) if isinstance(t, torch.Tensor)]
         self.report.output_max_diff_lsb, self.report.output_within_1_lsb = [], []
         for mine, ref, enc in zip(ours, theirs, self.output_encodings):
             if enc is None:

@@ -444,7 +444,9 @@ class _Converter:
         with torch.no_grad():
             params = module.folded_parameters() if cls in _FUSED else {
                 "weight": layer.weight, "bias": layer.bias}
-            weight, bias = params["weight"].detach(), params["bias"]
+            # the integer model lives on the CPU (torch's integer convolutions are CPU ops)
+            weight, bias = params["weight"].detach().cpu(), params["bias"]
+            bias = None if bias is None else bias.detach().cpu()
             bq = module.param_quantizers["bias"] if "bias" in module.param_quantizers else None
             if bias is not None and bq is not None and bq.enabled and bq.encoding is not None:
                 bias = bq.encoding.fake_quantize(bias)
@@ -673,7 +675,7 @@ def _frozen(module: nn.Module) -> nn.Module:
     """A float copy of a (quantized) module in eval mode without gradients, its parameters
     fake-quantized as the sim uses them: a float island computes what the sim computes there,
     and training the sim further does not change the integer model."""
-    clone = copy.deepcopy(original_module(module)).eval().requires_grad_(False)
+    clone = copy.deepcopy(original_module(module)).cpu().eval().requires_grad_(False)
     if isinstance(module, QuantizationMixin) and not isinstance(module, _FUSED):
         for pname, q in module.param_quantizers.items():
             param = clone._parameters.get(pname)
