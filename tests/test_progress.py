@@ -119,6 +119,7 @@ def test_a_total_that_the_passes_outgrow_is_dropped(monkeypatch):
     assert "passes:   0%|          | 0/2 [" in stream.getvalue()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning")
 def test_export_shows_its_steps(monkeypatch, tmp_path):
     monkeypatch.setenv("QUANTSIM_PROGRESS", "1")
     sim = calibrate(io.StringIO(), scheme="tf")
