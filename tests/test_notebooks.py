@@ -200,3 +200,31 @@ def test_transformer_minilm_notebook():
     isolated = re.search(r"isolated \(each quantizer fed the sim's inputs\): (\d+) LSB", report)
     assert isolated and int(isolated.group(1)) <= 1, report
     assert all(int(n) <= 1 for n in re.findall(r": max (\d+) LSB", report)), report
+
+
+@pytest.mark.slow
+def test_horizon_flow_notebook():
+    """06_horizon_flow: conv-BN-ReLU fuses without changing the eval outputs, the three phases
+    run in their modes, the integer model is deployable and within one step of the sim at
+    every requantization, and its accuracy in torch and in ONNX Runtime is the QAT sim's up to
+    a near-tie image."""
+    nb = _execute(NOTEBOOKS / "06_horizon_flow.ipynb")
+    _no_errors(nb)
+    fuse = _stdout(_tagged(nb, "fuse"))
+    assert "fused 1 conv-BN pair(s): conv1 is now ConvBn" in fuse, fuse
+    accs = re.findall(r"accuracy (\d+\.\d+)%", fuse)
+    assert len(accs) == 2 and accs[0] == accs[1], fuse  # fusing keeps the eval function
+    assert re.search(r"QAT: \d+ steps, .* validation accuracy", _stdout(_tagged(nb, "qat")))
+
+    report = _stdout(_tagged(nb, "convert"))
+    assert "deployable" in report and "not deployable" not in report, report
+    outputs = re.search(r"model outputs vs sim \(LSB\): max ([\d.]+), ([\d.]+)% <= 1", report)
+    assert outputs and float(outputs.group(1)) <= 1.001, report  # one step, float rounding
+
+    rows = {k: _percent(v[0]) for k, v in _table_rows(_stdout(_tagged(nb, "horizon-table"))).items()}
+    assert list(rows) == ["float", "calibrated (fake-quant)", "QAT, validation phase",
+                          "fixed point (torch)", "fixed point (ONNX Runtime)"], rows
+    one_image = 100 / 360 + 1e-6
+    assert abs(rows["fixed point (torch)"] - rows["QAT, validation phase"]) <= one_image, rows
+    assert abs(rows["fixed point (ONNX Runtime)"] - rows["fixed point (torch)"]) <= one_image, rows
+    assert rows["QAT, validation phase"] > 90, rows
