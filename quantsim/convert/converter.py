@@ -527,6 +527,10 @@ class _Converter:
             shift = -bn.running_mean.to(torch.float64) * gain
             if bn.bias is not None:
                 shift = shift + bn.bias.detach().to(torch.float64)
+        if bool((gain == 0).any()):
+            return self.island(name, float_module, [x], {},
+                               "a channel's BatchNorm gain is 0 (its int32 bias would have no "
+                               "scale)", node)
         term = x.terms[0]
         bias = x.bias if x.bias is not None else torch.zeros((), dtype=torch.float64)
         return replace(x, terms=[replace(term, scale=term.scale * gain)], axis=1,
