@@ -287,6 +287,13 @@ def test_verify_finds_an_encodings_file_that_does_not_match(exports, tmp_path):
     assert relu2 and all("scale[0] = " in line for line in relu2)
 
 
+def test_verify_of_the_float_model_fails(exports):
+    """The float ``<prefix>.onnx`` (no Q/DQ pairs) given by mistake is a failed check."""
+    files = exports["w8a8"]
+    code, out, _ = run("verify", files.onnx, "--encodings", files.encodings)
+    assert code == 1 and "no QuantizeLinear of the model quantizes a tensor" in out
+
+
 def test_verify_refuses_a_module_keyed_file(exports):
     files = exports["w8a8"]
     code, out, err = run("verify", files.qdq_onnx, "--encodings", files.torch_encodings)

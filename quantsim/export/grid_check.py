@@ -63,17 +63,20 @@ class GridReport:
         unused: file encodings no pair uses (integer ones; int32 biases and fp16 entries have
             no pair by design and are not listed).
         inputs: the model inputs fed, name -> shape.
+        general: problems of the model as a whole (no pair matches any encoding).
     """
 
     pairs: List[PairCheck] = field(default_factory=list)
     unmatched: List[str] = field(default_factory=list)
     unused: List[str] = field(default_factory=list)
     inputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    general: List[str] = field(default_factory=list)
 
     @property
     def problems(self) -> List[str]:
-        """One line per problem: ``<node> (<tensor>): <what>``."""
-        return [f"{p.node} ({p.tensor}): {msg}" for p in self.pairs for msg in p.problems]
+        """One line per problem: ``<node> (<tensor>): <what>``, then :attr:`general`."""
+        return [f"{p.node} ({p.tensor}): {msg}" for p in self.pairs for msg in p.problems] + \
+            self.general
 
     @property
     def ok(self) -> bool:
@@ -137,6 +140,11 @@ def check_qdq_model(model: Union[PathLike, onnx.ModelProto],
         else:
             readouts.append((check, enc, read))
     report.unused = [n for n, e in table.items() if n not in used and not e.is_float]
+    if not used and report.unused:
+        report.general.append(
+            f"no QuantizeLinear of the model quantizes a tensor of the encodings file "
+            f"({len(report.pairs)} pair(s) in the model); is it the <prefix>_qdq.onnx of the "
+            "export that wrote this file?")
     if readouts:
         feeds = _feeds(graph, inits, inputs or {}, seed)
         report.inputs = {k: tuple(v.shape) for k, v in feeds.items()}
