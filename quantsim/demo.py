@@ -335,7 +335,7 @@ def write_png(results: Dict[str, Optional[float]], path: Path) -> Optional[str]:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib); the PNG was skipped"
     shown = {k: v for k, v in results.items() if v is not None}
-    fig = Figure(figsize=(7, 3.2), dpi=100)
+    fig = Figure(figsize=(8, 3.2), dpi=100)
     ax = fig.add_subplot()
     bars = ax.barh(list(shown)[::-1], [100 * v for v in shown.values()][::-1], color="tab:blue")
     for bar, value in zip(bars, list(shown.values())[::-1]):
@@ -344,7 +344,7 @@ def write_png(results: Dict[str, Optional[float]], path: Path) -> Optional[str]:
     low = min(shown.values())
     ax.set_xlim(max(0.0, 100 * low - 10), 100)
     ax.set_xlabel("test accuracy (%), scikit-learn digits")
-    ax.set_title("Digits CNN: float, simulated, ONNX Runtime and integer-only")
+    ax.set_title("Digits CNN, W4A8: simulated, ONNX Runtime, integer-only")
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     return None
