@@ -39,8 +39,8 @@ ILLUSTRATION = 'title="illustration"'
 #: python blocks not run, per page: each needs hardware CI does not have or is a placeholder
 NOT_RUN: Dict[str, int] = {}
 
-#: pages whose blocks train a model, load MiniLM or export ONNX models: over ~10 s on 2 cores
-SLOW_PAGES = {"getting_started.md", "prepare.md"}
+#: pages whose blocks train a model, load MiniLM or export ONNX models: 4-10 s each on 2 cores
+SLOW_PAGES = {"analysis.md", "export.md", "getting_started.md", "prepare.md", "qat_modules.md"}
 
 # a fence opening: ``` or more, then the info string; the block ends at a fence as long
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,})(?P<info>[^`\n]*)$")
@@ -86,17 +86,12 @@ def snippets(path: Path) -> List[Snippet]:
     return found
 
 
-def _page_id(path: Path) -> str:
-    return path.name
+PAGE_PARAMS = [pytest.param(path, id=path.name,
+                             marks=[pytest.mark.slow] if path.name in SLOW_PAGES else [])
+               for path in PAGES]
 
 
-def _params():
-    for path in PAGES:
-        marks = [pytest.mark.slow] if path.name in SLOW_PAGES else []
-        yield pytest.param(path, id=_page_id(path), marks=marks)
-
-
-@pytest.mark.parametrize("page", _params())
+@pytest.mark.parametrize("page", PAGE_PARAMS)
 def test_code_blocks_run(page: Path, tmp_path, monkeypatch):
     """Each page's python blocks and setup run in order without an error (tracebacks name the
     page and its line)."""
@@ -133,6 +128,7 @@ def test_snippet_extraction(tmp_path):
         (3, "x = 1", True), (6, "y = x + 1", True), (11, "z = y", True), (14, "```", False)]
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     """The site builds with ``--strict``: nav complete, links and anchors resolve, the API
     reference renders every docstring it names without a warning."""
