@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -119,3 +120,13 @@ def test_sqnr_of_exact_copy_is_infinite():
     """No noise means an infinite SQNR, not a division error."""
     x = torch.tensor([1.0, -2.0])
     assert demo.sqnr_db(x, x.clone()) == float("inf")
+
+
+def test_png_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    results = {"float": 0.97, "QAT W4A8": 0.96}
+    assert demo.write_png(results, tmp_path / "a.png") is None
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an environment without it
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    note = demo.write_png(results, tmp_path / "b.png")
+    assert "matplotlib is not installed" in note and not (tmp_path / "b.png").exists()
