@@ -8,6 +8,7 @@ tie, by one code, and such a one-code difference can move a later layer by one c
 from __future__ import annotations
 
 import copy
+import io
 from contextlib import nullcontext
 from fractions import Fraction
 
@@ -155,6 +156,11 @@ def test_traces_and_exports(digits_sim, digits):
     assert torch.equal(traced(x), int_model(x))
     program = torch.export.export(int_model, (x[:2],))
     assert torch.equal(program.module()(x[:2]), int_model(x[:2]))
+    buffer = io.BytesIO()  # and pickles (torch.save / torch.load) with its report
+    torch.save(int_model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), int_model(x)) and str(loaded.report) == str(int_model.report)
 
 
 def test_bad_arguments_raise_typed_errors(digits_sim):

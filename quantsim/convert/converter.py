@@ -145,7 +145,7 @@ class _Converter:
             ShapeProp(self.source).propagate(*args)
 
     # -- emitting -------------------------------------------------------------------------------
-    def _module_node(self, base: str, module: nn.Module, *args: Any, source: str = "",
+    def _module_node(self, base: str, module: nn.Module, *args: Any,
                      tag: Optional[dict] = None) -> fx.Node:
         name = base.replace(".", "_") or "op"
         unique, k = name, 1
