@@ -228,3 +228,18 @@ def test_horizon_flow_notebook():
     assert abs(rows["fixed point (torch)"] - rows["QAT, validation phase"]) <= one_image, rows
     assert abs(rows["fixed point (ONNX Runtime)"] - rows["fixed point (torch)"]) <= one_image, rows
     assert rows["QAT, validation phase"] > 90, rows
+
+
+#: the workflow notebooks kept in git without outputs (a diff shows code, not PNG bytes)
+STRIPPED = ["01_quick_start.ipynb", "02_qat_range_learning.ipynb", "03_transformer_minilm.ipynb",
+            "04_qat_modules_amct.ipynb", "05_from_aimet.ipynb", "06_horizon_flow.ipynb"]
+
+
+@pytest.mark.parametrize("name", STRIPPED)
+def test_notebook_is_stored_without_outputs(name):
+    """Each workflow notebook is valid nbformat 4 and stored stripped: no outputs, no
+    execution counts."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
