@@ -204,7 +204,7 @@ class _Search:
         self.sim, self.groups, self.cands, self.allowed = sim, groups, cands, allowed
         self.precision, self.cost, self.cache = precision, cost, cache
         self.callbacks = {"phase1": phase1, "phase2": phase2}
-        self.counts = {"float": 0, "uniform": 0, "phase1": 0, "phase2": 0}
+        self.counts = {"float": 0, "uniform": 0, "phase1": 0, "phase2": 0, "final": 0}
         self.kinds = [(bool(g.activation_quantizers), bool(g.parameter_quantizers))
                       for g in groups]
 
@@ -236,16 +236,18 @@ class _Search:
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, kind: str, phase: str, choice: Dict[int, Candidate],
-                 active: Optional[List[int]] = None) -> float:
+                 active: Optional[List[int]] = None, recalibrated: bool = False) -> float:
         """Set the sim to ``choice`` with the ``active`` groups on (default all) and score it
-        with the ``phase`` callback; a cached score is returned without setting anything."""
+        with the ``phase`` callback; a cached score is returned without setting anything.
+        ``recalibrated``: the sim is already set, its activations calibrated for it."""
         settings = self.settings(choice)
-        key = fingerprint({"callback": phase, "active": active,
+        key = fingerprint({"callback": phase, "active": active, "recalibrated": recalibrated,
                            "settings": sorted(settings.items())})
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        self.precision.apply(settings, active)
+        if not recalibrated:
+            self.precision.apply(settings, active)
         value = self.callbacks[phase](self.sim.model)
         try:
             score = float(value)
@@ -290,6 +292,11 @@ class _Search:
             choice, final, entries = self.phase2(accuracy, base_choice, self.uniform(lowest),
                                                  scores, target, algo, reverse)
         self.precision.apply(self.settings(choice))
+        if not self.precision.statistics_current:
+            # weights changed bitwidth: observe the activations once more with them, so the
+            # sim is exactly what a calibration at these bitwidths gives, and score that
+            self.precision.recalibrate()
+            final = self.evaluate("final", "phase2", choice, recalibrated=True)
         summary = SearchSummary(
             candidates=self.cands, groups=self.groups, fp32_score=fp32,
             candidate_scores={c.label(): scores[c] for c in self.cands}, baseline=baseline,

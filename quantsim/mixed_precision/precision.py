@@ -1,8 +1,8 @@
-"""Set quantizer groups to candidates with their encodings, cheaply and exactly.
+"""Set quantizer groups to candidates with their encodings, cheaply.
 
-An encoding depends on the quantizer's statistics and bitwidth, not on the other quantizers:
-calibration observes float tensors (:mod:`quantsim.calibration`). So one calibration serves
-every bitwidth:
+Calibration observes float activations (:mod:`quantsim.calibration`), with the weights
+fake-quantized at their bitwidths. So one calibration's statistics serve every activation
+bitwidth:
 
 * an activation quantizer's encoding at a bitwidth is computed once from the statistics the
   sim's calibration kept, then reused (the encoding it had is the entry at its bitwidth);
@@ -12,8 +12,11 @@ every bitwidth:
   unwidened encodings, so each layer's weight scale is what a fresh calibration would give
   for the new input and output bitwidths.
 
-The result at any setting equals ``compute_encodings`` at those bitwidths (the sim's
-calibrated weight encodings are taken as they are at their own bitwidth).
+While only activation bitwidths change, a setting's encodings are exactly what
+``compute_encodings`` at those bitwidths gives. Where weight bitwidths change, the activation
+statistics downstream were observed with the calibration's weights; :meth:`recalibrate` (one
+run of the forward-pass callback) makes them exact for the weights as set, which the search
+does once, for the point it keeps.
 """
 from __future__ import annotations
 
@@ -56,24 +59,46 @@ class GroupPrecision:
             (n, bw): enc for n, (bw, enc, _) in self._original.items() if enc is not None}
         self._ensure_statistics(forward_pass_callback)
 
-    # -- setup ----------------------------------------------------------------------------------
+    # -- calibration ----------------------------------------------------------------------------
     def _ensure_statistics(self, forward_pass_callback) -> None:
         """Calibrate the activation quantizers once if any of them has no statistics."""
-        missing = [n for n, q in self.quantizers.items()
-                   if n not in self._params and not q.analyzer.has_stats]
-        if not missing:
-            return
-        if forward_pass_callback is None:
+        self._forward = forward_pass_callback
+        self._observed_with = self.weight_bitwidths()
+        if any(n not in self._params and not q.analyzer.has_stats
+               for n, q in self.quantizers.items()):
+            self.recalibrate()
+
+    def weight_bitwidths(self) -> Dict[str, int]:
+        """Parameter quantizer name -> bitwidth, for the group parameter quantizers."""
+        return {n: self.quantizers[n].bitwidth for n in sorted(self._params)}
+
+    @property
+    def statistics_current(self) -> bool:
+        """True when the activation statistics were observed with the weights' bitwidths as
+        they are now set."""
+        return self._observed_with == self.weight_bitwidths()
+
+    def recalibrate(self) -> None:
+        """Observe the group activation quantizers again (one run of the forward-pass
+        callback, weights as now set) and recompute their encodings at their bitwidths; the
+        encodings kept for other bitwidths are dropped.
+
+        Raises:
+            CalibrationError: no forward-pass callback, it raised, or it reached no data for
+                some quantizer.
+        """
+        acts = [n for n in self.quantizers if n not in self._params]
+        if self._forward is None:
             raise CalibrationError(
-                f"mixed precision: {len(missing)} activation quantizer(s) kept no calibration "
-                f"statistics (e.g. {missing[:3]}) and no forward_pass_callback was given to "
-                "collect them")
-        ids = {id(self.quantizers[n]) for n in missing}
+                "mixed precision: the activation quantizers need calibrating (no statistics "
+                f"kept, e.g. {acts[:3]}, or weight bitwidths changed) and no "
+                "forward_pass_callback was given")
+        ids = {id(self.quantizers[n]) for n in acts}
         calibration = Calibration(self.sim.model, self.sim.graph, select=lambda q: id(q) in ids)
         calibration.begin()
         try:
             with eval_mode(self.sim.model), torch.no_grad():
-                forward_pass_callback(self.sim.model)
+                self._forward(self.sim.model)
         except Exception as exc:
             calibration.abort()
             raise CalibrationError(
@@ -83,9 +108,12 @@ class GroupPrecision:
         if unseen:
             raise CalibrationError(f"mixed precision: the forward_pass_callback did not reach "
                                    f"{unseen}")
-        for n in missing:   # the new encodings at the current bitwidths
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in self._params}
+        for n in acts:
             q = self.quantizers[n]
-            self._cache[(n, q.bitwidth)] = q.encoding
+            if q.enabled:
+                self._cache[(n, q.bitwidth)] = q.encoding
+        self._observed_with = self.weight_bitwidths()
 
     # -- setting --------------------------------------------------------------------------------
     def apply(self, settings: Dict[int, Setting], active: Optional[Iterable[int]] = None) -> None:
