@@ -376,3 +376,57 @@ def test_uncalibrated_per_block_quantizer_refuses_to_run(net):
     set_blockwise_quantization_for_weights(sim, [nn.Linear], 4, True, 32)
     with pytest.raises(CalibrationError, match="fc1.param_quantizers.weight has no encoding"):
         sim.model(x)
+
+
+def test_widened_blocked_pairs_keep_their_values(exported, tmp_path):
+    """widen_4bit_pairs moves blocked int4 weight pairs into int8 containers clamped per block:
+    ORT gives the same outputs as from the int4 model."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from quantsim.export.qdq import widen_4bit_pairs
+
+    _, sim, files = exported
+    model = onnx.load(str(files["1.0.0"].qdq_onnx))
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    assert widen_4bit_pairs(wide) == 3
+    feed = {model.graph.input[0].name: sim.dummy_input.numpy()}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = [ort.InferenceSession(m.SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            for m in (model, wide)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_qat_state_and_fixed_ranges_per_block():
+    """The QAT state's moving-average observer and config range constraints work per block
+    (LPBQ included): encodings of the quantizer's (C, blocks) shape."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for decompressed_bw in (None, 8):
+        q = Quantizer(4, True, shape=(8, 2), axis=0, block_size=32,
+                      decompressed_bw=decompressed_bw, scheme="tf")
+        q.state = "qat"
+        q(w)
+        lo, hi = amin_amax(w, 0, 32)
+        expected = Encoding.from_range(lo, hi, 4, True, axis=0, block_size=32,
+                                       decompressed_bw=decompressed_bw)
+        assert q.encoding == expected
+        q.set_range_constraint(-1.0, 1.0)
+        assert q.encoding.scale.shape == (8, 2)
+
+
+def test_flat_block_list_that_is_no_lpbq_grid_is_refused(net, tmp_path):
+    """A 0.6.1 list of per-block scales loads into an LPBQ weight only when the scales are an
+    LPBQ grid; plain per-block scales are refused by name (strict)."""
+    model, x, _ = net
+    plain = _calibrated(model, x, "blockwise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = plain.export(str(tmp_path), "plain", x, encoding_version="0.6.1")
+    sim = QuantizationSimModel(model, x, quant_scheme="tf", default_param_bw=4)
+    _set(sim, "lpbq")
+    with pytest.raises(EncodingsError, match="not an LPBQ grid of decompressed_bw 8"):
+        sim.load_encodings(str(files.encodings))

@@ -381,8 +381,9 @@ def widen_4bit_pairs(model: onnx.ModelProto, opset: int = 20) -> int:
     for v in [v for v in g.value_info if v.name in quantized]:
         g.value_info.remove(v)
     wide_types = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16}
-    if widened and not any(t.data_type in wide_types for t in g.initializer):
-        _set_opset(model, max(13, opset))
+    blocked = any(a.name == "block_size" for n in g.node for a in n.attribute)
+    if widened and not blocked and not any(t.data_type in wide_types for t in g.initializer):
+        _set_opset(model, max(13, opset))  # (blocked pairs exist from opset 21 only)
     return widened
 
 
