@@ -59,15 +59,21 @@ def test_digits_cnn_bit_exact_in_onnxruntime(digits_sims, digits, tmp_path, bitw
     assert not {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul"} & op_types
 
 
-@pytest.mark.parametrize("bitwidth", [8, 16])
-def test_residual_net_bit_exact_in_onnxruntime(tmp_path, bitwidth):
+@pytest.mark.parametrize("bitwidth, config, scheme", [
+    (8, "per_channel", "tf"), (16, "per_channel", "tf"),
+    (8, "default", "tf_enhanced"), (8, "htp", "percentile")])
+def test_residual_net_bit_exact_in_onnxruntime(tmp_path, bitwidth, config, scheme):
     from quantsim.prepare import prepare_model
     torch.manual_seed(0)
     model = prepare_model(randomize_batch_norms(ResidualNet(width=8)).eval())
     x = torch.rand(32, 3, 16, 16)
-    sim = QuantizationSimModel(model, x[:2], quant_scheme="tf", default_output_bw=bitwidth)
+    sim = QuantizationSimModel(model, x[:2], quant_scheme=scheme, default_output_bw=bitwidth,
+                               config_file=config)
     sim.compute_encodings(lambda m, _: m(x[:16]), None)
-    op_types = _assert_bit_exact(convert(sim), x, tmp_path)
+    int_model = convert(sim)
+    report = int_model.compare(sim, x[16:])
+    assert report.deployable and report.output_within_1_lsb[0] >= 0.99, str(report)
+    op_types = _assert_bit_exact(int_model, x, tmp_path)
     assert "ReduceSum" in op_types and "ConvInteger" in op_types
 
 
