@@ -501,7 +501,7 @@ def test_bad_1_0_0_documents(mutate, message):
       "axis": 1, "block_size": 32}, "encodings[0] ('w'): y_scale is a 2.1.0 meta encoding"),
     ({"name": "w", "output_dtype": "int4", "per_block_int_scale": [[1, 2]],
       "per_channel_float_scale": [0.1], "block_size": 32},
-     "encodings[0] ('w'): per-block entries need axis 1"),
+     "encodings[0]: missing key 'axis' (required with 'block_size')"),
     ({"name": "w", "output_dtype": "int4", "per_block_int_scale": [[1, 2]],
       "per_channel_float_scale": [0.1, 0.2], "axis": 1, "block_size": 32},
      "encodings[0] ('w'): LPBQ needs 1 per-channel scales"),
