@@ -238,27 +238,6 @@ def test_results_json_round_trip_and_schema(planted, tmp_path):
         AnalysisResults.load(tmp_path / "missing.json")
 
 
-def test_plots_written_with_matplotlib(planted, tmp_path):
-    import matplotlib  # noqa: F401  (the test extra installs it)
-
-    _, batches, sim, _ = planted
-    results = analyze_sim(sim, batches, lambda m: -float(m(batches[0]).square().mean()),
-                          tmp_path)
-    expected = {"quant_analyzer_results.json", "per_layer_quant_enabled.json",
-                "per_layer_quant_disabled.json", "per_layer_quant_enabled.png",
-                "per_layer_quant_disabled.png", "per_quantizer_sqnr.png",
-                "per_layer_mse_loss.json", "per_layer_mse_loss.png",
-                "min_max_ranges/weights.json", "min_max_ranges/activations.json",
-                "min_max_ranges/weights.png", "min_max_ranges/activations.png",
-                "activations_pdf/fc2.output_quantizers.0.png", "weights_pdf/fc2/weight.png"}
-    assert expected <= set(results.files)
-    for f in results.files:
-        data = (tmp_path / f).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" if f.endswith(".png") else json.loads(data)
-    assert len([f for f in results.files if f.endswith(".png")]) == 6 + len(results.quantizers)
-    assert AnalysisResults.load(tmp_path / "quant_analyzer_results.json") == results
-
-
 def test_without_matplotlib_json_only(planted, tmp_path, monkeypatch, capsys):
     _, batches, sim, _ = planted
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # an environment without it
@@ -299,7 +278,22 @@ def test_quant_analyzer_analyze(digits_analyzer, trained_digits_cnn, digits, tmp
     assert all(q.layer != "fc" for q in results.quantizers)
     fc_quantizers = [q for _, q in quantizer_items(digits_analyzer.sim.model.fc)]
     assert fc_quantizers and not any(q.enabled for q in fc_quantizers)
-    assert (tmp_path / "quant_analyzer_results.json").exists()
+    # the files: aimet-torch's JSON names, the results document, PNGs (matplotlib is a test
+    # dependency), one histogram per quantizer
+    import matplotlib  # noqa: F401
+    expected = {"quant_analyzer_results.json", "per_layer_quant_enabled.json",
+                "per_layer_quant_disabled.json", "per_layer_quant_enabled.png",
+                "per_layer_quant_disabled.png", "per_quantizer_sqnr.png",
+                "per_layer_mse_loss.json", "per_layer_mse_loss.png",
+                "min_max_ranges/weights.json", "min_max_ranges/activations.json",
+                "min_max_ranges/weights.png", "min_max_ranges/activations.png",
+                "activations_pdf/conv1.input_quantizers.0.png", "weights_pdf/conv1/weight.png"}
+    assert expected <= set(results.files)
+    for f in results.files:
+        data = (tmp_path / f).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" if f.endswith(".png") else json.loads(data)
+    assert len([f for f in results.files if f.endswith(".png")]) == 6 + len(results.quantizers)
+    assert AnalysisResults.load(tmp_path / "quant_analyzer_results.json") == results
     # the float model is left as it was
     assert all(torch.equal(v, trained_digits_cnn.state_dict()[k]) for k, v in state.items())
 

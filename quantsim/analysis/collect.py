@@ -137,7 +137,8 @@ class _Tally:
         self.own_signal += s
         self.own_noise += n
         if reference is not None and reference.shape == out.shape:
-            s, n = squared_sums(reference, out)
+            if reference is not x:   # a parameter is its own float reference
+                s, n = squared_sums(reference, out)
             self.signal += s
             self.noise += n
             self.compared += out.numel()
