@@ -28,7 +28,8 @@ from quantsim.checks import require_flag
 from quantsim.defs import as_callback
 from quantsim.mixed_precision.cache import EvaluationCache, fingerprint
 from quantsim.mixed_precision.candidates import (AMPSearchAlgo, Candidate, MixedPrecisionError,
-                                                 Setting, parse_candidates, setting_of)
+                                                 Setting, bit_cost, parse_candidates,
+                                                 setting_of)
 from quantsim.mixed_precision.cost import CostModel, measure_mac_layers
 from quantsim.mixed_precision.groups import QuantizerGroup, find_quantizer_groups, input_carriers
 from quantsim.mixed_precision.precision import GroupPrecision
@@ -221,6 +222,12 @@ class _Search:
         """Group -> setting of a choice of candidates."""
         return {i: self.setting(i, c) for i, c in choice.items()}
 
+    def cheapest_alike(self, i: int, cand: Candidate) -> Candidate:
+        """The cheapest candidate of group ``i`` that sets the same bits there as ``cand`` (a
+        weight-only group is W8A8, not W8A16, when both give its weights 8 bits)."""
+        same = [c for c in self.allowed[i] if self.setting(i, c) == self.setting(i, cand)]
+        return min(same, key=bit_cost) if same else cand
+
     def bits(self, choice: Dict[int, Candidate]) -> Dict[str, int]:
         """Quantizer name -> bitwidth under ``choice`` (None where a setting leaves it)."""
         out: Dict[str, int] = {}
@@ -291,6 +298,7 @@ class _Search:
             accuracy = self.phase1(baseline, base_choice)
             choice, final, entries = self.phase2(accuracy, base_choice, self.uniform(lowest),
                                                  scores, target, algo, reverse)
+        choice = {i: self.cheapest_alike(i, c) for i, c in choice.items()}
         self.precision.apply(self.settings(choice))
         if not self.precision.statistics_current:
             # weights changed bitwidth: observe the activations once more with them, so the

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from quantsim.atomic import atomic_write, atomic_write_text
-from quantsim.mixed_precision.candidates import Candidate
+from quantsim.mixed_precision.candidates import Candidate, bit_cost, setting_of
 from quantsim.mixed_precision.groups import QuantizerGroup
 
 #: (quantizer group, candidate, phase-1 score, bit-ops reduction), aimet-torch's entry layout
@@ -51,6 +51,10 @@ class SearchSummary:
             for n in g.activation_quantizers:
                 counts[self.bitwidths[n]] = counts.get(self.bitwidths[n], 0) + 1
         return dict(sorted(counts.items()))
+
+    def _setting(self, i: int, candidate: Candidate):
+        g = self.groups[i]
+        return setting_of(candidate, bool(g.activation_quantizers), bool(g.parameter_quantizers))
 
     def to_json(self) -> Dict[str, Any]:
         """Plain data (``mixed_precision.json``)."""
@@ -94,8 +98,9 @@ class SearchSummary:
         ]
         if self.note:
             lines.append(f"  note: {self.note}")
-        raised = [i for i, c in self.chosen.items() if c != min(
-            self.candidates, key=lambda x: x.output_bw * x.param_bw)]
+        cheapest = min(self.candidates, key=bit_cost)
+        raised = [i for i, c in self.chosen.items() if self._setting(i, c)
+                  != self._setting(i, cheapest)]
         if raised and len(raised) < len(self.groups):
             lines.append("  groups above the cheapest candidate:")
             for i in raised:
