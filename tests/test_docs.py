@@ -138,3 +138,26 @@ def test_mkdocs_build_strict(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "api" / "sim" / "index.html").is_file()
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _relative_links(text: str) -> List[str]:
+    """Targets of Markdown links that point into the repository (no scheme, not an anchor)."""
+    return [t.split("#")[0] for t in _LINK.findall(text)
+            if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_readme_and_notebook_links_resolve():
+    """The links the site build does not see: README.md's and the notebooks' Markdown cells'
+    relative links name files that exist."""
+    import nbformat
+
+    sources = {ROOT / "README.md": (ROOT / "README.md").read_text(encoding="utf-8")}
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        sources[path] = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    broken = [f"{path.name}: {target}" for path, text in sources.items()
+              for target in _relative_links(text) if not (path.parent / target).exists()]
+    assert not broken, broken
