@@ -355,3 +355,15 @@ def test_aimet_blockwise_and_lpbq_files():
     kinds = {d["tensor"]: d["reason"] for d in result["differ"] if d["tensor"].endswith(".weight")}
     assert kinds == {n: "int4 symmetric per-block vs int4 symmetric LPBQ"
                      for n in ("conv.weight", "fc1.weight", "fc2.weight")}
+
+
+def test_validate_config_prints_warnings_but_passes(tmp_path):
+    """An op type quantsim does not know has no effect (a ConfigWarning), not an error."""
+    doc = json.loads((EXAMPLES / "default_config.json").read_text())
+    doc["op_type"]["Convv"] = {"is_output_quantized": "True"}
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(doc))
+    code, out, _ = run("validate-config", path)
+    lines = out.splitlines()
+    assert code == 0 and lines[-1].startswith(f"{path}: ok (")
+    assert lines[0].startswith(f"warning: {path}: op_type.Convv: unknown op type 'Convv'")
