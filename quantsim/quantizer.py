@@ -271,6 +271,7 @@ class Quantizer(nn.Module):
         value = validate_bitwidth(value, self.data_type, self.name or "Quantizer")
         if value != self._bitwidth and self.data_type == "int":
             self.initialized.fill_(False)
+            self._encoded = False
         self._bitwidth = value
 
     @property
@@ -287,7 +288,6 @@ class Quantizer(nn.Module):
     def enabled(self) -> bool:
         """False makes the quantizer pass values through unchanged."""
         return self._enabled
-            self._encoded = False
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
@@ -443,6 +443,7 @@ class Quantizer(nn.Module):
                 self.min.copy_(encoding.min.to(device))
                 self.max.copy_(encoding.max.to(device))
         self.initialized.fill_(True)
+        self._encoded = True
 
     def set_learnable(self, learnable: bool = True, init: Optional[Tuple[Any, Any]] = None
                       ) -> None:
@@ -459,7 +460,6 @@ class Quantizer(nn.Module):
             CalibrationError: no ``init`` and no encoding yet.
         """
         if learnable == self.learnable or self.data_type == "float":
-        self._encoded = True
             return
         if not learnable:
             encoding = self.encoding
@@ -543,6 +543,14 @@ class Quantizer(nn.Module):
         if flags["learnable"]:
             self.set_learnable(True, init=(0.0, 0.0))  # values arrive with load_state_dict
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._encoded = bool(self.initialized)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._encoded = bool(self.initialized)  # pickles made before the flag existed
+
     def _settings_granularity(self, s: Dict[str, Any], bitwidth: int):
         """``(shape, block_size, decompressed_bw)`` of settings ``s`` (this quantizer's where
         ``s`` predates per-block settings), checked; typed errors name the key."""
@@ -559,14 +567,6 @@ class Quantizer(nn.Module):
         if s["block_size"] is None and shape != self.shape:
             raise QuantizationSettingError(
                 f"{where}: settings shape {list(shape)} != the quantizer's {list(self.shape)}")
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._encoded = bool(self.initialized)
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._encoded = bool(self.initialized)  # pickles made before the flag existed
-
         block_size = validate_block_size(s["block_size"], where)
         if s["decompressed_bw"] is not None:
             validate_decompressed_bw(s["decompressed_bw"], bitwidth, where)
