@@ -14,7 +14,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -73,18 +73,23 @@ class IntegerModel(nn.Module):
 
     @torch.no_grad()
     def compare(self, sim: Any, *inputs: Any) -> ConversionReport:
-        """Run this model and ``sim.model`` on ``inputs`` and fill the report's per-layer
-        ``max_diff_lsb`` / ``within_1_lsb`` (codes at each quantized output) and the model
-        outputs' difference in output LSBs. Returns :attr:`report`."""
-        captured: Dict[str, torch.Tensor] = {}
+        """Run this model and ``sim.model`` on ``inputs`` and fill the report's agreement
+        columns, in the sim's output LSBs at each quantized output:
+
+        * ``max_diff_lsb`` / ``within_1_lsb``: each step on its own, fed the sim's codes from
+          the steps before it (the layer's own integer arithmetic against the sim's);
+        * ``chained_max_diff_lsb`` / ``chained_within_1_lsb``: the integer model run end to
+          end (the differences of earlier layers carried along);
+        * ``output_max_diff_lsb`` / ``output_within_1_lsb``: the model outputs.
+
+        Returns :attr:`report`."""
+        captured: Dict[str, tuple] = {}
         handles = []
         modules = dict(sim.model.named_modules())
-        tagged = [n for n in self.graph_module.graph.nodes
-                  if n.meta.get("quantsim", {}).get("where") == "output"]
+        tagged = [n for n in self.graph_module.graph.nodes if "quantsim" in n.meta]
         for name in {n.meta["quantsim"]["name"] for n in tagged} & set(modules):
-            def hook(module, args, out, name=name):  # the first call's output
-                if isinstance(out, torch.Tensor):
-                    captured.setdefault(name, out)
+            def hook(module, args, out, name=name):  # the first call's inputs and output
+                captured.setdefault(name, (args, out))
             handles.append(modules[name].register_forward_hook(hook))
         device = next((p.device for p in sim.model.parameters()), torch.device("cpu"))
         try:
@@ -94,15 +99,23 @@ class IntegerModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        values = _Recorder(self.graph_module, set(tagged)).run(*inputs)
+        sim_codes = {}
         for node in tagged:
             tag = node.meta["quantsim"]
-            ref = captured.get(tag["name"])
-            if ref is None or node not in values:
-                continue
-            sim_codes = tag["encoding"].quantize(ref.float().cpu())
-            _fill(tag["layer"], values[node].to(torch.int64) - sim_codes.to(torch.int64))
-        ours = pytree.tree_leaves(values["__output__"])
+            args, out = captured.get(tag["name"], ((), None))
+            # the sim quantizes a module's inputs inside its forward: the hook sees them raw
+            where = tag["where"]
+            ref = out if where == "output" else _nth_tensor(args, int(where.split()[-1]))
+            if isinstance(ref, torch.Tensor):
+                sim_codes[node] = tag["encoding"].quantize(ref.float().cpu())
+        chained = _Recorder(self.graph_module, sim_codes, substitute=False).run(*inputs)
+        isolated = _Recorder(self.graph_module, sim_codes, substitute=True).run(*inputs)
+        for node, codes in sim_codes.items():
+            layer = node.meta["quantsim"]["layer"]
+            layer.max_diff_lsb, layer.within_1_lsb = _agreement(isolated[node], codes)
+            layer.chained_max_diff_lsb, layer.chained_within_1_lsb = _agreement(chained[node],
+                                                                                codes)
+        ours = pytree.tree_leaves(chained["__output__"])
         theirs = [t.cpu() for t in pytree.tree_leaves(sim_out) if isinstance(t, torch.Tensor)]
         self.report.output_max_diff_lsb, self.report.output_within_1_lsb = [], []
         for mine, ref, enc in zip(ours, theirs, self.output_encodings):
@@ -118,23 +131,35 @@ class IntegerModel(nn.Module):
         return self.report
 
 
-def _fill(layer: LayerReport, diff: torch.Tensor) -> None:
-    diff = diff.abs()
-    layer.max_diff_lsb = float(diff.max())
-    layer.within_1_lsb = float((diff <= 1).float().mean())
+def _nth_tensor(args: Any, k: int) -> Optional[torch.Tensor]:
+    """The ``k``-th floating-point tensor of a call's arguments (as the sim numbers them)."""
+    tensors = [t for t in pytree.tree_leaves(args)
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return tensors[k] if k < len(tensors) else None
+
+
+def _agreement(ours: torch.Tensor, sim_codes: torch.Tensor) -> Tuple[float, float]:
+    """``(max |difference|, fraction within one code)`` of two code tensors."""
+    diff = (ours.to(torch.int64) - sim_codes.to(torch.int64)).abs()
+    return float(diff.max()), float((diff <= 1).float().mean())
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the integer graph and keeps the values of the given nodes."""
+    """Runs the integer graph and keeps the values of the nodes of ``sim_codes``; with
+    ``substitute`` each such node passes the sim's codes on instead of its own."""
 
-    def __init__(self, module: fx.GraphModule, keep: set) -> None:
+    def __init__(self, module: fx.GraphModule, sim_codes: Dict[fx.Node, torch.Tensor],
+                 substitute: bool) -> None:
         super().__init__(module)
-        self.keep, self.values = keep, {}
+        self.sim_codes, self.substitute = sim_codes, substitute
+        self.values: Dict[Any, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:  # noqa: D102
         out = super().run_node(n)
-        if n in self.keep:
+        if n in self.sim_codes:
             self.values[n] = out
+            if self.substitute:
+                out = self.sim_codes[n].to(out.dtype)
         if n.op == "output":
             self.values["__output__"] = out
         return out

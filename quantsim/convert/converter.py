@@ -195,11 +195,17 @@ class _Converter:
         shape = (max(channels),) if channels else ()
         factors = [(t.scale / s_out).expand(shape) for t in p.terms]
         multipliers, shift = quantize_multipliers(factors)
-        bias = None
+        bias = bias_step = None
         if p.bias is not None:
             bias = torch.round(p.bias.expand(shape) / p.terms[0].scale.expand(shape))
             if bool((bias.abs() >= 2**31).any()):
                 p.warnings.append("the int32 bias overflows int32 (widen the weight scale)")
+            step = bias_step = float(factors[0].abs().max())
+            if step > 2:  # one accumulator step spans several output steps
+                p.warnings.append(
+                    f"one accumulator step is {step:.3g} output steps, so the int32 bias "
+                    f"(rounded to an accumulator step) can move outputs by up to {step / 2:.3g} "
+                    "steps from the sim's float bias")
         lo, hi = enc.qmin, enc.qmax
         scale32 = enc.scale
         if p.lo is not None:  # quantize(max(x, lo)) == max(quantize(x), quantize(lo))
@@ -222,7 +228,7 @@ class _Converter:
         label = name if where == "output" else f"{name} ({where})"
         tag["layer"] = LayerReport(label, " + ".join(p.ops) + f" -> requantize int{enc.bitwidth}",
                                    _range(all_m), _range(shift), enc.bitwidth,
-                                   note="; ".join(p.warnings))
+                                   note="; ".join(p.warnings), bias_step=bias_step)
         self.report.layers.append(tag["layer"])
         for w in p.warnings:
             self.report.warnings.append((name, w))

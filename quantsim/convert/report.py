@@ -18,10 +18,17 @@ class LayerReport:
         bitwidth: of the output codes.
         integer: False for a float island (dequantize -> float op -> quantize).
         note: why it is a float island, or a warning (e.g. a possible int32 overflow).
-        max_diff_lsb: largest ``|integer code - sim code|`` at this output, from
-            :meth:`quantsim.convert.IntegerModel.compare` (None until compared, or where
-            the sim has no quantizer at that point).
-        within_1_lsb: fraction of this output's codes within one LSB of the sim's.
+        max_diff_lsb: largest ``|integer code - sim code|`` at this output with the step
+            fed the sim's codes (its own arithmetic), from
+            :meth:`quantsim.convert.IntegerModel.compare` (None until compared, or where the
+            sim has no quantizer at that point).
+        within_1_lsb: fraction of this output's codes within one LSB of the sim's (same run).
+        chained_max_diff_lsb: as ``max_diff_lsb`` with the integer model run end to end
+            (differences of earlier steps carried along).
+        chained_within_1_lsb: the fraction within one LSB in that run.
+        bias_step: where an int32 bias is added, the largest accumulator step in output
+            steps (the bias is rounded to an accumulator step: above 2, outputs can move by
+            up to half of it from the sim's float bias).
     """
 
     name: str
@@ -33,6 +40,9 @@ class LayerReport:
     note: str = ""
     max_diff_lsb: Optional[float] = None
     within_1_lsb: Optional[float] = None
+    chained_max_diff_lsb: Optional[float] = None
+    chained_within_1_lsb: Optional[float] = None
+    bias_step: Optional[float] = None
 
 
 @dataclass
@@ -70,15 +80,16 @@ class ConversionReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        rows = [("layer", "op", "multiplier", "shift", "bits", "max diff (LSB)", "<=1 LSB")]
+        rows = [("layer", "op", "multiplier", "shift", "bits", "max diff (LSB)", "<=1 LSB",
+                 "chained max", "chained <=1")]
         for r in self.layers:
             rows.append((
                 r.name, r.op if r.integer else f"FLOAT: {r.op}",
                 "-" if r.multiplier is None else f"{r.multiplier[0]}..{r.multiplier[1]}",
                 "-" if r.shift is None else f"{r.shift[0]}..{r.shift[1]}",
                 "-" if r.bitwidth is None else str(r.bitwidth),
-                "-" if r.max_diff_lsb is None else f"{r.max_diff_lsb:g}",
-                "-" if r.within_1_lsb is None else f"{100 * r.within_1_lsb:.2f}%"))
+                _number(r.max_diff_lsb), _percent(r.within_1_lsb),
+                _number(r.chained_max_diff_lsb), _percent(r.chained_within_1_lsb)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"Integer conversion: {len(self.layers)} steps, "
                  f"{'deployable' if self.deployable else 'NOT fully integer'}"]
@@ -96,3 +107,11 @@ class ConversionReport:
                 "-" if d is None else f"max {d:g}, {100 * f:.2f}% <= 1"
                 for d, f in zip(self.output_max_diff_lsb, self.output_within_1_lsb)))
         return "\n".join(lines)
+
+
+def _number(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def _percent(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
