@@ -86,6 +86,8 @@ def test_ops_net_bit_exact_with_its_float_islands(tmp_path):
 
 
 _LAYER_CASES = {
+    "same-padding": lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, (4, 3), padding="same", dilation=(1, 2)), torch.nn.ReLU()),
     "strided-dilated": lambda: torch.nn.Sequential(
         torch.nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2), torch.nn.ReLU()),
     "depthwise": lambda: torch.nn.Sequential(

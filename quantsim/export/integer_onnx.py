@@ -122,9 +122,8 @@ class _Writer:
         """The int64 accumulator ``conv(q + input_offset, weight)`` from ConvInteger /
         MatMulInteger on byte planes."""
         if kind != "linear":
-            padding = list(options["padding"])
-            # (begin..., end...) per spatial dim; a symmetric padding given once
-            pads = padding if len(padding) == 2 * (weight.dim() - 2) else padding * 2
+            pads = _explicit_pads(options["padding"], list(weight.shape[2:]),
+                                  list(options["dilation"]))
             if any(pads):  # pad with the code of real 0, as the torch op pads q + offset with 0
                 half = len(pads) // 2
                 pads = [0, 0] + pads[:half] + [0, 0] + pads[half:]
@@ -300,6 +299,18 @@ class _Writer:
             return self.op("Mul", [half, one], base)
         raise ExportError(f"integer ONNX: {base}: the float island {type(m).__name__} has no "
                           "ONNX form here (Softmax, LayerNorm and GELU do)")
+
+
+def _explicit_pads(padding: Any, kernel: List[int], dilation: List[int]) -> List[int]:
+    """``(begin..., end...)`` per spatial dim from torch's padding: numbers (symmetric, or
+    already begin + end), ``'valid'`` or ``'same'`` (torch puts the odd one at the end)."""
+    if padding == "valid":
+        return [0] * (2 * len(kernel))
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    padding = list(padding)
+    return padding if len(padding) == 2 * len(kernel) else padding * 2
 
 
 def _tuple(v: Any, dims: int) -> Tuple[int, ...]:
