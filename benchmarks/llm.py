@@ -332,7 +332,13 @@ def main(argv=None) -> int:
     parser.add_argument("--aimet-python", default=None,
                         help="an interpreter that imports aimet_torch (default: this one if "
                              "it does; else aimet-torch is left out)")
+    parser.add_argument("--peer-settings", nargs="+", choices=SETTINGS, default=None,
+                        help="settings run for aimet-torch (default: --settings)")
     parser.add_argument("--skip-memory", action="store_true", help="quality and speed only")
+    parser.add_argument("--skip-quality", action="store_true", help="memory only")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's figures to the rows of an existing --json file "
+                             "(a busy machine's run in parts; each row keeps its own meta)")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="environment of the measured processes")
     parser.add_argument("--json", default=None, help="where to write the results")
@@ -364,16 +370,31 @@ def main(argv=None) -> int:
         peers["modelopt"] = "installed, not benchmarked here"
     rows = []
     for impl, python in impls:
-        for setting in args.settings:
+        for setting in (args.peer_settings or args.settings) if impl == "aimet" \
+                else args.settings:
             row = {"impl": impl, "setting": setting}
-            if setting != "float":
+            if setting != "float" and not args.skip_quality:
                 row.update(_run_child(python, "quality", impl, setting, args))
             if not args.skip_memory and "error" not in row:
                 row.update(_run_child(python, "memory", impl, setting, args))
+            row["runs"] = [{"batch": args.batch, "seq": args.seq, "rounds": args.rounds,
+                          "calib_batches": args.calib_batches, "env": args.env,
+                           "load_average": os.getloadavg() if hasattr(os, "getloadavg")
+                           else None}]
             rows.append(row)
             print(f"  {impl:<9}{setting:<11}" + " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in row.items() if k not in ("impl", "setting")), flush=True)
+                for k, v in row.items() if k not in ("impl", "setting", "runs")), flush=True)
+    name = "llm.json" if (args.size, args.device) == ("50m", "cpu") else \
+        f"llm_{args.size}_{args.device}.json"
+    path = args.json or os.path.join(HERE, "results", name)
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            previous = {(r["impl"], r["setting"]): r for r in json.load(f)["rows"]}
+        for r in rows:
+            old = previous.setdefault((r["impl"], r["setting"]), {"runs": []})
+            old.update({k: v for k, v in r.items() if k != "runs"}, runs=old["runs"] + r["runs"])
+        rows = list(previous.values())
     add_ratios(rows)
 
     import torch
@@ -390,9 +411,6 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print_table(rows, meta)
-    name = "llm.json" if (args.size, args.device) == ("50m", "cpu") else \
-        f"llm_{args.size}_{args.device}.json"
-    path = args.json or os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
