@@ -310,6 +310,14 @@ def test_encodings_round_trip(net, exported, version):
         assert (entry["axis"], entry["block_size"], entry["output_dtype"]) == (1, 32, "int4")
         key = "per_block_int_scale" if kind == "lpbq" else "y_scale"
         assert torch.tensor(entry[key]).shape == (64, 8)
+        # a Conv2d weight's entry has aimet-torch's keys and nesting: (C, blocks, 1, 1)
+        theirs = json.loads((AIMET / f"{kind}_encodings_v2.0.0.json").read_text())
+        conv = [next(e for e in d["encodings"] if e["name"] == "conv.weight")
+                for d in (doc, theirs)]
+        assert set(conv[0]) == set(conv[1])
+        for k in conv[1]:
+            if isinstance(conv[1][k], list):
+                assert torch.tensor(conv[0][k]).shape == torch.tensor(conv[1][k]).shape, k
 
 
 def test_qdq_model_runs_blocked_dequantize_in_ort(exported):

@@ -136,6 +136,9 @@ class EncodingsFile:
         module_activation: ``_torch.encodings`` layout: module name -> ``{"input"|"output":
             {index: encoding}}``.
         torch_layout: True when read from a module-keyed ``_torch.encodings`` file.
+        param_ranks: parameter name -> its tensor's rank (export); 2.0.0 per-block entries are
+            written with that many dimensions, as aimet-torch writes them (a Conv2d weight's
+            ``(C, blocks, 1, 1)``); 2 where absent.
 
     Example:
         >>> from quantsim.encodings import to_json_dict
@@ -153,6 +156,7 @@ class EncodingsFile:
     producer: Optional[Dict[str, str]] = None
     module_activation: Dict[str, Dict[str, Dict[int, Encoding]]] = field(default_factory=dict)
     torch_layout: bool = False
+    param_ranks: Dict[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------

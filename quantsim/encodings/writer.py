@@ -148,7 +148,7 @@ def _entry_1_0_0(enc: AnyEncoding, name: str, where: str) -> Dict[str, Any]:
             "offset": _legacy_offsets(enc, where), "scale": _floats(enc.scale)}
 
 
-def _entry_2_0_0(enc: AnyEncoding, name: str, where: str) -> Dict[str, Any]:
+def _entry_2_0_0(enc: AnyEncoding, name: str, where: str, rank: int = 2) -> Dict[str, Any]:
     if isinstance(enc, Int32BiasEncoding):
         entry: Dict[str, Any] = {"name": name, "output_dtype": "int32"}
         entry["y_scale"] = _floats(enc.scale) if enc.per_channel else float(enc.scale)
@@ -176,14 +176,18 @@ def _entry_2_0_0(enc: AnyEncoding, name: str, where: str) -> Dict[str, Any]:
         raise EncodingsError(f"{where}: zero point(s) {zps[:4]} out of the "
                              f"{_onnx_dtype(signed, b)} range [{lo}, {hi}]")
     entry = {"name": name, "output_dtype": _onnx_dtype(signed, b)}
-    if enc.per_block:  # nested (C, blocks) lists, axis = the block axis (aimet-torch 2.x)
+    if enc.per_block:  # nested lists of the weight's rank, axis = the block axis (aimet-torch)
+        trailing = [1] * max(0, rank - 2)
         if enc.is_lpbq:
-            entry["per_block_int_scale"] = enc.per_block_int_scale.to(torch.int64).tolist()
-            entry["per_channel_float_scale"] = [[v] for v in _floats(enc.channel_scale)]
+            entry["per_block_int_scale"] = enc.per_block_int_scale.to(torch.int64).reshape(
+                *enc.scale.shape, *trailing).tolist()
+            entry["per_channel_float_scale"] = enc.channel_scale.reshape(
+                -1, 1, *trailing).tolist()
         else:
-            entry["y_scale"] = enc.scale.tolist()
+            entry["y_scale"] = enc.scale.reshape(*enc.scale.shape, *trailing).tolist()
             if any(zps):
-                entry["y_zero_point"] = (-enc.offset).to(torch.int64).tolist()
+                entry["y_zero_point"] = (-enc.offset).to(torch.int64).reshape(
+                    *enc.scale.shape, *trailing).tolist()
         entry["axis"] = 1
         entry["block_size"] = enc.block_size
         return entry
@@ -267,7 +271,8 @@ def to_json_dict(file: EncodingsFile, version: str = DEFAULT_VERSION) -> Dict[st
             if isinstance(e, Encoding) and e.is_float:
                 floats.append(n)
                 continue
-            doc["encodings"].append(_entry_2_0_0(e, _name(n, "encodings"), f"encodings[{n!r}]"))
+            doc["encodings"].append(_entry_2_0_0(e, _name(n, "encodings"), f"encodings[{n!r}]",
+                                                 file.param_ranks.get(n, 2)))
         if floats:
             logger.warning("2.0.0 has no fp16 entries; left out: %s", ", ".join(floats))
         if file.excluded_layers or file.quantizer_args:

@@ -316,6 +316,7 @@ def _onnx_keyed_file(sim, graph: onnx.ModelProto, tmap: TensorMap, version: str,
     params = {t: active[q] for t, q in tmap.params.items() if q in active}
     doc = EncodingsFile(version=version, activation=acts, param=params,
                         excluded_layers=_excluded_layers(sim), quantizer_args=_quantizer_args(sim))
+    doc.param_ranks = {i.name: len(i.dims) for i in graph.graph.initializer if i.name in params}
     if version == "2.0.0":
         doc.bias = _int32_biases(sim, tmap, acts, params)
     return doc, markers
