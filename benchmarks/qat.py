@@ -1,7 +1,7 @@
 """QAT: the digits CNN's accuracy at W4A8, and the cost of one QAT train step.
 
-Run: ``python benchmarks/qat.py [--quick] [--skip-accuracy] [--skip-compile] [--threads N]
-[--rounds N]``.
+Run: ``python benchmarks/qat.py [--quick] [--skip-accuracy] [--skip-compile]
+[--models DigitsCNN,ResidualNet] [--threads N] [--rounds N]``.
 Prints two tables and writes ``benchmarks/results/qat.json``.
 
 * **accuracy**: the digits CNN at W4A8 (per-channel weights, range learning initialised with
@@ -153,12 +153,15 @@ def rotating_rounds(steps: Dict[str, Callable[[], None]], rounds: int, warmup: i
     return wall, cpu
 
 
-def step_cost_section(quick: bool, rounds: int, compiled: bool = True) -> List[Dict]:
+def step_cost_section(quick: bool, rounds: int, compiled: bool = True,
+                      models: Tuple[str, ...] = ("DigitsCNN", "ResidualNet")) -> List[Dict]:
     """Float vs fixed-range vs range-learning train steps of both nets (each eager and, with
     ``compiled``, through torch.compile), interleaved."""
     rows = []
     modes = list(MODES) + ([f"{m}_compiled" for m in MODES] if compiled else [])
     for name, model, x, y in _models(quick):
+        if name not in models:
+            continue
         steps = {"float": _train_step(copy.deepcopy(model), x, y)}
         for mode, scheme in MODES.items():
             steps[mode] = _train_step(_sim_model(model, x, scheme), x, y)
@@ -218,6 +221,8 @@ def main(argv=None) -> Dict:
                         help="torch threads (default 2; 1 is steadier on a busy machine)")
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out the torch.compile(sim.model) steps")
+    parser.add_argument("--models", default="DigitsCNN,ResidualNet",
+                        help="comma-separated subset of DigitsCNN, ResidualNet")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per model (default 40, --quick 10)")
     parser.add_argument("--json", default=str(RESULTS), help="where to write the results")
@@ -229,7 +234,8 @@ def main(argv=None) -> Dict:
     load = [os.getloadavg()[0]]
     print("step cost:")
     rows = step_cost_section(args.quick, args.rounds or (10 if args.quick else 40),
-                             compiled=not args.skip_compile)
+                             compiled=not args.skip_compile,
+                             models=tuple(args.models.split(",")))
     load.append(os.getloadavg()[0])
     print_step_table(rows, load)
     result["step_cost"] = rows
