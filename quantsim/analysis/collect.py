@@ -203,7 +203,7 @@ class _StatisticsPass:
             x = inputs[0]
             if self._phase == "float":
                 self._float[name].append(x.detach().clone())  # later ops may modify it in place
-                return x                                     # the float model's tensor
+                return None
             if self._phase == "quantized" and name in self.tallies:
                 self.tallies[name].add(x.detach(), out.detach(), self._next_float(name), q)
             return None
@@ -246,6 +246,7 @@ class _StatisticsPass:
         own_forward = model.__dict__.get("forward")
         forward = model.forward
         params = [q for _, q in self.enabled if q.role is QuantizerRole.PARAM]
+        activations = [q for _, q in self.enabled if q.role is not QuantizerRole.PARAM]
 
         @functools.wraps(forward)   # keeps forward's signature for split_dummy_input
         def both(*args, **kwargs):
@@ -255,10 +256,14 @@ class _StatisticsPass:
             try:
                 for q in params:
                     q.enabled = False
+                for q in activations:   # still called (their hooks record), nothing computed
+                    q.forward = _hand_on
                 forward(*args, **kwargs)
             finally:
                 for q in params:
                     q.enabled = True
+                for q in activations:
+                    del q.forward
             self._phase = "quantized"
             try:
                 out = forward(*args, **kwargs)
@@ -292,6 +297,11 @@ class _StatisticsPass:
         stats = [self.tallies[name].stats(layer, name, q) for layer, name, q in self.entries]
         mse = {layer: noise / count for layer, (noise, count) in self.layer_sums.items() if count}
         return stats, mse
+
+
+def _hand_on(x: torch.Tensor) -> torch.Tensor:
+    """A quantizer's forward in the float run: the float model's tensor, unchanged."""
+    return x
 
 
 def collect_statistics(sim, data: Any, layers: Dict[str, nn.Module],
