@@ -74,8 +74,26 @@ def failure_location(exc: BaseException) -> str:
     return "<unknown location>"
 
 
+def _resolve_string_annotations(module: nn.Module, graph: fx.Graph) -> None:
+    """Turn the string type hints fx copied from ``forward`` into types, or drop them.
+
+    Under ``from __future__ import annotations`` every hint is a string; fx keeps it on the
+    placeholder / output node, and the generated code then names a global whose value is a
+    string, which ``torch.package`` (pickling a GraphModule) cannot import. Hints are only
+    documentation on the generated ``forward``, so one that does not resolve is dropped.
+    """
+    namespace = getattr(inspect.unwrap(type(module).forward), "__globals__", {})
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            try:
+                node.type = eval(node.type, dict(namespace))  # noqa: S307 - the user's own hint
+            except Exception:  # noqa: BLE001 - unresolvable: keep no hint
+                node.type = None
+
+
 def _graph_module(tracer: fx.Tracer, module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """The GraphModule, with the original's non-persistent buffers kept out of state_dict."""
+    _resolve_string_annotations(module, graph)
     graph._tracer_cls = ReloadTracer  # what unpickling re-traces the generated code with
     gm = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
     copies = dict(gm.named_modules())
