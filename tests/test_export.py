@@ -24,6 +24,7 @@ from quantsim.export import export, load_encodings, save_encodings_to_json, veri
 from quantsim.export import onnx_export
 from quantsim.export.onnx_export import MODULE_KEY, graph_tensor_names, node_name_for
 from quantsim.graph import run_forward
+from quantsim.prepare import prepare_model
 from quantsim.sim import QuantizationSimModel
 
 TESTS = Path(__file__).parent
@@ -203,6 +204,27 @@ def test_pth_loads_without_quantsim(digits, digits_files):
     assert set(state) == set(model.state_dict())
     (digits_files.pth.parent / "x.pt").unlink()
     out_path.unlink()
+
+
+def test_prepared_model_exports_like_the_original(digits, digits_files, tmp_path):
+    """A prepare_model'd DigitsCNN (a GraphModule traced from tests/models.py, which has
+    ``from __future__ import annotations``) exports: its .pth loads back and reproduces the
+    float output, its ONNX-keyed encodings equal the unprepared export's (model input and
+    output included) and its QDQ model runs within one step of the sim."""
+    model, _, x = digits
+    x_train = digits_data()[0]
+    sim = QuantizationSimModel(prepare_model(model), x[:16], quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x_train[:512]), None)
+    files = export(sim, tmp_path, "digits", x[:16], onnx_export_args={
+        "input_names": ["input"], "dynamic_axes": {"input": {0: "batch"}}})
+    loaded = torch.load(files.pth, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:8]), model(x[:8]))
+    doc = json.loads(files.encodings.read_text())
+    assert [e["name"] for e in doc["activation_encodings"]] == [
+        "input", "/relu1/Relu_output_0", "/relu2/Relu_output_0", "output"]
+    assert doc == json.loads(digits_files.encodings.read_text())
+    assert_qdq_agrees(verify(sim, files.qdq_onnx, x[:200]))
 
 
 # -- QDQ model vs sim ---------------------------------------------------------------------------

@@ -368,8 +368,10 @@ def node_module(node: onnx.NodeProto) -> str:
         return meta[MODULE_KEY]
     if meta.get(_SCOPES_KEY):
         parts = _name_scopes(node)
-        # ['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d_1']: the last is the fx node
-        return parts[-2] if len(parts) >= 3 else ""
+        # ['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d_1']: the last is the fx node,
+        # the others module paths. The root's '' is missing when the exported model is itself
+        # an fx GraphModule (a prepared model): ['layer1.0.conv1', 'conv2d_1'], ['add_1']
+        return parts[-2] if len(parts) >= 2 else ""
     if node.name.startswith("/"):
         parts = node.name.strip("/").split("/")[:-1]
         dotted = [i for i, p in enumerate(parts) if "." in p]
