@@ -102,6 +102,7 @@ _LAYER_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 @pytest.mark.parametrize("bitwidth", [8, 16])
 @pytest.mark.parametrize("case", sorted(_LAYER_CASES))
 def test_layer_variants_agree_with_the_sim_and_onnxruntime(tmp_path, case, bitwidth):
