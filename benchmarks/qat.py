@@ -201,12 +201,12 @@ def print_step_table(rows: List[Dict], load: List[float]) -> None:
               f"{r['learning_ratio_of_mins']:7.2f}x{r['learning_cpu_ratio']:6.2f}x  {r['peers']}")
     if "fixed_compiled_ms" in rows[0]:
         print(f"\ntorch.compile(sim.model), same rounds\n{'model':<12}{'fixed ms':>9}"
-              f"{'ratio':>7}{'of mins':>8}{'learn ms':>9}{'ratio':>7}{'of mins':>8}")
+              f"{'ratio':>7}{'of mins':>8}{'cpu':>7}{'learn ms':>9}{'ratio':>7}{'of mins':>8}"
+              f"{'cpu':>7}")
         for r in rows:
-            print(f"{r['model']:<12}{r['fixed_compiled_ms']:9.2f}"
-                  f"{r['fixed_compiled_ratio']:6.2f}x{r['fixed_compiled_ratio_of_mins']:7.2f}x"
-                  f"{r['learning_compiled_ms']:9.2f}{r['learning_compiled_ratio']:6.2f}x"
-                  f"{r['learning_compiled_ratio_of_mins']:7.2f}x")
+            print(f"{r['model']:<12}" + "".join(
+                f"{r[m + '_ms']:9.2f}{r[m + '_ratio']:6.2f}x{r[m + '_ratio_of_mins']:7.2f}x"
+                f"{r[m + '_cpu_ratio']:6.2f}x" for m in ("fixed_compiled", "learning_compiled")))
     print("ratio: of the median wall-clock steps (the goal); of mins: fastest sim step over "
           "fastest float step; cpu: of the median process CPU times (unaffected by waiting for "
           "a core, but it counts the spinning of idle threads)")
