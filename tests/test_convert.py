@@ -483,3 +483,18 @@ def test_untraceable_model_is_a_conversion_error():
     sim.compute_encodings(lambda m, _: m(torch.ones(8, 4)), None)
     with pytest.raises(ConversionError, match="torch.fx cannot trace Branchy.*prepare_model"):
         check_deployable(sim)
+
+
+def test_a_running_qat_phase_is_refused_until_validation(trained_digits_cnn, digits):
+    from quantsim import FakeQuantState, set_fake_quantize
+    x, y = digits[0], digits[1]
+    sim = QuantizationSimModel(trained_digits_cnn, x[:4], quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x[:256]), None)
+    sim.model.train()
+    set_fake_quantize(sim, FakeQuantState.QAT)
+    sim.model(x[:64])
+    with pytest.raises(ConversionError, match="QAT phase.*FakeQuantState.VALIDATION"):
+        convert(sim)
+    sim.model.eval()
+    set_fake_quantize(sim, FakeQuantState.VALIDATION)
+    _agrees(sim, digits[2])

@@ -125,6 +125,14 @@ class _Converter:
         self.env: Dict[fx.Node, Any] = {}
         self.output_encodings: List[Optional[Encoding]] = []
         self.modules = dict(sim.model.named_modules())
+        following = [n for n, q in sim.named_quantizers()
+                     if q.enabled and str(getattr(q.state, "value", q.state)) in ("observe", "qat")]
+        if following:
+            raise ConversionError(
+                f"convert: quantizers still follow the data (a CALIBRATION or QAT phase): "
+                f"{following[:8]}{' ...' if len(following) > 8 else ''}; finish the phase "
+                "first: sim.model.eval(); quantsim.set_fake_quantize(sim, "
+                "FakeQuantState.VALIDATION) (encodes the final weights)")
         missing = [n for n, q in sim.named_quantizers() if q.enabled and q.encoding is None]
         if missing:
             raise ConversionError(
