@@ -190,8 +190,9 @@ def convert(sim: Any, return_integers: bool = False, rounding: str = "half_to_ev
             False raises instead.
 
     Raises:
-        ConversionError: an enabled quantizer without an encoding, a model torch.fx cannot
-            trace, or (``allow_float=False``) ops that would run in float, each named.
+        ConversionError: an enabled quantizer without an encoding, quantizers still in a
+            CALIBRATION / QAT phase, a model torch.fx cannot trace, or
+            (``allow_float=False``) ops that would run in float, each named.
         QuantizationSettingError: an unknown ``rounding``.
     """
     _require_sim(sim, "convert")
@@ -213,8 +214,9 @@ def check_deployable(sim: Any) -> ConversionReport:
     raised for such ops, and the sim is not changed.
 
     Raises:
-        ConversionError: an enabled quantizer has no encoding, or torch.fx cannot trace the
-            model (nothing can be checked then).
+        ConversionError: an enabled quantizer has no encoding, quantizers are still in a
+            CALIBRATION / QAT phase, or torch.fx cannot trace the model (nothing can be
+            checked then).
     """
     _require_sim(sim, "check_deployable")
     return lower(sim)[1]
