@@ -16,6 +16,9 @@ Then placement follows what a target runtime executes:
 * an input that arrives unquantized (from a functional op such as ``x + y``, a constant or a
   buffer) gets an input quantizer, when activations are quantized at all; a data-movement op
   fed that way so passes on quantized values.
+* an input a module declares float (``float_inputs``: the additive attention mask of
+  :class:`~quantsim.nn.AttentionMaskAdd`, 0 or ``-inf``, which no grid holds and runtimes apply
+  in float) gets no quantizer at any level.
 
 The fold rule, supergroups and arrivals are matched per *call*, because the exported graph has
 one node per call and a runtime fuses node chains. A module called more than once (one
@@ -276,16 +279,29 @@ def _apply_supergroups(config, graph, types, placement: Placement, folds: Dict[i
                 q.enabled = False
 
 
+def _float_inputs(module: nn.Module) -> Tuple[int, ...]:
+    """Inputs the module keeps float whatever the config says (its ``float_inputs``)."""
+    return tuple(getattr(module, "float_inputs", ()))
+
+
 def _place_for_runtime(config, graph: ModelGraph, modules, placement: Placement) -> None:
     """No requantization after data movement; an input that arrives unquantized in any call
-    gets an input quantizer (a shared module's then applies to all its calls)."""
+    gets an input quantizer (a shared module's then applies to all its calls); inputs a
+    module declares float get none."""
     settings = placement.modules
     activations_on = _set(config.defaults.ops.is_output_quantized, False)
+    for name, s in settings.items():
+        for i in _float_inputs(modules[name]):
+            if i < len(s.inputs):
+                s.inputs[i].enabled = False
     for call in graph.calls:
         if call.name not in settings:
             continue
         s = settings[call.name]
+        float_inputs = _float_inputs(modules[call.name])
         for i, src in enumerate(call.inputs):
+            if i in float_inputs:
+                continue
             # module outputs are quantized by their producer (or inside its supergroup), data
             # movement passes that on, and model inputs follow the model_input rule
             if activations_on and src is not None and src.kind == "other" \

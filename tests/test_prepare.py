@@ -242,7 +242,8 @@ def test_prepare_decomposes_scaled_dot_product_attention(mask):
     kinds = [type(mod) for mod in prepared.modules()]
     assert kinds.count(qnn.MatMul) == 2 and kinds.count(nn.Softmax) == 1
     # the mask argument may be None at run time: its Add then adds a zero
-    assert kinds.count(qnn.Add) == (2 if mask == "causal" else 1)
+    assert kinds.count(qnn.AttentionMaskAdd) == (2 if mask == "causal" else 1)
+    assert qnn.Add not in kinds
     assert _functional_compute_nodes(prepared) == []
     torch.testing.assert_close(prepared(*args), net(*args), rtol=1e-5, atol=1e-5)
 
@@ -326,7 +327,8 @@ def test_prepare_torch_transformer_encoder_layer():
     prepared = prepare_model(nn.Sequential(layer), dummy_input=x)
     kinds = [type(m) for m in prepared.modules()]
     assert qnn.QuantizableMultiheadAttention in kinds and nn.MultiheadAttention not in kinds
-    assert kinds.count(qnn.Add) == 2 + 1 and nn.ReLU in kinds  # residuals + attention mask
+    assert kinds.count(qnn.Add) == 2 and nn.ReLU in kinds  # residuals
+    assert kinds.count(qnn.AttentionMaskAdd) == 1
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), layer(x), rtol=1e-5, atol=1e-5)
 
@@ -542,7 +544,8 @@ def test_minilm_every_matmul_add_softmax_is_a_module(minilm):
     assert _functional_compute_nodes(prepared) == []
     kinds = [type(m) for m in prepared.modules()]
     assert kinds.count(qnn.MatMul) == 12 and kinds.count(nn.Softmax) == 6
-    assert kinds.count(qnn.Add) == 2 + 6 * 3 and kinds.count(nn.GELU) == 6
+    assert kinds.count(qnn.Add) == 2 + 6 * 2 and kinds.count(nn.GELU) == 6
+    assert kinds.count(qnn.AttentionMaskAdd) == 6
     layer = dict(prepared.encoder.layer[0].named_children())
     assert isinstance(layer["attention_self_qk_matmul"], qnn.MatMul)
 

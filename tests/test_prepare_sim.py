@@ -11,7 +11,7 @@ from models import ResidualNet, randomize_batch_norms
 from quantsim import QuantizationSimModel
 from quantsim.prepare import prepare_model
 from quantsim.wrappers import unwrap_class
-from test_prepare import TransformerBlock
+from test_prepare import SdpaNet, TransformerBlock
 
 
 def _count_quantized(sim, classes):
@@ -54,3 +54,38 @@ def test_prepared_residual_net_quantizes_every_add():
     for add in adds:
         fused_into_relu = not add.output_quantizers[0].enabled
         assert fused_into_relu, "Add -> ReLU is a supergroup in the default config"
+
+
+def test_prepared_attention_keeps_the_additive_mask_float():
+    """The decomposed SDPA's mask_add (an AttentionMaskAdd) has no quantizer on the mask (it
+    arrives from a functional op, which otherwise gets one): a grid cannot hold -inf, and
+    one calibrated on 0/-inf is [0, 0], which unmasked the padding.
+    So the masked scores leave the add (its output quantizer saturates -inf at the grid's
+    minimum) no higher than any real score of their row, and the sim's output at 8 bits
+    stays within the quantization error of the float model's."""
+    torch.manual_seed(0)
+    net = SdpaNet().eval()
+    x = torch.randn(4, 6, 8)
+    mask = torch.zeros(4, 1, 1, 6)
+    mask[0, ..., 4:] = mask[2, ..., 3:] = float("-inf")  # padding, as bool masks become
+    sim = QuantizationSimModel(prepare_model(net, dummy_input=(x, mask)), (x, mask),
+                               quant_scheme="tf")
+    add = sim.model.mask_add
+    assert unwrap_class(add) is qnn.AttentionMaskAdd
+    assert not add.input_quantizers[1].enabled and ("mask_add", 1) not in \
+        sim.placement.unquantized_arrivals
+    assert add.output_quantizers[0].enabled  # the sum is quantized as any Add's
+    sim.compute_encodings(lambda m, _: m(x, mask), None)
+    seen = {}
+    handle = add.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad():
+        got, want = sim.model(x, mask), net(x, mask)
+    handle.remove()
+    scores, masked = seen["out"], (mask != 0).expand_as(seen["out"])
+    highest_masked = scores.masked_fill(~masked, float("-inf")).amax(-1)
+    lowest_real = scores.masked_fill(masked, float("inf")).amin(-1)
+    assert (highest_masked <= lowest_real).all()
+    # 8-bit steps through proj, two matmuls, softmax: within a few output steps, far below
+    # the O(1) change that attending the padded values makes
+    step = float(sim.model.proj.output_quantizers[0].get_scale())
+    assert (got - want).abs().max() < 8 * step

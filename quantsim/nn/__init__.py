@@ -3,7 +3,7 @@
 * :mod:`quantsim.nn.elementwise`: ``Add``, ``Sub``, ``Mul``, ``Div``, ``Pow``, ``MatMul``,
   ``Exp``, ``Sqrt``, ``Mean``, ``Sum``, ``Concat``, ``Reshape``, ``Permute``, ``Transpose``;
 * :mod:`quantsim.nn.attention`: ``QuantizableMultiheadAttention``,
-  ``replace_multihead_attention``;
+  ``replace_multihead_attention``, ``AttentionMaskAdd`` (an ``Add`` whose mask input stays float);
 * :mod:`quantsim.nn.fused`: ``ConvBn``, ``ConvTransposeBn``, ``LinearBn`` (BatchNorm fused
   into the layer for QAT, simulated and exported folded by a QuantizationSimModel),
   ``fuse_conv_bn``, ``FoldedLayer``;
@@ -13,6 +13,7 @@ Importing this package registers the ONNX op types of these modules with
 :mod:`quantsim.op_types`.
 """
 from quantsim.nn.attention import (
+    AttentionMaskAdd,
     QuantizableMultiheadAttention,
     attention_mask_to_bias,
     causal_attention_bias,
@@ -65,7 +66,7 @@ from quantsim.nn.qat import (  # noqa: E402  (after the registrations above)
 
 __all__ = [
     "Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Exp", "Sqrt", "Mean", "Sum", "Concat",
-    "Reshape", "Permute", "Transpose", "QuantizableMultiheadAttention",
+    "Reshape", "Permute", "Transpose", "QuantizableMultiheadAttention", "AttentionMaskAdd",
     "replace_multihead_attention", "attention_mask_to_bias", "causal_attention_bias",
     "ConvBn", "ConvTransposeBn", "LinearBn", "FoldedLayer", "fuse_conv_bn", "Conv2dQAT",
     "Conv3dQAT", "ConvTranspose2dQAT", "LinearQAT", "QATConfig", "quantization_disabled",

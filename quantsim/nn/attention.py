@@ -4,7 +4,7 @@
 inside one fused call (``F.multi_head_attention_forward``), so a module-level quantizer
 cannot reach them. :class:`QuantizableMultiheadAttention` computes the same thing with
 ``nn.Linear`` projections, :class:`~quantsim.nn.MatMul` products, a :class:`~quantsim.nn.Mul`
-for the ``1/sqrt(head_dim)`` scale, an :class:`~quantsim.nn.Add` for the mask and an
+for the ``1/sqrt(head_dim)`` scale, an :class:`AttentionMaskAdd` for the mask and an
 ``nn.Softmax``, each a module a wrapper can quantize. Float outputs match
 ``nn.MultiheadAttention`` to float rounding (1e-5).
 
@@ -14,8 +14,8 @@ inference fast path is turned off by ``_qkv_same_embed_dim = False``, as for any
 separate q/k/v projections).
 
 The helpers :func:`attention_mask_to_bias` and :func:`causal_attention_bias` turn masks into the
-additive float bias the ``Add`` module takes; ``quantsim.prepare`` uses them too when it
-decomposes ``F.scaled_dot_product_attention``.
+additive float bias that :class:`AttentionMaskAdd` (an ``Add`` whose mask input stays float)
+takes; ``quantsim.prepare`` uses them too when it decomposes ``F.scaled_dot_product_attention``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from quantsim.nn.elementwise import Add, Concat, MatMul, Mul
 
 __all__ = [
     "QuantizableMultiheadAttention", "replace_multihead_attention", "attention_mask_to_bias",
-    "causal_attention_bias", "attention_scale", "repeat_kv_heads", "graph_function",
+    "causal_attention_bias", "AttentionMaskAdd", "attention_scale", "repeat_kv_heads",
+    "graph_function",
 ]
 
 
@@ -102,6 +103,23 @@ def causal_attention_bias(query: torch.Tensor, key: torch.Tensor) -> torch.Tenso
     return attention_mask_to_bias(allowed, query.dtype)
 
 
+class AttentionMaskAdd(Add):
+    """``scores + bias`` where ``bias`` is an additive attention mask (0 or ``-inf`` / a large
+    negative number): ONNX ``Add``, with input 1 never quantized.
+
+    A grid cannot hold ``-inf`` (calibration leaves infinities out, so an all-0/-inf mask
+    calibrates to the grid ``[0, 0]`` and ``-inf`` fake-quantizes to 0, which unmasks every
+    masked position); a large negative value would take the whole grid and round the 0s
+    away. Runtimes keep masks in float or apply them as a select, so the placement rules
+    (:mod:`quantsim.placement`) leave every input listed in :attr:`float_inputs` without a
+    quantizer, whatever the config says. The scores (input 0) and the sum are quantized as
+    for any ``Add``.
+    """
+
+    #: inputs that stay float (read by :mod:`quantsim.placement`)
+    float_inputs: Tuple[int, ...] = (1,)
+
+
 def _padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bias from an ``nn.MultiheadAttention``-style mask (bool ``True`` = do *not* attend)."""
     if mask.dtype == torch.bool:
@@ -114,7 +132,7 @@ class QuantizableMultiheadAttention(nn.Module):
 
     Same constructor and ``forward`` as ``nn.MultiheadAttention``. Submodules: ``q_proj``,
     ``k_proj``, ``v_proj``, ``out_proj`` (``nn.Linear``), ``scale`` (``Mul``, ``q / sqrt(d)``),
-    ``qk_matmul`` and ``av_matmul`` (``MatMul``), ``mask_add`` (``Add``), ``softmax``
+    ``qk_matmul`` and ``av_matmul`` (``MatMul``), ``mask_add`` (``AttentionMaskAdd``), ``softmax``
     (``nn.Softmax``), ``attn_dropout`` (``nn.Dropout``) and, with ``add_bias_kv`` /
     ``add_zero_attn``, ``k_concat`` / ``v_concat`` (``Concat``).
 
@@ -175,7 +193,7 @@ class QuantizableMultiheadAttention(nn.Module):
             self.k_concat, self.v_concat = Concat(dim=1), Concat(dim=1)
         self.scale = Mul()
         self.qk_matmul = MatMul()
-        self.mask_add = Add()
+        self.mask_add = AttentionMaskAdd()
         self.softmax = nn.Softmax(dim=-1)
         self.attn_dropout = nn.Dropout(dropout)
         self.av_matmul = MatMul()

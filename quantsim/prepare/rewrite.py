@@ -3,8 +3,8 @@
 Applied by :func:`quantsim.prepare.prepare_model` to each traced GraphModule, in order:
 
 1. :func:`decompose_attention`: ``F.scaled_dot_product_attention`` becomes
-   ``MatMul(q, k^T) -> Mul(scale) -> Add(mask bias) -> nn.Softmax -> [nn.Dropout] ->
-   MatMul(., v)``;
+   ``MatMul(q, k^T) -> Mul(scale) -> AttentionMaskAdd(mask bias) -> nn.Softmax ->
+   [nn.Dropout] -> MatMul(., v)`` (the mask bias stays float: :mod:`quantsim.placement`);
 2. :func:`functionals_to_modules`: the ops of :mod:`quantsim.prepare.functional` become their
    modules;
 3. :func:`unshare_modules`: a module called more than once gets a deep copy per extra call.
@@ -187,10 +187,12 @@ def decompose_attention(gm: fx.GraphModule, namer: _Namer, stats: RewriteStats) 
             out = _call(graph, namer, scope, "scale", Mul(), (out, scale), node)
             if a["attn_mask"] is not None:
                 bias = graph.call_function(qattn.attention_mask_to_bias, (a["attn_mask"], q))
-                out = _call(graph, namer, scope, "mask_add", Add(), (out, bias), node)
+                out = _call(graph, namer, scope, "mask_add", qattn.AttentionMaskAdd(), (out, bias),
+                            node)
             if a["is_causal"]:
                 bias = graph.call_function(qattn.causal_attention_bias, (q, k))
-                out = _call(graph, namer, scope, "causal_add", Add(), (out, bias), node)
+                out = _call(graph, namer, scope, "causal_add", qattn.AttentionMaskAdd(),
+                            (out, bias), node)
             out = _call(graph, namer, scope, "softmax", nn.Softmax(dim=-1), (out,), node)
             if a["dropout_p"] > 0:
                 out = _call(graph, namer, scope, "attn_dropout", nn.Dropout(a["dropout_p"]),
