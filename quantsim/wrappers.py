@@ -155,7 +155,8 @@ def set_param_cache_limit(max_elements: Optional[int] = 1 << 20, *,
     Linear layer at batch 64, about as long as its matrix product: raise the limit where
     memory allows). Embedding tables are cached whatever their size (a call reads a few rows,
     so quantizing the whole table per call costs many times the lookup) unless the model is
-    above ``model_max_elements``. The model limit keeps a large model (an LLM's many
+    above ``model_max_elements``; an uncached ``nn.Embedding`` whose weight encoding is per
+    tensor then fake-quantizes only the rows a call looks up (the same values). The model limit keeps a large model (an LLM's many
     mid-sized weights) from being held twice; the sim records its model's size in each
     quantized module when it is built (modules quantized outside a sim have no model size and
     follow ``max_elements`` alone).
@@ -215,6 +216,7 @@ class QuantizationMixin:
         nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
         self._qparam_cache: Dict[str, tuple] = {}
         self._model_size = 0  # the sim's model, for the cache's model limit (record_model_size)
+        self._lookup = unwrap_class(self) is nn.Embedding  # uncached: quantize the rows read
         self._plan: Tuple[int, bool, bool, bool] = (-1, True, True, True)
         #: the fake-quantized parameters while a torch.compile trace runs the float forward
         self._traced_params: Optional[Dict[str, torch.Tensor]] = None
@@ -255,7 +257,8 @@ class QuantizationMixin:
         inputs_on, outputs_on, params_on = self._active()
         if inputs_on:
             args = self._quantize_inputs(args)
-        substitutes = self._quantized_params() if params_on else None
+        rows = self._rows_quantizer() if params_on and self.__dict__.get("_lookup") else None
+        substitutes = self._quantized_params() if params_on and rows is None else None
         if substitutes:
             token = _SUBSTITUTED.set((self, substitutes, _SUBSTITUTED.get()))
             try:
@@ -264,6 +267,8 @@ class QuantizationMixin:
                 _SUBSTITUTED.reset(token)
         else:
             out = super().forward(*args, **kwargs)
+        if rows is not None:  # the looked-up rows of the float table: a fresh tensor
+            out = rows.forward_owned(out)
         if outputs_on:
             out = self._quantize_outputs(out)
         return out
@@ -359,6 +364,23 @@ class QuantizationMixin:
         # entries hold the objects whose ids are in the key, so no id can be reused
         self._qparam_cache[name] = (key, value, param, quantizer.encoding_tensors())
         return value
+
+    def _rows_quantizer(self) -> Optional[Quantizer]:
+        """An uncached embedding table's weight quantizer where the call may apply it to the
+        rows it looks up instead of the whole table: the same values (a per-tensor encoding,
+        elementwise arithmetic) for a fraction of the work. None where it may not."""
+        q = self._modules["param_quantizers"]["weight"] if "weight" in self._modules[
+            "param_quantizers"] else None
+        param = self._parameters.get("weight")
+        if (q is None or param is None or not q.enabled or q.axis is not None
+                or q.block_size is not None or q.state != "quantize" or q.rounding != "nearest"
+                or self.max_norm is not None or torch.jit.is_tracing()
+                or (torch.is_grad_enabled() and (param.requires_grad or q.learnable))):
+            return None
+        if self._may_cache(param):
+            return None
+        self._qparam_cache.pop("weight", None)  # a copy kept before a limit was lowered
+        return q
 
     def _may_cache(self, param: torch.Tensor) -> bool:
         """The limits of :func:`set_param_cache_limit` allow keeping ``param``'s copy."""

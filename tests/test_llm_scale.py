@@ -184,7 +184,8 @@ def test_model_above_the_cache_limit_holds_one_copy_of_each_weight():
     """Under the default limits the tiny decoder (0.1M parameters) caches its fake-quantized
     weights, the embedding table included; with the model limit below its size an in-place
     sim keeps none: its parameters are the float model's tensors, the only other tensors it
-    holds are the quantizers' encodings, and the outputs are bit-identical."""
+    holds are the quantizers' encodings, and the outputs are bit-identical (the embedding then
+    fake-quantizes the rows it looks up, not its table)."""
     assert model_cache_limit() == 1 << 25  # the documented default
     batches = _batches(2)
     model = build_decoder("tiny")
