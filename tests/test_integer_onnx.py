@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import ResidualNet, randomize_batch_norms
-from quantsim import QuantizationSimModel, convert
+from quantsim import QuantizationSimModel, check_deployable, convert
 from quantsim.errors import ExportError
 from quantsim.export.integer_onnx import export_integer_onnx
 from test_convert import Net1d, OpsNet, _sim_of
@@ -183,3 +183,36 @@ def test_horizon_flow_end_to_end(trained_digits_cnn, digits, tmp_path):
     assert abs(stages["fixed point"] - stages["QAT W8A8"]) <= 2 / n, table
     assert abs(stages["fused"] - stages["float"]) <= 1 / n, table
     assert min(stages.values()) >= 0.95, table
+
+
+def test_lpbq_weights_convert_exactly_and_plain_blocks_stay_float(tmp_path):
+    """LPBQ block scales are integer multipliers of a channel scale, so code x multiplier is an
+    integer weight on the channel's grid: the Conv / Linear accumulate in integers, within one
+    LSB of the sim, bit-exact in ORT. Plain per-block scales differ inside one dot product:
+    check_deployable names those layers and they run as float islands."""
+    from quantsim.config_utils import (set_blockwise_quantization_for_weights,
+                                       set_grouped_blockwise_quantization_for_weights)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10)).eval()
+    x = torch.randn(64, 16, 4, 4)
+    for grouped in (True, False):
+        sim = QuantizationSimModel(model, x[:2], quant_scheme="tf")
+        if grouped:
+            set_grouped_blockwise_quantization_for_weights(
+                sim, [torch.nn.Conv2d, torch.nn.Linear], bitwidth=4, symmetric=True,
+                decompressed_bw=8, block_size=8)
+        else:
+            set_blockwise_quantization_for_weights(
+                sim, [torch.nn.Conv2d, torch.nn.Linear], bitwidth=4, symmetric=True, block_size=8)
+        sim.compute_encodings(lambda m, _: m(x[:32]), None)
+        report = convert(sim).compare(sim, x[32:])
+        if grouped:
+            assert report.deployable and not report.float_ops, str(report)
+            assert all(f >= 0.99 for f in report.output_within_1_lsb), str(report)
+            ops = _assert_bit_exact(convert(sim), x[32:], tmp_path, "lpbq")
+            assert _INTEGER_OPS <= ops
+        else:
+            blocked = [name for name, reason in check_deployable(sim).float_ops
+                       if "per-block scales" in reason]
+            assert blocked == ["0", "3"] and not report.deployable, str(report)

@@ -453,6 +453,11 @@ class _Converter:
             reason = f"padding_mode={layer.padding_mode!r} (only 'zeros' has an integer form)"
         elif kind.startswith("conv_transpose") and layer.groups != 1:
             reason = "grouped transposed convolution"
+        elif wq.encoding.per_block and (not wq.encoding.is_lpbq or kind.startswith("conv_t")):
+            # one accumulator needs one weight scale per output channel: plain per-block
+            # scales differ within a channel's dot product (LPBQ's do not, see below)
+            reason = ("its weight has per-block scales (an integer accumulator needs one scale "
+                      "per output channel; LPBQ weights of Conv / Linear convert)")
         if reason is not None:
             return self.island(name, float_module, args, kwargs, reason, node)
         with torch.no_grad():
@@ -467,6 +472,13 @@ class _Converter:
         w_enc = wq.encoding
         codes = w_enc.quantize(weight)
         axis = 1 if kind.startswith("conv_transpose") else 0
+        if w_enc.is_lpbq:
+            # LPBQ: block scale = integer multiplier x channel scale, so code x multiplier is an
+            # exact integer weight on the channel's grid (aimet's reason for the format)
+            multiplier = w_enc.per_block_int_scale.repeat_interleave(w_enc.block_size, dim=1)
+            codes = codes * multiplier.reshape(multiplier.shape + (1,) * (weight.dim() - 2))
+            w_enc = Encoding(scale=w_enc.channel_scale, offset=torch.zeros_like(
+                w_enc.channel_scale), bitwidth=w_enc.decompressed_bw, symmetric=True, axis=0)
         offset = w_enc.offset
         if bool((offset != 0).any()):  # asymmetric weights: codes measured from real 0
             shape = [1] * weight.dim()
