@@ -86,10 +86,9 @@ def encodings_problems(path: str) -> List[str]:
         layout = common.detect_layout(doc, path)
     except (OSError, ValueError, RecursionError, QuantSimError):
         return [first]  # the reader's message already says why the file cannot be read
-    validator = common._validator(common._LAYOUT_DEFS[layout])
-    errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        return list(dict.fromkeys(f"{path}: {': '.join(common._explain(e))}" for e in errors))
+    problems = common.schema_problems(doc, layout)
+    if problems:
+        return [f"{path}: {problem}" for problem in problems]
     return _entry_problems(doc, layout, path) or [first]
 
 

@@ -220,6 +220,22 @@ def validate(doc: Any, layout: Optional[str] = None, source: str = "<dict>") -> 
     _validate(doc, layout or detect_layout(doc, source), source)
 
 
+def schema_problems(doc: Any, layout: Optional[str] = None) -> List[str]:
+    """Every schema violation of a parsed document, as ``"<json path>: <what was expected>,
+    got <value>"``, ordered by path, each once (``[]``: the document fits the schema).
+
+    Args:
+        doc: the parsed JSON document.
+        layout: ``'0.6.1'``, ``'1.0.0'``, ``'2.0.0'`` or ``'torch'``; detected when None.
+
+    Raises:
+        EncodingsError: the layout cannot be detected (:func:`detect_layout`).
+    """
+    validator = _validator(_LAYOUT_DEFS[layout or detect_layout(doc)])
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    return list(dict.fromkeys(": ".join(_explain(e)) for e in errors))
+
+
 def _validate(doc: Any, layout: str, source: str) -> None:
     _validate_against(doc, _LAYOUT_DEFS[layout], source)
 

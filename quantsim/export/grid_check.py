@@ -37,7 +37,7 @@ from quantsim.encodings import EncodingsFile, PathLike, load
 from quantsim.errors import EncodingsError, ExportError
 from quantsim.export.onnx_export import stored_quantizer_map
 from quantsim.export.qdq import container_grid
-from quantsim.export.verify import _run, _with_outputs
+from quantsim.export.verify import run_onnx, with_outputs
 
 #: suffixes the QDQ exporter gives renamed tensors (graph outputs, clamped 4-bit weights)
 _RENAMES = ("_float", "_clamped")
@@ -294,7 +294,7 @@ def _run_model(model: onnx.ModelProto, tensors: List[str], feeds: Dict[str, np.n
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return _run(ort, _with_outputs(model, tensors), feeds, options)
+        return run_onnx(ort, with_outputs(model, tensors), feeds, options)
     except Exception as exc:  # ORT raises its own exception types
         raise ExportError(f"ONNX Runtime cannot run the model: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc

@@ -184,7 +184,7 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
     disabled.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     dq_tensors = [c.tensor for c in checks]
 
-    chained = _run(ort, _with_outputs(model, dq_tensors), feeds, disabled)
+    chained = run_onnx(ort, with_outputs(model, dq_tensors), feeds, disabled)
     max_diff, max_lsb, differing = _compare([chained[n] for n in output_names], sim_outputs, scales)
     report = VerifyReport(scales[0] if scales else None, max_diff, max_lsb, differing,
                           output_scales=scales, uncompared=uncompared)
@@ -198,13 +198,14 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
     forced = {c.tensor: c.value for c in checks
               if quantizers[c.qname].role is not QuantizerRole.PARAM}
     iso_feeds = dict(feeds, **{f"{t}{_SIM_SUFFIX}": v for t, v in forced.items()})
-    isolated = _run(ort, _with_outputs(_isolated(model, forced), dq_tensors), iso_feeds, disabled)
+    isolated = run_onnx(ort, with_outputs(_isolated(model, forced), dq_tensors), iso_feeds,
+                        disabled)
     report.isolated_max_diff, report.isolated_max_diff_lsb, _ = _compare(
         [isolated[n] for n in output_names], sim_outputs, scales)
     report.quantizers = sorted((_agreement(c, isolated[c.tensor], quantizers[c.qname]) for c in checks),
                                key=lambda q: -q.max_diff_lsb)
     try:
-        default = _run(ort, model, feeds, None)
+        default = run_onnx(ort, model, feeds, None)
         report.max_diff_default, report.max_diff_lsb_default, report.differing_default = _compare(
             [default[n] for n in output_names], sim_outputs, scales)
     except Exception as exc:  # ORT raises its own exception types
@@ -215,7 +216,14 @@ def verify(sim: Any, qdq_onnx_path: str, dummy_input: Any) -> VerifyReport:
 _SIM_SUFFIX = "__from_sim"
 
 
-def _run(ort, model: onnx.ModelProto, feeds, options) -> Dict[str, np.ndarray]:
+def run_onnx(ort, model: onnx.ModelProto, feeds: Dict[str, np.ndarray],
+             options: Any) -> Dict[str, np.ndarray]:
+    """Run ``model`` once on ONNX Runtime's CPU provider: graph output name -> value.
+
+    ``ort`` is the imported ``onnxruntime`` module (imported by the caller, which reports
+    its absence); ``options`` its ``SessionOptions`` or None; feeds the model does not take
+    are left out.
+    """
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in model.graph.output]
@@ -306,7 +314,8 @@ def _feeds(model: onnx.ModelProto, call: Tuple[tuple, Dict[str, Any]]) -> Dict[s
     return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: List[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, tensors: List[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (float; each once, graph outputs kept)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     present = {o.name for o in out.graph.output}
