@@ -141,20 +141,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_times(fns: Dict[str, Callable[[], Any]], runs: int,
-                        warmup: int) -> Dict[str, List[float]]:
-    """ms of every run of each function, timed in turn (order reversed every run)."""
+def interleaved_times(fns: Dict[str, Callable[[], Any]], runs: int, warmup: int,
+                      cpu: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """ms of every run of each function, timed in turn (order reversed every run); with
+    ``cpu``, the process CPU ms of each run go there too (waiting for a core does not count:
+    the steadier figure on a busy machine, with one thread)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: Dict[str, List[float]] = {key: [] for key in fns}
+    if cpu is not None:
+        cpu.update({key: [] for key in fns})
     order = list(fns.items())
     for i in range(runs):
         for key, fn in (order if i % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             _sync()
             times[key].append((time.perf_counter() - start) * 1e3)
+            if cpu is not None:
+                cpu[key].append((time.process_time() - start_cpu) * 1e3)
     return times
 
 
@@ -228,6 +234,7 @@ def compiled_model_row(case: Case, runs: int, warmup: int) -> Dict:
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(sim.model, backend=counter)
     compiled_float = torch.compile(case.model)
+    cpu: Dict[str, List[float]] = {}
     with torch.no_grad():
         eager_out = _first_output(case.call(sim.model, case.batch))
         start = time.perf_counter()
@@ -238,19 +245,24 @@ def compiled_model_row(case: Case, runs: int, warmup: int) -> Dict:
             "eager_sim": lambda: case.call(sim.model, case.batch),
             "compiled_sim": lambda: case.call(compiled, case.batch),
             "compiled_float": lambda: case.call(compiled_float, case.batch)},
-            runs, max(warmup, COMPILE_WARMUP))
+            runs, max(warmup, COMPILE_WARMUP), cpu)
     ms = {key: statistics.median(t) for key, t in times.items()}
+    cpu_ms = {key: statistics.median(t) for key, t in cpu.items()}
     row = {"kind": "compiled_model", "model": case.name, "first_call_ms": first,
            **{f"{key}_ms": value for key, value in ms.items()},
            "ratio": ms["compiled_sim"] / ms["float"],
            "eager_ratio": ms["eager_sim"] / ms["float"],
            "ratio_to_compiled_float": ms["compiled_sim"] / ms["compiled_float"],
            "speedup_over_eager_sim": ms["eager_sim"] / ms["compiled_sim"],
+           "cpu_ratio": cpu_ms["compiled_sim"] / cpu_ms["float"],
+           "eager_cpu_ratio": cpu_ms["eager_sim"] / cpu_ms["float"],
+           "cpu_ratio_to_compiled_float": cpu_ms["compiled_sim"] / cpu_ms["compiled_float"],
            "graphs": counter.frame_count,
            "max_abs_diff": float((compiled_out - eager_out).abs().max()), "runs": runs}
     print(f"  {case.name:<26}torch.compile(sim.model): {row['ratio']:.2f}x float (eager sim "
-          f"{row['eager_ratio']:.2f}x), {row['speedup_over_eager_sim']:.2f}x the eager sim's "
-          f"speed, {row['graphs']} graph(s) (first call {first / 1e3:.1f} s)", flush=True)
+          f"{row['eager_ratio']:.2f}x; CPU time {row['cpu_ratio']:.2f}x / "
+          f"{row['eager_cpu_ratio']:.2f}x), {row['speedup_over_eager_sim']:.2f}x the eager "
+          f"sim's speed, {row['graphs']} graph(s) (first call {first / 1e3:.1f} s)", flush=True)
     return row
 
 
@@ -299,13 +311,15 @@ def print_tables(rows: List[Dict]) -> None:
               "kernels; vs c.float: over torch.compile(model))")
         print(f"{'model':<26}{'float ms':>9}{'eager sim':>10}{'compiled':>10}{'c.float':>9}"
               f"{'eager/fl':>9}{'comp/fl':>8}{'vs c.fl':>8}{'speedup':>8}{'graphs':>7}"
-              f"{'max |diff|':>11}")
+              f"{'max |diff|':>11}{'cpu e/fl':>9}{'c/fl':>6}{'c/c.fl':>7}")
         for r in comp:
             print(f"{r['model']:<26}{r['float_ms']:9.2f}{r['eager_sim_ms']:10.2f}"
                   f"{r['compiled_sim_ms']:10.2f}{r['compiled_float_ms']:9.2f}"
                   f"{r['eager_ratio']:8.2f}x{r['ratio']:7.2f}x"
                   f"{r['ratio_to_compiled_float']:7.2f}x{r['speedup_over_eager_sim']:7.2f}x"
-                  f"{r['graphs']:7d}{r['max_abs_diff']:11.3g}")
+                  f"{r['graphs']:7d}{r['max_abs_diff']:11.3g}{r['eager_cpu_ratio']:8.2f}x"
+                  f"{r['cpu_ratio']:5.2f}x{r['cpu_ratio_to_compiled_float']:6.2f}x")
+        print("cpu: ratios of the median process CPU times (waiting for a core does not count)")
     cal = [r for r in rows if r["kind"] == "calibration"]
     if cal:
         print(f"\ncompute_encodings time (target: tf_enhanced <= {CALIBRATION_TARGET}x tf); "
