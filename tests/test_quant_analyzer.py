@@ -25,7 +25,7 @@ from quantsim.quant_analyzer import QuantAnalyzer, analyze_sim
 from quantsim.sim import QuantizationSimModel
 from quantsim.wrappers import quantizer_items
 
-from conftest import EXAMPLES
+from conftest import DEVICES, EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -420,3 +420,16 @@ def test_sweeps_equal_aimet_torch(planted):
         assert list(ours) == list(theirs)   # same layers, same call order
         for layer in theirs:
             assert ours[layer] == pytest.approx(theirs[layer], abs=0.04), (sweep, layer)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_planted_on_device(device):
+    """The pass, the sweeps and the metrics keep every tensor on the model's device."""
+    torch.manual_seed(0)
+    model = Planted().eval().to(device)
+    batches = [torch.randn(32, 16, device=device) for _ in range(3)]
+    sim = _planted_sim(model, batches)
+    results = analyze_sim(sim, batches, OutputSQNR(model, batches))
+    assert results.worst_quantizers()[0].name == "fc2.output_quantizers.0"
+    assert results.sensitivity("enabled")[0][0] == results.sensitivity("disabled")[0][0] == "fc2"
+    assert all(q.numel > 0 and q.histogram is not None for q in results.quantizers)
