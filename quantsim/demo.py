@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from quantsim import kernels
 from quantsim.analyzers import create_analyzer
 from quantsim.atomic import atomic_write, atomic_write_text
 from quantsim.encoding import Encoding, integer_grid
+from quantsim.metrics import sqnr_db
 from quantsim.sim import QuantizationSimModel, QuantScheme
 
 #: Calibration schemes compared in part 1: (label, scheme, analyzer keyword arguments).
@@ -166,13 +166,6 @@ def calibrate_tensor(x: torch.Tensor, scheme: str, bitwidth: int, symmetric: boo
     qmin, qmax = integer_grid(bitwidth, symmetric)
     lo, hi = analyzer.compute_range(num_steps=qmax - qmin, symmetric=symmetric)
     return Encoding.from_range(lo, hi, bitwidth=bitwidth, symmetric=symmetric)
-
-
-def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum x^2 / sum (x - x_hat)^2)`` in dB."""
-    signal = float(x.double().square().sum())
-    noise = float((x.double() - x_hat.double()).square().sum())
-    return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
 
 
 def quantization_errors(x: torch.Tensor, encoding: Encoding) -> Tuple[float, float]:
