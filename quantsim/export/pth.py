@@ -25,7 +25,7 @@ import contextlib
 import copy
 import io
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import onnx
 import torch
@@ -53,13 +53,16 @@ def clean_model(model: nn.Module) -> nn.Module:
         >>> type(clean_model(sim.model)[0]).__name__
         'Linear'
     """
-    copies: Dict[int, nn.Module] = {}
+    # id -> (module, its copy): the module is kept alive, because copying a GraphModule makes
+    # new intermediate modules that the copy then replaces; freed, their ids would be reused
+    # and a later module taken for an earlier one
+    copies: Dict[int, Tuple[nn.Module, nn.Module]] = {}
 
     def rebuild(module: nn.Module) -> nn.Module:
         if id(module) in copies:
-            return copies[id(module)]
+            return copies[id(module)][1]
         clone = original_module(module) if isinstance(module, QuantizationMixin) else copy.copy(module)
-        copies[id(module)] = clone
+        copies[id(module)] = (module, clone)
         clone.__dict__ = dict(clone.__dict__)
         clone._parameters = dict(clone._parameters)
         clone._buffers = dict(clone._buffers)
