@@ -25,7 +25,8 @@ implementation and setting two fresh processes run:
   ``compute_encodings`` timed; logits KL(float || sim) per token and output SQNR (dB) on
   other random tokens; then ``--rounds`` rounds that time one float forward and one sim forward
   each (interleaved, so load changes hit both alike) on the same batch: the ratio of the
-  medians;
+  medians (process CPU time on one thread by default, which other processes' load does not
+  inflate; wall time on CUDA);
 * *memory*: the model, a sim over it (``in_place=True``), calibration, one forward. On CPU the
   peak RSS of calibration and, after the peak is reset (``/proc/self/clear_refs``), of the
   forward, above the RSS after the imports, over the float process's peak (model + one
@@ -186,14 +187,17 @@ def run_quality(impl: str, setting: str, args) -> Dict[str, Any]:
         kl = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                       reduction="batchmean").item()
         sqnr = 10 * math.log10(ref.pow(2).sum().item() / (out - ref).pow(2).sum().item())
+        # process CPU time on the CPU (robust to other processes' load; with --threads 1 it
+        # is the work itself), wall time on CUDA
+        clock = time.perf_counter if args.device == "cuda" else time.process_time
         float_s, sim_s = [], []
         for _ in range(args.rounds + 1):  # the first round warms both up and is dropped
             for fn, times in ((model, float_s), (sim.model, sim_s)):
                 _sync(args.device)
-                start = time.perf_counter()
+                start = clock()
                 fn(tokens)
                 _sync(args.device)
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
     float_med, sim_med = statistics.median(float_s[1:]), statistics.median(sim_s[1:])
     return {"calibration_s": calibration_s, "kl": kl, "sqnr_db": sqnr,
             "float_forward_s": float_med, "sim_forward_s": sim_med,
@@ -328,7 +332,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on CPU (times are process CPU time)")
     parser.add_argument("--aimet-python", default=None,
                         help="an interpreter that imports aimet_torch (default: this one if "
                              "it does; else aimet-torch is left out)")
@@ -388,9 +393,12 @@ def main(argv=None) -> int:
     name = "llm.json" if (args.size, args.device) == ("50m", "cpu") else \
         f"llm_{args.size}_{args.device}.json"
     path = args.json or os.path.join(HERE, "results", name)
+    earlier_meta = None
     if args.merge and os.path.exists(path):
         with open(path) as f:
-            previous = {(r["impl"], r["setting"]): r for r in json.load(f)["rows"]}
+            earlier = json.load(f)
+        earlier_meta = earlier["meta"]
+        previous = {(r["impl"], r["setting"]): r for r in earlier["rows"]}
         for r in rows:
             old = previous.setdefault((r["impl"], r["setting"]), {"runs": []})
             old.update({k: v for k, v in r.items() if k != "runs"}, runs=old["runs"] + r["runs"])
@@ -410,6 +418,8 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if earlier_meta is not None:  # the runs merged into this file, newest first
+        meta["earlier"] = earlier_meta
     print_table(rows, meta)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
