@@ -571,6 +571,23 @@ def test_minilm_prepared_copies_pickles_and_loads_the_original_state_dict(minilm
 
 
 @pytest.mark.slow
+def test_minilm_prepared_float_copy_for_export_shares_nothing(minilm):
+    """The export's float copy (clean_model) of the prepared MiniLM has every module at its
+    own path, none shared (copying a GraphModule makes intermediate modules; their freed ids
+    were reused, and layer 4's attention.self became layer 5's attention), and its output."""
+    from quantsim.export.pth import clean_model
+
+    _, _, inputs, prepared = minilm
+    clean = clean_model(prepared)
+    paths = sorted(n for n, _ in prepared.named_modules(remove_duplicate=False))
+    assert sorted(n for n, _ in clean.named_modules(remove_duplicate=False)) == paths
+    assert len({id(m) for m in clean.modules()}) == len(paths)
+    with torch.no_grad():
+        assert torch.equal(clean(**inputs).last_hidden_state,
+                           prepared(**inputs).last_hidden_state)
+
+
+@pytest.mark.slow
 def test_minilm_without_dummy_input_is_safe(minilm):
     """Without a dummy input only what traces symbolically and has no optional arguments is
     prepared (residual adds, GELU); the attention stays fused and the output is unchanged."""
