@@ -401,7 +401,8 @@ def main(argv=None) -> int:
         previous = {(r["impl"], r["setting"]): r for r in earlier["rows"]}
         for r in rows:
             old = previous.setdefault((r["impl"], r["setting"]), {"runs": []})
-            old.update({k: v for k, v in r.items() if k != "runs"}, runs=old["runs"] + r["runs"])
+            old.update({k: v for k, v in r.items() if k != "runs"},
+                       runs=old.get("runs", []) + r["runs"])
         rows = list(previous.values())
     add_ratios(rows)
 
