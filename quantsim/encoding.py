@@ -172,14 +172,23 @@ def scale_offset_from_range(
     return _range_encoding(min_val, max_val, qmin, qmax, symmetric)[:2]
 
 
-@functools.lru_cache(maxsize=None)
 def _range_constants(qmin: int, qmax: int, dtype: torch.dtype, device: torch.device):
     """``(steps, floor, qmin, offset_lo, offset_hi, zero)`` as 0-d tensors: the numbers of the
     range arithmetic, which runs on tiny tensors once per quantizer and step, where a Python
-    number would cost a scalar conversion per op (the values, hence the results, are the same)."""
+    number would cost a scalar conversion per op (the values, hence the results, are the same).
+    Cached, except inside torch.compile, whose graph makes them (dynamo warns at a cache)."""
+    if torch.compiler.is_compiling():
+        return _new_range_constants(qmin, qmax, dtype, device)
+    return _cached_range_constants(qmin, qmax, dtype, device)
+
+
+def _new_range_constants(qmin: int, qmax: int, dtype: torch.dtype, device: torch.device):
     low, high = _offset_bounds(qmin, qmax)
     return tuple(torch.tensor(v, dtype=dtype, device=device)
                  for v in (qmax - qmin, MINIMUM_SCALE, qmin, low, high, 0))
+
+
+_cached_range_constants = functools.lru_cache(maxsize=None)(_new_range_constants)
 
 
 def _range_encoding(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int,
@@ -295,7 +304,6 @@ def int32_bias_weight_scale(
     return s_w.to(weight_scale.dtype).reshape(weight_scale.shape)
 
 
-@functools.lru_cache(maxsize=None)
 def _offset_bounds(qmin: int, qmax: int) -> Tuple[int, int]:
     """The clamp bounds of an asymmetric offset: 0 stays on the grid, in float32."""
     return _float32_toward_zero(-qmax), _float32_toward_zero(-qmin)
