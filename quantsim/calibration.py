@@ -62,17 +62,18 @@ def all_reduce_statistics(quantizers: Iterable[Quantizer]) -> None:
 
 
 def data_quantizer(qmodules: Dict[str, nn.Module], graph: Optional[ModelGraph],
-                   layer: str) -> Optional[str]:
-    """Name of the enabled quantizer whose encoding the data entering ``layer`` (its first
-    input) carries: its own input quantizer, else, following the traced graph, the output
-    quantizer upstream (through data-movement modules such as MaxPool or Flatten). None when
-    the data is unquantized or, without a graph, when the layer has no input quantizer on."""
+                   layer: str, index: int = 0) -> Optional[str]:
+    """Name of the enabled quantizer whose encoding the data entering input ``index`` of
+    ``layer`` (first call) carries: its own input quantizer, else, following the traced graph,
+    the output quantizer upstream (through data-movement modules such as MaxPool or Flatten).
+    None when the data is unquantized or, without a graph, when the layer has no input
+    quantizer on."""
     module = qmodules[layer]
-    if module.input_quantizers and module.input_quantizers[0].enabled:
-        return f"{layer}.input_quantizers.0"
+    if index < len(module.input_quantizers) and module.input_quantizers[index].enabled:
+        return f"{layer}.input_quantizers.{index}"
     call = graph.first_call(layer) if graph is not None else None
-    source = call.inputs[0] if call is not None and call.inputs else None
-    for _ in range(len(qmodules)):
+    source = call.inputs[index] if call is not None and index < len(call.inputs) else None
+    for _ in range(len(qmodules)):   # a chain of data-movement modules, never a cycle
         if source is None or source.kind != "module" or source.producer not in qmodules:
             return None
         name, producer = source.producer, qmodules[source.producer]
@@ -163,7 +164,7 @@ class Calibration:
             if _ENCODED_WEIGHTS.pop(q) != (id(param), param._version):
                 self._encode_weight(param, q)
                 _ENCODED_WEIGHTS.pop(q)
-        self._protect_int32_bias()
+        self.apply_int32_bias_rule()
         self._saved = {}
         return missing
 
@@ -188,7 +189,11 @@ class Calibration:
         q.reset_statistics()  # a weight's statistics are not kept between calibrations
         _ENCODED_WEIGHTS[q] = (id(param), param._version)
 
-    def _protect_int32_bias(self) -> None:
+    def apply_int32_bias_rule(self) -> None:
+        """Widen the weight scales of Conv / ConvTranspose / Linear layers whose bias would not
+        fit the runtime's int32 bias codes (:func:`~quantsim.encoding.int32_bias_weight_scale`),
+        from the current encodings; :meth:`finish` calls it, and code that changes bitwidths
+        after a calibration (mixed precision) calls it again."""
         named = {f"{n}.{suffix}": q for n, m in self.qmodules.items()
                  for suffix, q in quantizer_items(m)}
         for name, module in self.qmodules.items():

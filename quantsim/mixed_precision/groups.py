@@ -4,7 +4,7 @@ A runtime executes an op on data of one bitwidth, so a tensor's quantizers go to
 
 * the quantizer that carries the data entering a module (its own input quantizer, or the
   output quantizer of the module upstream, through data-movement modules such as ``Flatten``
-  or ``MaxPool``: :func:`data_carrier`) is grouped with that module's parameter quantizers (the
+  or ``MaxPool``: :func:`~quantsim.calibration.data_quantizer`) is grouped with that module's parameter quantizers (the
   weight multiplies that data: one kernel, one (activation, parameter) bitwidth pair);
 * every consumer of a tensor sees the same carrier, so a producer's output quantizer and all
   its consumers' parameters form one group;
@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from torch import nn
 
-from quantsim.graph import ModelGraph
-from quantsim.op_types import is_data_movement, onnx_types_of
+from quantsim.calibration import data_quantizer
+from quantsim.op_types import onnx_types_of
 from quantsim.quantizer import Quantizer
 from quantsim.wrappers import quantizer_items
 
@@ -79,33 +78,6 @@ def searchable(q: Quantizer) -> bool:
     return q.enabled and q.data_type == "int" and not q.frozen and not q.has_fixed_range
 
 
-def data_carrier(qmodules: Dict[str, nn.Module], graph: ModelGraph, layer: str,
-                 index: int = 0) -> Optional[str]:
-    """Name of the enabled quantizer whose encoding the data entering input ``index`` of
-    ``layer`` carries (first call): the layer's own input quantizer, else the output quantizer
-    upstream in the traced graph, through data-movement modules. None when the data arrives
-    unquantized (a model input, or a module whose output quantizer is off)."""
-    module = qmodules[layer]
-    if index < len(module.input_quantizers) and module.input_quantizers[index].enabled:
-        return f"{layer}.input_quantizers.{index}"
-    call = graph.first_call(layer)
-    source = call.inputs[index] if call is not None and index < len(call.inputs) else None
-    for _ in range(len(qmodules)):   # a chain of data-movement modules, never a cycle
-        if source is None or source.kind != "module" or source.producer not in qmodules:
-            return None
-        name, producer = source.producer, qmodules[source.producer]
-        outs = producer.output_quantizers
-        if source.output_index < len(outs) and outs[source.output_index].enabled:
-            return f"{name}.output_quantizers.{source.output_index}"
-        if not is_data_movement(producer):
-            return None
-        if producer.input_quantizers and producer.input_quantizers[0].enabled:
-            return f"{name}.input_quantizers.0"
-        call = graph.first_call(name)
-        source = call.inputs[0] if call is not None and call.inputs else None
-    return None
-
-
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: Dict[str, str] = {}
@@ -129,7 +101,7 @@ class _UnionFind:
 
 def input_carriers(sim) -> Dict[Tuple[str, int], Optional[str]]:
     """``(module, input index) -> carrier quantizer name`` (or None) for every traced input of
-    every quantized module of ``sim`` (see :func:`data_carrier`)."""
+    every quantized module of ``sim`` (see :func:`~quantsim.calibration.data_quantizer`)."""
     qmodules = dict(sim.named_qmodules())
     out: Dict[Tuple[str, int], Optional[str]] = {}
     for call in sim.graph.calls:
@@ -137,7 +109,7 @@ def input_carriers(sim) -> Dict[Tuple[str, int], Optional[str]]:
             continue
         for i, src in enumerate(call.inputs):
             if src is not None and (call.name, i) not in out:
-                out[(call.name, i)] = data_carrier(qmodules, sim.graph, call.name, i)
+                out[(call.name, i)] = data_quantizer(qmodules, sim.graph, call.name, i)
     return out
 
 

@@ -181,4 +181,4 @@ class GroupPrecision:
 def _int32_bias_rule(sim) -> None:
     """Widen weight scales where a layer's int32 bias codes would overflow: the rule
     :meth:`Calibration.finish` applies, run on the current encodings without a calibration."""
-    Calibration(sim.model, sim.graph, select=lambda q: False)._protect_int32_bias()
+    Calibration(sim.model, sim.graph, select=lambda q: False).apply_int32_bias_rule()
