@@ -16,9 +16,10 @@ Then placement follows what a target runtime executes:
 * an input that arrives unquantized (from a functional op such as ``x + y``, a constant or a
   buffer) gets an input quantizer, when activations are quantized at all; a data-movement op
   fed that way so passes on quantized values.
-* an input a module declares float (``float_inputs``: the additive attention mask of
-  :class:`~quantsim.nn.AttentionMaskAdd`, 0 or ``-inf``, which no grid holds and runtimes apply
-  in float) gets no quantizer at any level.
+* a module's additive-mask inputs (``mask_inputs``: the attention mask of
+  :class:`~quantsim.nn.AttentionMaskAdd`, 0 or ``-inf``, which no grid holds) get no quantizer
+  at any level, and neither does its output: a runtime applies the mask as a select, so the
+  output is the other input (already quantized) or masked.
 
 The fold rule, supergroups and arrivals are matched per *call*, because the exported graph has
 one node per call and a runtime fuses node chains. A module called more than once (one
@@ -279,28 +280,32 @@ def _apply_supergroups(config, graph, types, placement: Placement, folds: Dict[i
                 q.enabled = False
 
 
-def _float_inputs(module: nn.Module) -> Tuple[int, ...]:
-    """Inputs the module keeps float whatever the config says (its ``float_inputs``)."""
-    return tuple(getattr(module, "float_inputs", ()))
+def _mask_inputs(module: nn.Module) -> Tuple[int, ...]:
+    """The module's additive-mask inputs (its ``mask_inputs``), kept float with its output."""
+    return tuple(getattr(module, "mask_inputs", ()))
 
 
 def _place_for_runtime(config, graph: ModelGraph, modules, placement: Placement) -> None:
     """No requantization after data movement; an input that arrives unquantized in any call
-    gets an input quantizer (a shared module's then applies to all its calls); inputs a
-    module declares float get none."""
+    gets an input quantizer (a shared module's then applies to all its calls); additive-mask
+    inputs and the masked sum get none."""
     settings = placement.modules
     activations_on = _set(config.defaults.ops.is_output_quantized, False)
     for name, s in settings.items():
-        for i in _float_inputs(modules[name]):
+        masks = _mask_inputs(modules[name])
+        for i in masks:
             if i < len(s.inputs):
                 s.inputs[i].enabled = False
+        if masks:
+            for q in s.outputs:
+                q.enabled = False
     for call in graph.calls:
         if call.name not in settings:
             continue
         s = settings[call.name]
-        float_inputs = _float_inputs(modules[call.name])
+        masks = _mask_inputs(modules[call.name])
         for i, src in enumerate(call.inputs):
-            if i in float_inputs:
+            if i in masks:
                 continue
             # module outputs are quantized by their producer (or inside its supergroup), data
             # movement passes that on, and model inputs follow the model_input rule

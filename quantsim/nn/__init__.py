@@ -3,7 +3,7 @@
 * :mod:`quantsim.nn.elementwise`: ``Add``, ``Sub``, ``Mul``, ``Div``, ``Pow``, ``MatMul``,
   ``Exp``, ``Sqrt``, ``Mean``, ``Sum``, ``Concat``, ``Reshape``, ``Permute``, ``Transpose``;
 * :mod:`quantsim.nn.attention`: ``QuantizableMultiheadAttention``,
-  ``replace_multihead_attention``, ``AttentionMaskAdd`` (an ``Add`` whose mask input stays float);
+  ``replace_multihead_attention``, ``AttentionMaskAdd`` (an additive attention mask, simulated as a select);
 * :mod:`quantsim.nn.fused`: ``ConvBn``, ``ConvTransposeBn``, ``LinearBn`` (BatchNorm fused
   into the layer for QAT, simulated and exported folded by a QuantizationSimModel),
   ``fuse_conv_bn``, ``FoldedLayer``;

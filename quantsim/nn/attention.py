@@ -14,7 +14,7 @@ inference fast path is turned off by ``_qkv_same_embed_dim = False``, as for any
 separate q/k/v projections).
 
 The helpers :func:`attention_mask_to_bias` and :func:`causal_attention_bias` turn masks into the
-additive float bias that :class:`AttentionMaskAdd` (an ``Add`` whose mask input stays float)
+additive float bias that :class:`AttentionMaskAdd` (an ``Add`` simulated as a select)
 takes; ``quantsim.prepare`` uses them too when it decomposes ``F.scaled_dot_product_attention``.
 """
 from __future__ import annotations
@@ -104,20 +104,22 @@ def causal_attention_bias(query: torch.Tensor, key: torch.Tensor) -> torch.Tenso
 
 
 class AttentionMaskAdd(Add):
-    """``scores + bias`` where ``bias`` is an additive attention mask (0 or ``-inf`` / a large
-    negative number): ONNX ``Add``, with input 1 never quantized.
+    """``scores + mask`` where ``mask`` is an additive attention mask (0, or ``-inf`` / a large
+    negative number where a position is masked): ONNX ``Add``, simulated as the select a
+    runtime applies.
 
     A grid cannot hold ``-inf`` (calibration leaves infinities out, so an all-0/-inf mask
     calibrates to the grid ``[0, 0]`` and ``-inf`` fake-quantizes to 0, which unmasks every
-    masked position); a large negative value would take the whole grid and round the 0s
-    away. Runtimes keep masks in float or apply them as a select, so the placement rules
-    (:mod:`quantsim.placement`) leave every input listed in :attr:`float_inputs` without a
-    quantizer, whatever the config says. The scores (input 0) and the sum are quantized as
-    for any ``Add``.
+    masked position), and a large negative value takes the whole grid and rounds the real
+    scores away. Runtimes keep masks in float or apply them as a select, so the placement
+    rules (:mod:`quantsim.placement`) give the inputs in :attr:`mask_inputs` no quantizer and
+    the output none either: it is input 0 (quantized by its producer) where the mask is 0,
+    and masked where it is not, so the softmax after it gives masked positions weight 0.
+    A bias that is not a mask (ALiBi passed as ``attn_mask``) is thereby added in float too.
     """
 
-    #: inputs that stay float (read by :mod:`quantsim.placement`)
-    float_inputs: Tuple[int, ...] = (1,)
+    #: inputs that are additive masks (read by :mod:`quantsim.placement`)
+    mask_inputs: Tuple[int, ...] = (1,)
 
 
 def _padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
