@@ -227,6 +227,32 @@ def test_search_leaves_the_sim_at_the_chosen_point(algo, reverse, trained_digits
     _same_state(_state(fresh), _state(sim))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("drop", [0.3, 1.0])
+def test_refinement_keeps_the_target_and_never_raises_cost(reverse, drop, trained_digits_cnn,
+                                                           digits, tmp_path):
+    """phase2_refine starts from phase 2's choice (the same run, read from the cache), makes
+    one evaluation per group phase 2 left raised (plus the recalibrated final point), and ends at a point that still meets the
+    target with no quantizer at more bits and no more bit-ops; the sim as left scores it."""
+    plain, _ = _run(_digits_sim(trained_digits_cnn, digits[0]), digits, tmp_path,
+                    candidates=(W4A4, W8A16), drop=drop, phase2_reverse=reverse)
+    sim = _digits_sim(trained_digits_cnn, digits[0])
+    refined, metric = _run(sim, digits, tmp_path, candidates=(W4A4, W8A16), drop=drop,
+                           clean_start=False, phase2_reverse=reverse, phase2_refine=True)
+    p, r = plain.summary, refined.summary
+    raised = [i for i, c in p.chosen.items() if c.label() == "W8A16"]
+    # a trial may be a path point phase 2 evaluated already: read from the cache, not run
+    assert r.evaluations["refine"] <= len(raised) and p.evaluations["refine"] == 0
+    assert metric.calls == r.evaluations["refine"] + r.evaluations["final"]
+    assert list(refined)[:len(plain)] == list(plain) and len(refined) == len(plain) + len(raised)
+    assert 100.0 * accuracy(sim.model, digits[2], digits[3]) == r.final_score >= r.target
+    assert r.bit_ops <= p.bit_ops and r.memory_bits <= p.memory_bits
+    assert all(r.bitwidths[n] <= bw for n, bw in p.bitwidths.items())
+    kept = [e for e in list(refined)[len(plain):] if e[1] >= r.target]
+    assert sum(bw == 4 for bw in r.bitwidths.values()) - sum(
+        bw == 4 for bw in p.bitwidths.values()) == sum(len(e[2].quantizers) for e in kept)
+
+
 def test_brute_force_evaluates_the_whole_path(trained_digits_cnn, digits, tmp_path):
     sim = _digits_sim(trained_digits_cnn, digits[0])
     pareto, _ = _run(sim, digits, tmp_path, candidates=(W4A4, W8A16), drop=None,

@@ -13,6 +13,11 @@
    search (:mod:`.search`) finds the cheapest point whose phase-2 score is within
    ``allowed_accuracy_drop`` of the float score. ``phase2_reverse`` starts from the lowest
    setting and raises the most sensitive groups first.
+5. **Refinement** (``phase2_refine``): phase 2 keeps a prefix of one sorted list, so a group
+   that only mattered alone stays raised. A backward elimination visits the groups phase 2
+   left above their cheapest entry, least sensitive first, and lowers each to its phase-1
+   entry when the phase-2 score still meets the target (one evaluation per group): the score
+   never falls below the target and no quantizer's bitwidth rises.
 
 The sim is left at the chosen point with its encodings as a calibration at those bitwidths
 would give them (:mod:`.precision`); on an error it is put back as it was.
@@ -55,6 +60,7 @@ def choose_mixed_precision(
     use_all_amp_candidates: bool = False,
     phase2_reverse: bool = False,
     amp_search_algo: AMPSearchAlgo = AMPSearchAlgo.Binary,
+    phase2_refine: bool = False,
 ) -> ParetoList:
     """Choose a bitwidth per quantizer group: the cheapest setting (in bit-ops) whose score
     stays within ``allowed_accuracy_drop`` of the float model's; aimet-torch 2.x's arguments
@@ -84,11 +90,15 @@ def choose_mixed_precision(
             groups first, to the first point that meets the target.
         amp_search_algo: :class:`AMPSearchAlgo` (``Binary``, aimet-torch's default;
             ``Interpolation``; ``BruteForce``, which evaluates every point).
+        phase2_refine: after phase 2, lower each raised group again, least sensitive first,
+            where the target still holds (one phase-2 evaluation per raised group; module
+            docstring, step 5). Needs a target; ignored with ``allowed_accuracy_drop=None``.
 
     Returns:
         a :class:`~quantsim.mixed_precision.ParetoList`: the evaluated phase-2 points as
         aimet-torch returns them, ``(bit-ops relative to the baseline, score, group,
-        candidate)``; ``print()`` shows the summary, ``.summary`` holds the choice. It is
+        candidate)``, then the refinement's points (each lowering one group, kept or not);
+        ``print()`` shows the summary, ``.summary`` holds the choice. It is
         empty when no search was needed (the lowest candidate already meets the target, or
         even the best one does not: the sim is then set to that candidate; aimet-torch
         returns None there).
@@ -110,7 +120,8 @@ def choose_mixed_precision(
                else as_callback(forward_pass_callback, "forward_pass_callback"))
     drop = _check_drop(allowed_accuracy_drop)
     for flag, name in ((clean_start, "clean_start"), (use_all_amp_candidates,
-                       "use_all_amp_candidates"), (phase2_reverse, "phase2_reverse")):
+                       "use_all_amp_candidates"), (phase2_reverse, "phase2_reverse"),
+                       (phase2_refine, "phase2_refine")):
         require_flag(flag, name, _WHERE, MixedPrecisionError)
     algo = _check_algo(amp_search_algo)
     folder = _check_folder(results_dir)
@@ -128,7 +139,7 @@ def choose_mixed_precision(
         "allowed": [[c.label() for c in a] for a in allowed]}), clean_start)
     run = _Search(sim, groups, cands, allowed, precision, cost, cache, phase1, phase2)
     try:
-        pareto = run.run(drop, algo, phase2_reverse)
+        pareto = run.run(drop, algo, phase2_reverse, phase2_refine)
     except BaseException:
         precision.restore()
         raise
@@ -205,7 +216,8 @@ class _Search:
         self.sim, self.groups, self.cands, self.allowed = sim, groups, cands, allowed
         self.precision, self.cost, self.cache = precision, cost, cache
         self.callbacks = {"phase1": phase1, "phase2": phase2}
-        self.counts = {"float": 0, "uniform": 0, "phase1": 0, "phase2": 0, "final": 0}
+        self.counts = {"float": 0, "uniform": 0, "phase1": 0, "phase2": 0, "refine": 0,
+                       "final": 0}
         self.kinds = [(bool(g.activation_quantizers), bool(g.parameter_quantizers))
                       for g in groups]
 
@@ -269,8 +281,10 @@ class _Search:
         return score
 
     # -- the run --------------------------------------------------------------------------------
-    def run(self, drop: Optional[float], algo: AMPSearchAlgo, reverse: bool) -> ParetoList:
-        """Uniform points, phase 1, phase 2; leaves the sim at the chosen point."""
+    def run(self, drop: Optional[float], algo: AMPSearchAlgo, reverse: bool,
+            refine: bool) -> ParetoList:
+        """Uniform points, phase 1, phase 2 (and the refinement); leaves the sim at the
+        chosen point."""
         with progress(desc="mixed precision: uniform candidates",
                       total=len(self.cands) + 1) as bar:
             fp32 = self.evaluate("float", "phase2", self.uniform(self.cands[0]), active=[])
@@ -298,6 +312,9 @@ class _Search:
             accuracy = self.phase1(baseline, base_choice)
             choice, final, entries = self.phase2(accuracy, base_choice, self.uniform(lowest),
                                                  scores, target, algo, reverse)
+            if refine and target is not None:
+                choice, final = self.refine(accuracy, choice, final, target, base_choice,
+                                            entries)
         choice = {i: self.cheapest_alike(i, c) for i, c in choice.items()}
         self.precision.apply(self.settings(choice))
         if not self.precision.statistics_current:
@@ -338,6 +355,30 @@ class _Search:
         accuracy.sort(key=lambda e: (-e[2], -(e[1].output_bw + e[1].param_bw), -e[3],
                                      order[e[0]]))
         return accuracy
+
+    def refine(self, accuracy: List[AccuracyEntry], choice: Dict[int, Candidate],
+               final: float, target: float, base_choice: Dict[int, Candidate],
+               entries: List[ParetoEntry]) -> Tuple[Dict[int, Candidate], float]:
+        """Backward elimination (module docstring, step 5): for each phase-1 entry, least
+        sensitive first, move its group to the entry's candidate where that raises none of
+        the group's bitwidths and lowers some, and keep the move where the phase-2 score still
+        meets ``target``. Appends every evaluated point to
+        ``entries``; returns the choice and its score."""
+        index = {g: i for i, g in enumerate(self.groups)}
+        base_ops = self.bit_ops(base_choice)
+        todo = [(index[g], c) for g, c, _, _ in accuracy
+                if _lower(self.setting(index[g], c), self.setting(index[g], choice[index[g]]))]
+        for i, c in progress(todo, desc="mixed precision: refinement", unit="eval"):
+            if not _lower(self.setting(i, c), self.setting(i, choice[i])):
+                continue   # an earlier entry of this group went lower already
+            trial = dict(choice)
+            trial[i] = c
+            value = self.evaluate("refine", "phase2", trial)
+            ops = self.bit_ops(trial)
+            entries.append((ops / base_ops if base_ops else 1.0, value, self.groups[i], c))
+            if value >= target:
+                choice, final = trial, value
+        return choice, final
 
     def phase2(self, accuracy, base_choice, low_choice, scores, target, algo, reverse):
         """The path of cumulative flips and the search along it."""
@@ -388,3 +429,10 @@ class _Search:
         else:   # nothing on the path meets the target: the baseline
             choice, final = dict(base_choice), base_score
         return choice, final, [points[i] for i in sorted(points)]
+
+
+def _lower(new: Setting, old: Setting) -> bool:
+    """``new`` raises no bitwidth of ``old`` and lowers at least one (None: no such
+    quantizers in the group)."""
+    pairs = [(a, b) for a, b in zip(new, old) if a is not None and b is not None]
+    return all(a <= b for a, b in pairs) and any(a < b for a, b in pairs)
