@@ -198,6 +198,26 @@ def _export_svd(ctx: Ctx) -> None:
         export(sim, ctx.tmp, "svd", x)
 
 
+class _TiedNet(nn.Module):
+    """An embedding and an output projection sharing one weight (an LLM's tied embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.lm_head = nn.Linear(16, 32, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.lm_head(self.embed(tokens))
+
+
+def _export_tied(ctx: Ctx) -> None:
+    tokens = torch.randint(0, 32, (2, 5))
+    sim = QuantizationSimModel(_TiedNet(), tokens, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(tokens), None)
+    export(sim, ctx.tmp, "tied", tokens)
+
+
 def _bn_model(eps: float = 0.0, var: float = 0.0) -> nn.Module:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, eps=eps), nn.ReLU()).eval()
     with torch.no_grad():
@@ -315,6 +335,8 @@ ROWS = [
         lambda ctx: load_encodings(DigitsCNN(), ctx.exported.torch_encodings),
         EncodingsError, "sim must be a QuantizationSimModel, got DigitsCNN"),
     # -- export --------------------------------------------------------------------------------
+    Row("export of tied weights (ONNX keeps one of the two names)", _export_tied, ExportError,
+        "embed.weight = lm_head.weight"),
     Row("export prefix with a NUL character (ValueError)",
         lambda ctx: export(ctx.sim, ctx.tmp, "a\0b", ctx.x[:2]), ExportError, "filename_prefix"),
     Row("export prefix that is an int (TypeError)",

@@ -127,6 +127,7 @@ def export(sim: Any, path: str, filename_prefix: str, dummy_input: Any,
     target = _check_arguments(sim, path, filename_prefix, propagate_encodings,
                               export_to_torchscript, encoding_version)
     _refuse_uncalibrated(sim)
+    _refuse_tied_weights(sim)
     export_args = onnx_export.normalize_export_args(onnx_export_args)
     staging, created = _staging_dir(target)
     committed = False
@@ -208,6 +209,28 @@ def _refuse_uncalibrated(sim: Any) -> None:
         raise ExportError(
             f"{len(missing)} enabled quantizer(s) have no encoding: {shown}. Run "
             "sim.compute_encodings(...) or sim.load_encodings(...) before export, or disable them")
+
+
+def _refuse_tied_weights(sim: Any) -> None:
+    """One tensor quantized under two names (tied weights, e.g. an LLM's ``lm_head.weight``
+    and ``embed.weight``): an ONNX graph holds it once, under one of the names, so the two
+    weight encodings cannot both be keyed; say so before any file is written."""
+    by_tensor: Dict[int, List[str]] = {}
+    for module_name, module in sim.named_qmodules():
+        for param_name, q in module.param_quantizers.items():
+            param = module._parameters.get(param_name)
+            if q.enabled and param is not None:
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                by_tensor.setdefault(id(param), []).append(name)
+    tied = [names for names in by_tensor.values() if len(names) > 1]
+    if tied:
+        shown = "; ".join(" = ".join(names) for names in tied)
+        first = tied[0]
+        raise ExportError(
+            f"export: tied parameters are quantized under two names ({shown}); ONNX stores one "
+            f"tensor once, so their weight encodings cannot both be keyed. Untie them before "
+            f"building the sim (e.g. model.{first[-1]} = nn.Parameter(model.{first[0]}.detach()"
+            ".clone())): each copy then has its own initializer and encoding")
 
 
 def _write_all(sim, staging: Path, prefix: str, dummy_input, export_args, propagate: bool,
