@@ -453,7 +453,8 @@ def _on_blocks(fn, x: torch.Tensor, block_size: int, scale: torch.Tensor,
     """``fn`` (a per-channel function of this module) over the block view of ``x`` with the
     ``(C, blocks)`` encoding flattened to the view's channels; the result in ``x``'s shape."""
     rows = block_rows(x, block_size)
-    return fn(rows, scale.reshape(-1), offset.reshape(-1), *args).reshape(x.shape)
+    offset = None if offset is None else offset.reshape(-1)
+    return fn(rows, scale.reshape(-1), offset, *args).reshape(x.shape)
 
 
 def quantize(
@@ -481,17 +482,21 @@ def quantize(
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, axis: Optional[int] = None,
-    block_size: Optional[int] = None,
+    q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
+    axis: Optional[int] = None, block_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Real values ``(q + offset) * scale`` (float32, or float64 for float64 codes;
-    ``block_size``: per block, as :func:`quantize`)."""
+    ``block_size``: per block, as :func:`quantize`). ``q`` may be an integer tensor (its codes
+    convert exactly inside the first operation, without a float copy); ``offset`` None means
+    a zero offset (one pass fewer, the same values)."""
     if block_size is not None:
         return _on_blocks(dequantize, q, block_size, scale, offset, 0)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = channel_view(scale.to(dtype), q.dim(), axis)
-    o = channel_view(offset.to(dtype), q.dim(), axis)
-    return (q.to(dtype) + o) * s
+    v = q.to(dtype) if q.is_floating_point() else q  # integer codes promote to s's dtype
+    if offset is None:
+        return torch.mul(v, s)
+    return torch.add(v, channel_view(offset.to(dtype), q.dim(), axis)).mul_(s)
 
 
 def rounding_error_in_steps(t: torch.Tensor, offset: Union[float, torch.Tensor], qmin: int,

@@ -51,8 +51,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from quantsim.encoding import dequantize, quantize
 from quantsim.errors import QuantizationSettingError
 from quantsim.nn import elementwise as ew
 from quantsim.nn.fused import ConvBn, ConvTransposeBn, LinearBn
@@ -128,6 +129,8 @@ _SUBSTITUTED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
 _param_cache_limit: Optional[int] = 1 << 20
 #: a sim whose model has more parameter elements than this keeps none (None: no model limit)
 _model_cache_limit: Optional[int] = 1 << 25
+#: above the limits, keep each weight's integer codes instead of its fake-quantized copy
+_keep_codes = True
 #: modules whose call reads a few rows of their weight: theirs is cached whatever its size
 _LOOKUP_TABLES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -141,7 +144,8 @@ def _check_limit(value: Any, argument: str) -> Optional[int]:
 
 
 def set_param_cache_limit(max_elements: Optional[int] = 1 << 20, *,
-                          model_max_elements: Optional[int] = 1 << 25) -> None:
+                          model_max_elements: Optional[int] = 1 << 25,
+                          codes: bool = True) -> None:
     """Keep the fake-quantized copy of a parameter between eval calls only when it has at most
     ``max_elements`` elements (default ``2**20``, 4 MiB of float32) and its sim's model at most
     ``model_max_elements`` parameter elements (default ``2**25``, 128 MiB of float32); ``None``
@@ -150,10 +154,17 @@ def set_param_cache_limit(max_elements: Optional[int] = 1 << 20, *,
     Outside autograd a quantized module computes the fake-quantized value of each parameter
     once and reuses it until the parameter or its encoding changes. That makes small layers
     fast (a fake-quant call costs more than a small layer's own work) but holds a second copy
-    of the weights. Larger parameters are fake-quantized on every call instead: memory stays
-    near the float model's, and each call pays one fake-quant pass over the weight (for a
-    Linear layer at batch 64, about as long as its matrix product: raise the limit where
-    memory allows). Embedding tables are cached whatever their size (a call reads a few rows,
+    of the weights. Above the limits a parameter keeps its integer codes instead (``codes``,
+    default True): ``clamp(round(w / scale) - offset, qmin, qmax)`` in the narrowest integer
+    type of its grid (int8 / uint8 for grids of up to 8 bits, int4 included; int16 for
+    signed 16-bit grids), a quarter (a half) of the float weight's bytes, and each eval call only dequantizes
+    them (``(codes + offset) * scale``, one or two passes over the weight, per tensor, channel
+    or block): the same values as fake-quantizing the weight (the sign of a zero aside:
+    ``-0.0`` comes back as ``0.0``). A parameter whose grid fits no 16-bit integer or whose
+    weight holds a NaN, a learnable or float quantizer, or ``codes=False`` is fake-quantized
+    on every call instead: memory stays at the float model's, and each call pays a fake-quant
+    pass over the weight (for a Linear layer at batch 64, about as long as its matrix
+    product). Embedding tables are cached whatever their size (a call reads a few rows,
     so quantizing the whole table per call costs many times the lookup) unless the model is
     above ``model_max_elements``; an uncached ``nn.Embedding`` whose weight encoding is per
     tensor then fake-quantizes only the rows a call looks up (the same values). The model limit keeps a large model (an LLM's many
@@ -165,12 +176,16 @@ def set_param_cache_limit(max_elements: Optional[int] = 1 << 20, *,
     dropped on their next use (or at once with :func:`clear_param_cache`).
 
     Raises:
-        QuantizationSettingError: a limit is not None or an integer >= 0.
+        QuantizationSettingError: a limit is not None or an integer >= 0, or ``codes`` is not
+            a bool.
     """
-    global _param_cache_limit, _model_cache_limit
+    global _param_cache_limit, _model_cache_limit, _keep_codes
     limit = _check_limit(max_elements, "max_elements")
-    _model_cache_limit = _check_limit(model_max_elements, "model_max_elements")
-    _param_cache_limit = limit
+    model_limit = _check_limit(model_max_elements, "model_max_elements")
+    if not isinstance(codes, bool):
+        raise QuantizationSettingError(
+            f"set_param_cache_limit: codes must be True or False, got {codes!r}")
+    _model_cache_limit, _param_cache_limit, _keep_codes = model_limit, limit, codes
 
 
 def param_cache_limit() -> Optional[int]:
@@ -194,11 +209,13 @@ def record_model_size(model: nn.Module) -> None:
 
 
 def clear_param_cache(model: nn.Module) -> None:
-    """Drop the fake-quantized parameter copies that the quantized modules of ``model`` keep
-    (e.g. after an evaluation, to give the memory back); the next eval call recomputes them."""
+    """Drop the fake-quantized parameter copies and integer codes that the quantized modules
+    of ``model`` keep (e.g. after an evaluation, to give the memory back); the next eval call
+    recomputes them."""
     for module in model.modules():
         if isinstance(module, QuantizationMixin):
             module._qparam_cache.clear()
+            module.__dict__.get("_qcodes_cache", {}).clear()  # absent in older pickles
 
 
 class QuantizationMixin:
@@ -215,6 +232,7 @@ class QuantizationMixin:
         nn.Module.__setattr__(self, "output_quantizers", nn.ModuleList())
         nn.Module.__setattr__(self, "param_quantizers", nn.ModuleDict())
         self._qparam_cache: Dict[str, tuple] = {}
+        self._qcodes_cache: Dict[str, tuple] = {}  # weights above the limits: integer codes
         self._model_size = 0  # the sim's model, for the cache's model limit (record_model_size)
         self._lookup = unwrap_class(self) is nn.Embedding  # uncached: quantize the rows read
         self._plan: Tuple[int, bool, bool, bool] = (-1, True, True, True)
@@ -355,7 +373,7 @@ class QuantizationMixin:
             return quantizer(param)  # a trace or graph must compute it, not capture a cached copy
         if not self._may_cache(param):
             self._qparam_cache.pop(name, None)  # a copy kept before a limit was lowered
-            return quantizer(param)
+            return self._from_codes(name, param, quantizer)
         key = (param._version, id(param), quantizer.version_key())
         cached = self._qparam_cache.get(name)
         if cached is not None and cached[0] == key:
@@ -364,6 +382,37 @@ class QuantizationMixin:
         # entries hold the objects whose ids are in the key, so no id can be reused
         self._qparam_cache[name] = (key, value, param, quantizer.encoding_tensors())
         return value
+
+    def _from_codes(self, name: str, param: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+        """``quantizer(param)`` for a parameter above the cache limits (eval, nearest rounding,
+        outside a trace): dequantized from integer codes kept until the parameter or the
+        encoding changes, where the quantizer allows it (see :func:`set_param_cache_limit`)."""
+        codes_cache = self.__dict__.setdefault("_qcodes_cache", {})  # absent in older pickles
+        dtype = _codes_dtype(quantizer) if _keep_codes else None
+        if dtype is None:
+            codes_cache.pop(name, None)  # codes kept before codes=False
+            return quantizer(param)
+        if quantizer.required_mode is not None:
+            quantizer._check_mode()
+        key = (param._version, id(param), quantizer.version_key())
+        cached = codes_cache.get(name)
+        if cached is None or cached[0] != key:
+            if not quantizer.is_initialized:
+                return quantizer(param)  # raises the missing-encoding error
+            qmin, qmax = quantizer.qmin_qmax
+            codes = quantize(param.detach(), quantizer.scale, quantizer.offset, qmin, qmax,
+                             quantizer.axis, "nearest", quantizer.block_size)
+            if torch.isnan(codes).any():  # no integer holds a NaN: the float path keeps it
+                codes_cache.pop(name, None)
+                return quantizer(param)
+            # a zero offset (symmetric grids) is left out: one pass fewer per call
+            offset = quantizer.offset if quantizer.offset.any() else None
+            # entries hold the objects whose ids are in the key, so no id can be reused
+            cached = (key, codes.to(dtype), offset, param, quantizer.encoding_tensors())
+            codes_cache[name] = cached
+        value = dequantize(cached[1], quantizer.scale, cached[2], quantizer.axis,
+                           quantizer.block_size)
+        return value.to(param.dtype)
 
     def _rows_quantizer(self) -> Optional[Quantizer]:
         """An uncached embedding table's weight quantizer where the call may apply it to the
@@ -400,6 +449,7 @@ class QuantizationMixin:
         quantizers marked stale (its generation counter means nothing in another process)."""
         state = super().__getstate__()
         state["_qparam_cache"] = {}
+        state["_qcodes_cache"] = {}
         state["_plan"] = (-1,) + tuple(state["_plan"][1:])
         return state
 
@@ -411,6 +461,21 @@ class QuantizationMixin:
         float_cls, qcls = unwrap_class(self), type(self)
         args = tuple(float_cls if a is qcls else a for a in args)
         return (_rebuild_quantized, (float_cls, reconstruct, args), *rest)
+
+
+def _codes_dtype(quantizer: Quantizer) -> Optional[torch.dtype]:
+    """The narrowest integer dtype that holds the codes of ``quantizer``'s grid, where its
+    parameter may be kept as codes (a fixed-range integer quantizer without hooks, whose call
+    is the plain fake-quant pass); None where it may not."""
+    if (quantizer.data_type != "int" or quantizer.learnable or quantizer._forward_hooks or quantizer._forward_pre_hooks
+            or _global_forward_hooks or _global_forward_pre_hooks):
+        return None
+    qmin, qmax = quantizer.qmin_qmax
+    for dtype in (torch.int8, torch.uint8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    return None
 
 
 def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:

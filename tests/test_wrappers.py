@@ -13,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from conftest import ROOT
@@ -304,3 +306,167 @@ def test_bad_cache_limit_is_refused(bad, default_cache_limit):
     with pytest.raises(QuantizationSettingError, match="max_elements"):
         set_param_cache_limit(bad)
     assert param_cache_limit() == 1 << 20
+    with pytest.raises(QuantizationSettingError, match="codes must be True or False"):
+        set_param_cache_limit(codes=1)
+
+
+# -- above the limits: integer codes --------------------------------------------------------------
+def _codes(module: nn.Module) -> dict:
+    return {name: entry[1].dtype for name, entry in module._qcodes_cache.items()}
+
+
+def _linear_with_weight_quantizer(granularity: str, bitwidth: int, symmetric: bool,
+                                  seed: int) -> nn.Module:
+    """A quantized Linear(64 -> 8) whose weight (with clipped values, zeros and exact grid
+    points) has an encoding of ``granularity`` calibrated on a narrower range."""
+    g = torch.Generator().manual_seed(seed)
+    lin = quantize_module(nn.Linear(64, 8))
+    with torch.no_grad():
+        w = lin.weight
+        w.copy_(torch.randn(8, 64, generator=g))
+        w[0, :4] = torch.tensor([0.0, -1e-9, 1e-9, -0.0])
+    lpbq = granularity == "lpbq"
+    block = 16 if granularity in ("block", "lpbq") else None
+    axis = None if granularity == "tensor" else 0
+    if block is not None:
+        lo, hi = torch.aminmax(w.detach().reshape(8, 4, 16), dim=2)
+    elif axis == 0:
+        lo, hi = torch.aminmax(w.detach(), dim=1)
+    else:
+        lo, hi = torch.aminmax(w.detach())
+    bw = 4 if lpbq else bitwidth
+    enc = Encoding.from_range(lo * 0.8, hi * 0.8, bw, symmetric or lpbq, axis=axis,
+                              block_size=block, decompressed_bw=8 if lpbq else None)
+    q = Quantizer(bw, symmetric or lpbq, shape=tuple(enc.scale.shape), axis=axis,
+                  block_size=block, decompressed_bw=8 if lpbq else None)
+    q.set_encoding(enc)
+    lin.param_quantizers["weight"] = q
+    with torch.no_grad():  # exact grid points (ties of the rounding included) in row 1
+        w[1] = enc.fake_quantize(w.detach())[1] * 1.5
+    return lin
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["tensor", "channel", "block", "lpbq"]), st.sampled_from([4, 8, 16]),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_weights_above_the_limits_are_kept_as_codes_with_the_fake_quantized_values(
+        granularity, bitwidth, symmetric, seed):
+    """Above the limits a weight keeps its integer codes in the narrowest integer dtype and
+    each eval call dequantizes them: the same float32 values as fake-quantizing the weight
+    (per tensor, channel, block and LPBQ; 4-, 8- and 16-bit grids, signed and unsigned), the
+    bits too once the sign of zero is set aside (``x + 0.0`` turns -0.0 into 0.0). Grids
+    that fit no 16-bit integer (unsigned 16-bit) keep no codes and give the same values."""
+    lin = _linear_with_weight_quantizer(granularity, bitwidth, symmetric, seed)
+    q, w = lin.param_quantizers["weight"], lin.weight
+    try:
+        set_param_cache_limit(0)
+        with torch.no_grad():
+            expected = q(w)
+            got = lin._quantized_params()["weight"]
+            again = lin._quantized_params()["weight"]  # from the kept codes
+    finally:
+        set_param_cache_limit()
+    qmin, qmax = q.qmin_qmax  # an unsigned 16-bit grid fits no 16-bit integer: no codes
+    dtype = next((t for t in (torch.int8, torch.uint8, torch.int16)
+                  if torch.iinfo(t).min <= qmin and qmax <= torch.iinfo(t).max), None)
+    assert _codes(lin) == ({} if dtype is None else {"weight": dtype})
+    assert lin._qparam_cache == {}
+    for value in (got, again):
+        assert value.dtype == torch.float32 and torch.equal(value, expected)
+        assert torch.equal((value + 0.0).view(torch.int32), (expected + 0.0).view(torch.int32))
+
+
+def test_codes_follow_the_parameter_the_encoding_and_the_limits(default_cache_limit):
+    """Kept codes are rebuilt when the weight changes in place or is replaced and when the
+    encoding changes; raising the limits moves the weight to the float copy, ``codes=False``
+    keeps nothing, and copies of the module start without codes."""
+    lin = _linear_with_weight_quantizer("block", 4, True, 0)
+    q = lin.param_quantizers["weight"]
+    x = torch.randn(3, 64)
+    set_param_cache_limit(0)
+
+    def check() -> None:
+        with torch.no_grad():
+            expected = nn.functional.linear(x, q(lin.weight), lin.bias)
+            assert torch.equal(lin(x), expected)
+
+    check()
+    first = lin._qcodes_cache["weight"][1]
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    check()
+    assert lin._qcodes_cache["weight"][1] is not first
+    lin.weight = nn.Parameter(torch.randn(8, 64), requires_grad=False)
+    check()
+    enc = q.encoding
+    q.set_encoding(Encoding.from_range(enc.min * 2, enc.max * 2, 4, True, axis=0,
+                                       block_size=16))
+    check()
+    assert copy.deepcopy(lin)._qcodes_cache == {} and _codes(lin) == {"weight": torch.int8}
+    clear_param_cache(lin)
+    assert _codes(lin) == {}
+    set_param_cache_limit(codes=False)
+    check()
+    assert _codes(lin) == {} and lin._qparam_cache != {}  # under the default limits: float copy
+    set_param_cache_limit(0, codes=False)
+    check()
+    assert _codes(lin) == {} and lin._qparam_cache == {}
+    set_param_cache_limit(0)
+    check()
+    assert _codes(lin) == {"weight": torch.int8}
+    set_param_cache_limit()
+    check()
+    assert _codes(lin) == {"weight": torch.int8} and set(lin._qparam_cache) == {"weight"}
+
+
+def test_weights_that_cannot_be_kept_as_codes_are_fake_quantized_per_call(default_cache_limit):
+    """A NaN in the weight, a grid wider than 16 bits and a learnable range keep no codes
+    and give the fake-quantized weight, as before."""
+    lin = _linear_with_weight_quantizer("channel", 8, False, 1)
+    q = lin.param_quantizers["weight"]
+    set_param_cache_limit(0)
+    with torch.no_grad():
+        lin.weight[2, 5] = float("nan")
+        torch.testing.assert_close(lin._quantized_params()["weight"], q(lin.weight), rtol=0,
+                                   atol=0, equal_nan=True)
+    assert _codes(lin) == {}
+    learned = _linear_with_weight_quantizer("tensor", 8, True, 4)
+    learned.param_quantizers["weight"].set_learnable()
+    with torch.no_grad():
+        assert torch.equal(learned._quantized_params()["weight"],
+                           learned.param_quantizers["weight"](learned.weight))
+    assert _codes(learned) == {}
+    wide = _linear_with_weight_quantizer("tensor", 20, True, 2)
+    with torch.no_grad():
+        assert torch.equal(wide._quantized_params()["weight"], wide.param_quantizers["weight"](
+            wide.weight))
+    assert _codes(wide) == {}
+
+
+def test_threads_sharing_kept_codes_get_the_single_thread_result(default_cache_limit):
+    """Codes are built and replaced whole: threads running the module while one of them
+    changes the limits (dropping and rebuilding the codes) all get the same output."""
+    import threading
+
+    lin = _linear_with_weight_quantizer("lpbq", 4, True, 3)
+    x = torch.randn(5, 64)
+    set_param_cache_limit(0)
+    with torch.no_grad():
+        expected = lin(x)
+    failures = []
+
+    def run(toggle: bool) -> None:
+        for i in range(200):
+            if toggle:
+                clear_param_cache(lin)
+            with torch.no_grad():
+                if not torch.equal(lin(x), expected):
+                    failures.append(i)
+                    return
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (True, False, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
