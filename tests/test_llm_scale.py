@@ -2,7 +2,8 @@
 a 2-rank gloo calibration with per-block and LPBQ weights gives one process's encodings;
 W8A16 per-channel, W4A16 per-block and LPBQ sims export and agree with ONNX Runtime; on CUDA
 the same sims calibrate to the CPU's weight encodings; a sim over a model above the cache's
-model limit holds one copy of each weight. ``benchmarks/llm.py`` measures the 50M-parameter
+model limit holds one float copy of each weight plus its integer codes (int8: a quarter of its
+bytes). ``benchmarks/llm.py`` measures the 50M-parameter
 size.
 """
 from __future__ import annotations
@@ -180,12 +181,13 @@ def _cached(model: nn.Module):
             if isinstance(m, QuantizationMixin) and m._qparam_cache}
 
 
-def test_model_above_the_cache_limit_holds_one_copy_of_each_weight():
+def test_model_above_the_cache_limit_holds_one_float_copy_and_int8_codes_of_each_weight():
     """Under the default limits the tiny decoder (0.1M parameters) caches its fake-quantized
     weights, the embedding table included; with the model limit below its size an in-place
-    sim keeps none: its parameters are the float model's tensors, the only other tensors it
-    holds are the quantizers' encodings, and the outputs are bit-identical (the embedding then
-    fake-quantizes the rows it looks up, not its table)."""
+    sim keeps no float copy: its parameters are the float model's tensors, the other tensors
+    it holds are the quantizers' encodings and each weight's integer codes (int8 for the int4
+    and int8 grids: at most a quarter of the float32 weights' bytes), and the outputs are the
+    same (the embedding then fake-quantizes the rows it looks up, not its table)."""
     assert model_cache_limit() == 1 << 25  # the documented default
     batches = _batches(2)
     model = build_decoder("tiny")
@@ -200,10 +202,15 @@ def test_model_above_the_cache_limit_holds_one_copy_of_each_weight():
         with torch.no_grad():
             assert torch.equal(sim.model(batches[0]), cached)
         assert _cached(sim.model) == set()
+        codes = {f"{name}.{p}": entry[1] for name, m in sim.model.named_modules()
+                 if isinstance(m, QuantizationMixin) for p, entry in m._qcodes_cache.items()}
     finally:
         set_param_cache_limit()
     assert {p.untyped_storage().data_ptr() for p in sim.model.parameters()} == storages
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert "blocks.0.mlp.up_proj.weight" in codes and "embed.weight" not in codes
+    assert {c.dtype for c in codes.values()} == {torch.int8}
+    assert sum(c.numel() * c.element_size() for c in codes.values()) <= weight_bytes / 4
     quantizer_bytes = sum(t.numel() * t.element_size() for n, t in sim.model.state_dict().items()
                           if "_quantizers." in n)
     # per block of 32 int4 weights: a float32 scale and offset, min and max (4 / 32 of the
