@@ -27,6 +27,7 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from quantsim.errors import QuantSimError
+from quantsim.tables import format_table
 
 #: exit statuses
 OK, FAILED, USAGE = 0, 1, 2
@@ -223,12 +224,6 @@ def _totals_line(t: Dict[str, Any]) -> str:
     return f"{t['encodings']} encodings: " + "; ".join(p for p in parts if p)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-                     for r in [header, *rows])
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print one row per encoding and the totals (or JSON with ``--json``)."""
     file = _load_encodings(args.file)
@@ -251,8 +246,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 gran, _span(r["scale_min"], r["scale_max"], "{:.6g}"),
                 _span(r["offset_min"], r["offset_max"], "{}")]
     print(f"{args.file} (version {file.version})")
-    print(_table(("tensor", "kind", "dtype", "symmetric", "granularity", "scale", "offset"),
-                 [shown(r) for r in rows]))
+    print(format_table(("tensor", "kind", "dtype", "symmetric", "granularity", "scale", "offset"),
+                       [shown(r) for r in rows], rule=False))
     print(_totals_line(totals) + f"; {totals['scales']} scales")
     return OK
 

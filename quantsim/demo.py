@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ from quantsim.atomic import atomic_write, atomic_write_text
 from quantsim.encoding import Encoding, integer_grid
 from quantsim.metrics import sqnr_db
 from quantsim.sim import QuantizationSimModel, QuantScheme
+from quantsim.tables import format_table
 
 #: Calibration schemes compared in part 1: (label, scheme, analyzer keyword arguments).
 SCHEMES: Tuple[Tuple[str, str, dict], ...] = (
@@ -187,20 +188,6 @@ def demo_tensors(model: DigitsCNN, data: Digits) -> Dict[str, Tuple[torch.Tensor
         "fc.weight (trained)": (model.fc.weight.detach(), True),
         "conv2 input (ReLU)": (activations, False),
     }
-
-
-def format_table(header: Sequence[str], rows: Iterable[Sequence[str]],
-                 right: Sequence[bool]) -> str:
-    """Align ``rows`` under ``header`` (a dashed rule between); ``right`` per column."""
-    rows = [list(header)] + [list(r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for k, row in enumerate(rows):
-        cells = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def tensor_calibration_table(tensors: Dict[str, Tuple[torch.Tensor, bool]]) -> str:

@@ -29,6 +29,7 @@ from quantsim.graph import ModelGraph, eval_mode, leaf_modules, trace
 from quantsim.op_types import onnx_types_of, params_of
 from quantsim.placement import Placement, QuantizerSetting, resolve
 from quantsim.quantizer import Quantizer, QuantizerRole
+from quantsim.tables import format_table
 from quantsim.wrappers import (QuantizationMixin, is_registered, param_axis, quantize_module,
                                quantizer_items, record_model_size, unwrap_class)
 
@@ -416,14 +417,9 @@ class QuantizationSimModel:
                 values = (f"{float(enc.min):.4g}", f"{float(enc.max):.4g}",
                           f"{float(enc.scale):.4g}", f"{int(enc.offset)}")
             rows.append((name, str(q.bitwidth), str(q.symmetric), per_channel) + values)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"QuantizationSimModel ({self._quant_scheme.name}, config "
-                 f"{self.config.source}): {len(rows) - 1} enabled quantizers"]
-        for k, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return (f"QuantizationSimModel ({self._quant_scheme.name}, config "
+                f"{self.config.source}): {len(rows) - 1} enabled quantizers\n"
+                + format_table(rows[0], rows[1:]))
 
     def __repr__(self) -> str:
         return f"QuantizationSimModel(scheme={self._quant_scheme.name}, model={type(self.model).__name__})"

@@ -15,6 +15,7 @@ from jsonschema.exceptions import best_match
 
 from quantsim.atomic import atomic_write_text
 from quantsim.errors import AnalysisError
+from quantsim.tables import format_table
 
 #: Version of the results document; bumped when a field changes meaning.
 FORMAT_VERSION = 1
@@ -232,15 +233,15 @@ class AnalysisResults:
             ranked = self.sensitivity(sweep)
             if ranked:
                 lines += ["", f"Per-layer sensitivity ({what}):",
-                          *_table(["layer", "score"], [(n, _fmt(s)) for n, s in ranked])]
+                          format_table(["layer", "score"], [(n, _fmt(s)) for n, s in ranked])]
         if self.quantizers:
             rows = [(q.name, str(q.bitwidth), _fmt(q.quantizer_sqnr_db), _fmt(q.sqnr_db),
                      _fmt(q.clipped_fraction, pct=True), _range(q.observed_min, q.observed_max),
                      _range(_lowest(q.encoding_min), _highest(q.encoding_max)))
                     for q in self.worst_quantizers()]
             lines += ["", "Quantizers, worst own SQNR first (dB):",
-                      *_table(["quantizer", "bw", "own SQNR", "vs float", "clipped",
-                               "observed", "encoding"], rows)]
+                      format_table(["quantizer", "bw", "own SQNR", "vs float", "clipped",
+                                    "observed", "encoding"], rows)]
         return "\n".join(lines)
 
 
@@ -274,14 +275,6 @@ def _lowest(values: Optional[List[float]]) -> Optional[float]:
 
 def _highest(values: Optional[List[float]]) -> Optional[float]:
     return None if not values else max(values)
-
-
-def _table(header: List[str], rows: List[Tuple[str, ...]]) -> List[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return out
 
 
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from quantsim.tables import format_table
+
 
 @dataclass
 class LayerReport:
@@ -90,13 +92,9 @@ class ConversionReport:
                 "-" if r.bitwidth is None else str(r.bitwidth),
                 _number(r.max_diff_lsb), _percent(r.within_1_lsb),
                 _number(r.chained_max_diff_lsb), _percent(r.chained_within_1_lsb)))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"Integer conversion: {len(self.layers)} steps, "
-                 f"{'deployable' if self.deployable else 'NOT fully integer'}"]
-        for k, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
+                 f"{'deployable' if self.deployable else 'NOT fully integer'}",
+                 format_table(rows[0], rows[1:])]
         for title, entries in (("float ops", self.float_ops), ("issues", self.issues),
                                ("warnings", self.warnings)):
             if entries:
