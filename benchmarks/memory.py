@@ -23,8 +23,10 @@ per-channel weight search takes seconds per 2048-channel weight). Prints a table
 ``benchmarks/results/memory.json``. Ratios are the phase's peak over the ``float`` phase's
 peak (both above the imports), so a sim that keeps nothing but the model is 1.0x; the
 target is <= 1.3x for ``in_place=True`` after calibration and an eval forward. The sim
-caches the fake-quantized copy of small weights only (``quantsim.wrappers``
-``set_param_cache_limit``); ``--cache-limit`` runs the phases with another limit.
+caches the fake-quantized copy of small weights only and, above the limits (this model is
+above the 2^25-element model limit), each weight's integer codes (``quantsim.wrappers``
+``set_param_cache_limit``); ``--cache-limit`` runs the phases with another limit,
+``--no-codes`` without the codes (every call fake-quantizes every weight, as before them).
 
 Two costs that are not the sim's own data show up in RSS. The ``auto`` kernel backend
 compiles fake-quant passes over tensors of 2M+ elements with ``torch.compile``, which loads
@@ -97,7 +99,7 @@ def reset_peak() -> bool:
 
 
 def run_phase(phase: str, in_place: bool, scheme: str, layers: int, width: int,
-              cache_limit: Optional[int]) -> Dict:
+              cache_limit: Optional[int], codes: bool = True) -> Dict:
     """Run ``phase`` in this process; return its memory figures (bytes)."""
     sys.path.insert(0, os.path.join(HERE, ".."))
     import warnings
@@ -110,8 +112,8 @@ def run_phase(phase: str, in_place: bool, scheme: str, layers: int, width: int,
     from quantsim.sim import QuantizationSimModel
 
     torch.set_num_threads(2)
-    if cache_limit is not None:
-        wrappers.set_param_cache_limit(cache_limit)
+    wrappers.set_param_cache_limit(
+        wrappers.param_cache_limit() if cache_limit is None else cache_limit, codes=codes)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, width, generator=g)
     batches = [torch.randn(BATCH, width, generator=g) for _ in range(CALIBRATION_BATCHES)]
@@ -150,6 +152,8 @@ def measure(phase: str, in_place: bool, scheme: str, args) -> Dict:
         cmd.append("--in-place")
     if args.cache_limit is not None:
         cmd += ["--cache-limit", str(args.cache_limit)]
+    if args.no_codes:
+        cmd.append("--no-codes")
     env = dict(os.environ, **dict(e.split("=", 1) for e in args.env))
     runs = []
     for _ in range(args.repeats):
@@ -207,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=2048, help="features per layer")
     parser.add_argument("--cache-limit", type=int, default=None,
                         help="wrappers.set_param_cache_limit for the run (elements)")
+    parser.add_argument("--no-codes", action="store_true",
+                        help="keep no integer codes above the limits (set_param_cache_limit)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="fresh processes per phase; the median peak is reported")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
@@ -221,7 +227,7 @@ def main(argv=None) -> int:
         args.layers = 4 if args.quick else 12
     if args.phase is not None:  # a child process: one phase, one JSON line
         print(json.dumps(run_phase(args.phase, args.in_place, args.scheme, args.layers,
-                                   args.width, args.cache_limit)))
+                                   args.width, args.cache_limit, not args.no_codes)))
         return 0
     schemes = args.schemes or (["tf_enhanced"] if args.quick else ["tf", "tf_enhanced"])
     rows = [measure("float", False, schemes[0], args)]
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
     meta = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "layers": args.layers, "width": args.width,
             "batch": BATCH, "calibration_batches": CALIBRATION_BATCHES,
-            "cache_limit": args.cache_limit, "repeats": args.repeats, "env": args.env,
+            "cache_limit": args.cache_limit, "codes": not args.no_codes, "repeats": args.repeats, "env": args.env,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

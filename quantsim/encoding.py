@@ -486,17 +486,19 @@ def dequantize(
     axis: Optional[int] = None, block_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Real values ``(q + offset) * scale`` (float32, or float64 for float64 codes;
-    ``block_size``: per block, as :func:`quantize`). ``q`` may be an integer tensor (its codes
-    convert exactly inside the first operation, without a float copy); ``offset`` None means
-    a zero offset (one pass fewer, the same values)."""
+    ``block_size``: per block, as :func:`quantize`). ``q`` may be an integer tensor (codes
+    kept compactly; they convert exactly); ``offset`` None means a zero offset (one pass
+    fewer, the same values)."""
     if block_size is not None:
         return _on_blocks(dequantize, q, block_size, scale, offset, 0)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = channel_view(scale.to(dtype), q.dim(), axis)
-    v = q.to(dtype) if q.is_floating_point() else q  # integer codes promote to s's dtype
-    if offset is None:
-        return torch.mul(v, s)
-    return torch.add(v, channel_view(offset.to(dtype), q.dim(), axis)).mul_(s)
+    o = None if offset is None else channel_view(offset.to(dtype), q.dim(), axis)
+    if q.dtype == dtype:  # q.to(dtype) would be q itself: the caller's tensor
+        return q * s if o is None else (q + o).mul_(s)
+    # a converted copy, updated in place: a mixed-dtype op would run a slower casting loop
+    v = q.to(dtype)
+    return (v if o is None else v.add_(o)).mul_(s)
 
 
 def rounding_error_in_steps(t: torch.Tensor, offset: Union[float, torch.Tensor], qmin: int,
