@@ -362,8 +362,8 @@ class _Search:
         """Backward elimination (module docstring, step 5): for each phase-1 entry, least
         sensitive first, move its group to the entry's candidate where that raises none of
         the group's bitwidths and lowers some, and keep the move where the phase-2 score still
-        meets ``target``. Appends every evaluated point to
-        ``entries``; returns the choice and its score."""
+        meets ``target``. Appends every evaluated point to ``entries``; returns the choice
+        and its score."""
         index = {g: i for i, g in enumerate(self.groups)}
         base_ops = self.bit_ops(base_choice)
         todo = [(index[g], c) for g, c, _, _ in accuracy

@@ -114,7 +114,8 @@ def _ratio(value: int, base: int) -> str:
 
 class ParetoList(list):
     """aimet-torch's return value, a list of ``(relative bit-ops, score, group, candidate)``
-    (the evaluated points of phase 2, in path order), that also prints a summary.
+    (the evaluated points of phase 2, in path order, then the refinement's points when
+    ``phase2_refine`` was on), that also prints a summary.
 
     Attributes:
         summary: :class:`SearchSummary` (the choice, scores, costs, evaluation counts).
