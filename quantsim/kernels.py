@@ -13,7 +13,8 @@ dtype. Backends:
 The backend is chosen by :func:`set_backend` or the ``QUANTSIM_KERNEL`` environment variable
 (``auto`` | ``eager`` | ``compiled``). ``auto`` (default) uses ``compiled`` for tensors of at
 least :data:`AUTO_MIN_ELEMENTS` elements, where the fused pass pays for itself, and ``eager``
-below. Both backends produce bit-identical results (tested).
+below — except the in-place eval pass over a module's fresh output (:func:`qdq_per_tensor_`),
+which stays eager at any size, for memory. Both backends produce bit-identical results (tested).
 
 Training (autograd records) runs the same arithmetic as two fused passes, on the same backend
 (``auto`` compiles them from :data:`AUTO_MIN_ELEMENTS_TRAIN` elements):
@@ -156,10 +157,13 @@ def qdq_per_tensor(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
 def qdq_per_tensor_(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float,
                     tensors: tuple) -> torch.Tensor:
     """:func:`qdq_per_tensor` that overwrites a float32 ``x`` (no new buffer, and the data is
-    still in cache from the op that produced it) where the eager backend runs; returns the
-    result, which is ``x`` itself in that case."""
-    if x.dtype != torch.float32 or _backend == "compiled" or (
-            _backend == "auto" and x.numel() >= AUTO_MIN_ELEMENTS and not _compile_failed):
+    still in cache from the op that produced it) unless the backend is ``compiled``; returns
+    the result, which is ``x`` itself in that case. ``auto`` stays eager here whatever the
+    size: the fused kernel would allocate an ``x``-sized result and load inductor (~200 MB of
+    RSS once per process), which for an LLM's logits (16M elements on a 56M-parameter decoder)
+    cost more memory than the model's weights while the eager passes ran faster in the
+    forward (benchmarks/llm.py)."""
+    if x.dtype != torch.float32 or (_backend == "compiled" and not _compile_failed):
         return qdq_per_tensor(x, scale, lo, hi, tensors)
     return x.div_(scale).round_().clamp_(lo, hi).mul_(scale)
 
