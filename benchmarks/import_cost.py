@@ -17,8 +17,8 @@ measured:
 * ``quantsim export``: ``import quantsim.export`` as well (ONNX, onnxscript: what the first
   export pays on top);
 * ``aimet-torch``: ``from aimet_torch.quantsim import QuantizationSimModel`` over ``import
-  torch``, both in aimet-torch's own environment (``--aimet-python``, by default
-  ``/work/scratch/aimet-venv/bin/python`` when it exists). Without it the figures recorded on
+  torch``, both in aimet-torch's own environment (``--aimet-python``, by default the
+  ``QUANTSIM_AIMET_PYTHON`` environment variable). Without it the figures recorded on
   the development machine (3 s, +197 MB over torch, aimet-torch 2.42) are reported, marked as
   recorded.
 
@@ -38,7 +38,6 @@ from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "import_cost.json"
-AIMET_PYTHON = Path("/work/scratch/aimet-venv/bin/python")
 #: aimet-torch 2.42 on the development machine, when its environment is not at hand
 AIMET_RECORDED = {"import_over_torch_s": 3.0, "rss_over_torch_mb": 197.0}
 
@@ -64,7 +63,7 @@ print(json.dumps({"import_s": elapsed, "cpu_s": used, "rss_mb": rss(), "rss_befo
 """
 
 #: aimet-torch 2.42 registers torchvision ops that its environment's torch lacks without
-#: torchvision; defining them first lets it import (as /work/scratch/cmp/run_sim.py does)
+#: torchvision; defining them first lets it import
 _AIMET_SETUP = (
     "import torch; "
     "torch.library.define('torchvision::nms', '(Tensor dets, Tensor scores, float iou_threshold)"
@@ -129,8 +128,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Measure, print the table, write the JSON; returns the result."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="processes per statement")
-    parser.add_argument("--aimet-python", default=str(AIMET_PYTHON) if AIMET_PYTHON.exists()
-                        else None, help="interpreter of an environment with aimet-torch")
+    parser.add_argument("--aimet-python", default=os.environ.get("QUANTSIM_AIMET_PYTHON"),
+                        help="interpreter of an environment with aimet-torch "
+                             "(default: $QUANTSIM_AIMET_PYTHON)")
     args = parser.parse_args(argv)
     ours = measure(sys.executable, STATEMENTS, args.repeats)
     torch_ = ours["torch"]
