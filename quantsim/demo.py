@@ -44,9 +44,10 @@ from torch import nn
 
 from quantsim import kernels
 from quantsim.analyzers import create_analyzer
-from quantsim.atomic import atomic_write, atomic_write_text
+from quantsim.atomic import atomic_write_text
 from quantsim.encoding import Encoding, integer_grid
 from quantsim.metrics import sqnr_db
+from quantsim.plotting import matplotlib_available, new_figure, save_png
 from quantsim.sim import QuantizationSimModel, QuantScheme
 from quantsim.tables import format_table
 
@@ -310,13 +311,10 @@ def accuracy_rows(results: Dict[str, Optional[float]], float_acc: float) -> List
 def write_png(results: Dict[str, Optional[float]], path: Path) -> Optional[str]:
     """Bar chart of ``results`` as a PNG (atomically); returns why not when matplotlib is
     missing, else None."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    if not matplotlib_available():
         return "matplotlib is not installed (pip install matplotlib); the PNG was skipped"
     shown = {k: v for k, v in results.items() if v is not None}
-    fig = Figure(figsize=(8, 3.2), dpi=100)
-    ax = fig.add_subplot()
+    fig, ax = new_figure(8, 3.2)
     bars = ax.barh(list(shown)[::-1], [100 * v for v in shown.values()][::-1], color="tab:blue")
     for bar, value in zip(bars, list(shown.values())[::-1]):
         ax.text(bar.get_width() - 0.3, bar.get_y() + bar.get_height() / 2, f"{100 * value:.2f} %",
@@ -326,7 +324,7 @@ def write_png(results: Dict[str, Optional[float]], path: Path) -> Optional[str]:
     ax.set_xlabel("test accuracy (%), scikit-learn digits")
     ax.set_title("Digits CNN, W4A8: simulated, ONNX Runtime, integer-only")
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+    save_png(fig, path, dpi=100)
     return None
 
 

@@ -43,6 +43,7 @@ from quantsim.atomic import atomic_write_text
 from quantsim.checks import require_module
 from quantsim.defs import CallbackFunc, EvalCallback, as_callback
 from quantsim.errors import AnalysisError
+from quantsim.plotting import matplotlib_available
 from quantsim.quantizer import QuantizerRole
 from quantsim.sim import QuantizationSimModel, QuantScheme
 
@@ -190,7 +191,7 @@ class QuantAnalyzer:
         ``.png``, with the observed ranges)."""
         stats = self._statistics(sim)[0]
         folder = _results_folder(results_dir)
-        return _write_min_max(stats, folder, plots.matplotlib_available(), [])
+        return _write_min_max(stats, folder, matplotlib_available(), [])
 
     def export_per_layer_stats_histogram(self, sim: QuantizationSimModel,
                                          results_dir: Union[str, os.PathLike]) -> List[str]:
@@ -199,7 +200,7 @@ class QuantAnalyzer:
         matplotlib). Returns the files written (relative to ``results_dir``)."""
         stats = self._statistics(sim)[0]
         folder = _results_folder(results_dir)
-        if not plots.matplotlib_available():
+        if not matplotlib_available():
             print(plots.NO_MATPLOTLIB_NOTE, file=sys.stderr)
             return []
         return [f for f in (plots.plot_histogram(q, folder) for q in stats) if f]
@@ -218,7 +219,7 @@ class QuantAnalyzer:
         mse = self._statistics(sim)[1]
         folder = _results_folder(results_dir)
         _write_json(folder, "per_layer_mse_loss.json", mse)
-        if plots.matplotlib_available():
+        if matplotlib_available():
             plots.plot_layer_mse(mse, folder)
         return mse
 
@@ -233,7 +234,7 @@ class QuantAnalyzer:
         _write_json(folder, "per_quantizer_sqnr.json",
                     {q.name: {"sqnr_db": q.sqnr_db, "quantizer_sqnr_db": q.quantizer_sqnr_db,
                               "clipped_fraction": q.clipped_fraction} for q in stats})
-        if plots.matplotlib_available():
+        if matplotlib_available():
             plots.plot_sqnr(results, folder)
         return results.worst_quantizers()
 
@@ -248,7 +249,7 @@ class QuantAnalyzer:
         folder = _results_folder(results_dir)
         scores = sweep_layers(sim, self._eval_callback, sweep, analyzed_layers(sim))
         _write_json(folder, f"per_layer_quant_{sweep}.json", scores)
-        if plots.matplotlib_available():
+        if matplotlib_available():
             results = _base_results(sim)
             setattr(results, f"per_layer_{sweep}", scores)
             plots.plot_sweep(results, sweep, folder)
@@ -429,7 +430,7 @@ def _write_results(results: AnalysisResults, folder: Path, plot: bool, histogram
         files.append(_write_json(folder, "per_layer_mse_loss.json", results.layer_mse))
     _write_min_max(results.quantizers, folder, False, files)
     if plot:
-        if plots.matplotlib_available():
+        if matplotlib_available():
             files += plots.plot_all(results, folder, histograms)
         else:
             print(plots.NO_MATPLOTLIB_NOTE, file=sys.stderr)

@@ -1,18 +1,16 @@
 """PNG plots of analysis results (matplotlib, the ``quantsim[plot]`` extra).
 
-Figures are drawn with ``matplotlib.figure.Figure`` (no pyplot: no global state, no GUI
-backend) and written atomically. Without matplotlib, :func:`matplotlib_available` is False and
-the analysis writes JSON only.
+Figures come from :mod:`quantsim.plotting` (no pyplot, written atomically); without
+matplotlib the analysis writes JSON only.
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from quantsim.analysis.results import AnalysisResults, QuantizerStats
-from quantsim.atomic import atomic_write
+from quantsim.plotting import new_figure, save_png
 from quantsim.progress import progress
 
 #: The line printed (once per analysis) when plots are skipped.
@@ -20,27 +18,9 @@ NO_MATPLOTLIB_NOTE = ("quantsim analysis: matplotlib is not installed, so only J
                       "were written; pip install 'quantsim[plot]' for the PNG plots")
 
 
-def matplotlib_available() -> bool:
-    """True when matplotlib can be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _figure(width: float = 10.0, height: float = 4.5):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height))
-    return fig, fig.subplots()
-
-
 def _save(fig, folder: Path, relative: str, tight: bool = True) -> str:
-    """Write ``fig`` as PNG; ``tight`` fits the margins to long tick labels (a fixed layout
-    is several times faster where the labels are known to fit)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight" if tight else None)
-    atomic_write(folder / relative, lambda f: f.write(buf.getvalue()))
+    """Write ``fig`` as ``folder / relative`` (PNG) and return ``relative``."""
+    save_png(fig, folder / relative, tight)
     return relative
 
 
@@ -66,7 +46,7 @@ def plot_sweep(results: AnalysisResults, sweep: str, folder: Path) -> str:
     """``per_layer_quant_<sweep>.png``: the score per layer in call order, with the float and
     the quantized score as lines."""
     scores = results.per_layer_enabled if sweep == "enabled" else results.per_layer_disabled
-    fig, ax = _figure()
+    fig, ax = new_figure()
     names = list(scores)
     ax.plot(range(len(names)), _finite(list(scores.values())), marker="o", markersize=3,
             label="only this layer quantized" if sweep == "enabled"
@@ -106,7 +86,7 @@ def plot_sqnr(results: AnalysisResults, folder: Path) -> str:
 def plot_min_max(quantizers: List[QuantizerStats], title: str, folder: Path) -> str:
     """``min_max_ranges/<title>.png``: each quantizer's chosen range (bars) and the observed
     one (markers)."""
-    fig, ax = _figure()
+    fig, ax = new_figure()
     x = range(len(quantizers))
     lows = _finite([min(q.encoding_min) if q.encoding_min else None for q in quantizers])
     highs = _finite([max(q.encoding_max) if q.encoding_max else None for q in quantizers])
@@ -127,7 +107,7 @@ def plot_histogram(q: QuantizerStats, folder: Path) -> Optional[str]:
     ``activations_pdf/<name>.png`` or ``weights_pdf/<layer>/<param>.png``."""
     if q.histogram is None:
         return None
-    fig, ax = _figure(7, 3.5)
+    fig, ax = new_figure(7, 3.5)
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.14, top=0.9)
     edges = q.histogram.edges()
     ax.stairs(q.histogram.counts, edges, fill=True, alpha=0.6, label="values seen")
@@ -149,7 +129,7 @@ def plot_histogram(q: QuantizerStats, folder: Path) -> Optional[str]:
 
 def plot_layer_mse(mse: Dict[str, float], folder: Path) -> str:
     """``per_layer_mse_loss.png``: each layer's output MSE against the float model."""
-    fig, ax = _figure()
+    fig, ax = new_figure()
     names = list(mse)
     ax.plot(range(len(names)), _finite(list(mse.values())), marker="o", markersize=3)
     _layer_axis(ax, names)

@@ -2,17 +2,16 @@
 value, with a readable summary), its JSON files and PNG plots (matplotlib optional)."""
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from quantsim.atomic import atomic_write, atomic_write_text
+from quantsim.atomic import atomic_write_text
 from quantsim.mixed_precision.candidates import Candidate, bit_cost, setting_of
 from quantsim.mixed_precision.groups import QuantizerGroup
+from quantsim.plotting import matplotlib_available, new_figure, save_png
 
 #: (quantizer group, candidate, phase-1 score, bit-ops reduction), aimet-torch's entry layout
 AccuracyEntry = Tuple[QuantizerGroup, Candidate, float, int]
@@ -150,7 +149,7 @@ def write_results(folder: Path, pareto: ParetoList) -> Dict[str, str]:
     _write_json(folder / files["accuracy_list"], [
         {"eval_score": score, "candidate": c.label(), "bit_ops_reduction": red,
          "group": g.to_list()} for g, c, score, red in pareto.accuracy_list])
-    if importlib.util.find_spec("matplotlib") is not None:
+    if matplotlib_available():
         files["pareto_curve"] = _plot_pareto(folder, pareto)
         if pareto.accuracy_list:
             files["sensitivity"] = _plot_sensitivity(folder, pareto)
@@ -163,18 +162,9 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
 
 
-def _save_png(fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
-    return path.name
-
-
 def _plot_pareto(folder: Path, pareto: ParetoList) -> str:
-    from matplotlib.figure import Figure
     s = pareto.summary
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = new_figure(7, 4.5, constrained=True)
     points = sorted((r, score) for r, score, _, _ in pareto if math.isfinite(score))
     if points:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4,
@@ -187,18 +177,17 @@ def _plot_pareto(folder: Path, pareto: ParetoList) -> str:
     ax.set_ylabel("eval score")
     ax.set_title("Mixed precision: score vs cost")
     ax.legend(fontsize=8)
-    return _save_png(fig, folder / "pareto_curve.png")
+    save_png(fig, folder / "pareto_curve.png")
+    return "pareto_curve.png"
 
 
 def _plot_sensitivity(folder: Path, pareto: ParetoList) -> str:
-    from matplotlib.figure import Figure
     s = pareto.summary
     index = {g: i for i, g in enumerate(s.groups)}
     by_candidate: Dict[str, List[Tuple[int, float]]] = {}
     for g, c, score, _ in pareto.accuracy_list:
         by_candidate.setdefault(c.label(), []).append((index[g], score))
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = new_figure(10, 4.5, constrained=True)
     for label, pts in sorted(by_candidate.items()):
         pts.sort()
         finite = [(i, v) for i, v in pts if math.isfinite(v)]
@@ -210,4 +199,5 @@ def _plot_sensitivity(folder: Path, pareto: ParetoList) -> str:
     ax.set_ylabel("eval score (phase 1)")
     ax.set_title("Quantizer group sensitivity")
     ax.legend(fontsize=8)
-    return _save_png(fig, folder / "quantizer_group_sensitivity.png")
+    save_png(fig, folder / "quantizer_group_sensitivity.png")
+    return "quantizer_group_sensitivity.png"
