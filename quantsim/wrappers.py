@@ -133,6 +133,9 @@ _model_cache_limit: Optional[int] = 1 << 25
 _keep_codes = True
 #: modules whose call reads a few rows of their weight: theirs is cached whatever its size
 _LOOKUP_TABLES = (nn.Embedding, nn.EmbeddingBag)
+#: a weight kept as codes is encoded, and an ``nn.Linear``'s product computed, a slice of about
+#: this many elements (rows along axis 0) at a time: no weight-sized float temporary
+_ROW_SLICE_ELEMENTS = 1 << 20
 
 
 def _check_limit(value: Any, argument: str) -> Optional[int]:
@@ -235,6 +238,9 @@ class QuantizationMixin:
         self._qcodes_cache: Dict[str, tuple] = {}  # weights above the limits: integer codes
         self._model_size = 0  # the sim's model, for the cache's model limit (record_model_size)
         self._lookup = unwrap_class(self) is nn.Embedding  # uncached: quantize the rows read
+        #: uncached: an output computed from the weight's codes (see _forward_from_codes)
+        self._codes_forward = {nn.Linear: "linear", nn.Embedding: "embedding"}.get(
+            unwrap_class(self))
         self._plan: Tuple[int, bool, bool, bool] = (-1, True, True, True)
         #: the fake-quantized parameters while a torch.compile trace runs the float forward
         self._traced_params: Optional[Dict[str, torch.Tensor]] = None
@@ -275,16 +281,20 @@ class QuantizationMixin:
         inputs_on, outputs_on, params_on = self._active()
         if inputs_on:
             args = self._quantize_inputs(args)
-        rows = self._rows_quantizer() if params_on and self.__dict__.get("_lookup") else None
-        substitutes = self._quantized_params() if params_on and rows is None else None
-        if substitutes:
-            token = _SUBSTITUTED.set((self, substitutes, _SUBSTITUTED.get()))
-            try:
+        out = rows = None
+        if params_on and self.__dict__.get("_codes_forward"):  # absent in older pickles
+            out = self._forward_from_codes(args, kwargs)
+        if out is None:
+            rows = self._rows_quantizer() if params_on and self.__dict__.get("_lookup") else None
+            substitutes = self._quantized_params() if params_on and rows is None else None
+            if substitutes:
+                token = _SUBSTITUTED.set((self, substitutes, _SUBSTITUTED.get()))
+                try:
+                    out = super().forward(*args, **kwargs)
+                finally:
+                    _SUBSTITUTED.reset(token)
+            else:
                 out = super().forward(*args, **kwargs)
-            finally:
-                _SUBSTITUTED.reset(token)
-        else:
-            out = super().forward(*args, **kwargs)
         if rows is not None:  # the looked-up rows of the float table: a fresh tensor
             out = rows.forward_owned(out)
         if outputs_on:
@@ -387,48 +397,108 @@ class QuantizationMixin:
         """``quantizer(param)`` for a parameter above the cache limits (eval, nearest rounding,
         outside a trace): dequantized from integer codes kept until the parameter or the
         encoding changes, where the quantizer allows it (see :func:`set_param_cache_limit`)."""
+        entry = self._codes_entry(name, param, quantizer)
+        if entry is None:
+            return quantizer(param)
+        value = dequantize(entry[1], quantizer.scale, entry[2], quantizer.axis,
+                           quantizer.block_size)
+        return value.to(param.dtype)
+
+    def _codes_entry(self, name: str, param: torch.Tensor, quantizer: Quantizer) -> Optional[tuple]:
+        """``(key, codes, offset or None, param, encoding tensors)`` of a parameter kept as
+        integer codes, built when missing or stale; None where it may not be kept so (no
+        integer type holds the grid, ``codes=False``, no encoding yet, a NaN in the weight)."""
         codes_cache = self.__dict__.setdefault("_qcodes_cache", {})  # absent in older pickles
         dtype = _codes_dtype(quantizer) if _keep_codes else None
         if dtype is None:
             codes_cache.pop(name, None)  # codes kept before codes=False
-            return quantizer(param)
+            return None
         if quantizer.required_mode is not None:
             quantizer._check_mode()
         key = (param._version, id(param), quantizer.version_key())
         cached = codes_cache.get(name)
-        if cached is None or cached[0] != key:
-            if not quantizer.is_initialized:
-                return quantizer(param)  # raises the missing-encoding error
-            qmin, qmax = quantizer.qmin_qmax
-            codes = quantize(param.detach(), quantizer.scale, quantizer.offset, qmin, qmax,
-                             quantizer.axis, "nearest", quantizer.block_size)
-            if torch.isnan(codes).any():  # no integer holds a NaN: the float path keeps it
-                codes_cache.pop(name, None)
-                return quantizer(param)
-            # a zero offset (symmetric grids) is left out: one pass fewer per call
-            offset = quantizer.offset if quantizer.offset.any() else None
-            # entries hold the objects whose ids are in the key, so no id can be reused
-            cached = (key, codes.to(dtype), offset, param, quantizer.encoding_tensors())
-            codes_cache[name] = cached
-        value = dequantize(cached[1], quantizer.scale, cached[2], quantizer.axis,
-                           quantizer.block_size)
-        return value.to(param.dtype)
+        if cached is not None and cached[0] == key:
+            return cached
+        codes = _encode_by_row_slices(param.detach(), quantizer, dtype) if (
+            quantizer.is_initialized) else None
+        if codes is None:  # no integer holds a NaN: the float path keeps it
+            codes_cache.pop(name, None)
+            return None
+        # a zero offset (symmetric grids) is left out: one pass fewer per call
+        offset = quantizer.offset if quantizer.offset.any() else None
+        # entries hold the objects whose ids are in the key, so no id can be reused
+        cached = (key, codes, offset, param, quantizer.encoding_tensors())
+        codes_cache[name] = cached
+        return cached
+
+    def _uncached_weight_quantizer(self) -> Optional[Quantizer]:
+        """The weight's quantizer where this eval call may compute from the weight's values
+        directly instead of a cached fake-quantized copy: an enabled, fixed, nearest-rounding
+        quantizer of a weight above the cache limits, outside autograd and traces."""
+        quantizers = self._modules["param_quantizers"]
+        q = quantizers["weight"] if "weight" in quantizers else None
+        param = self._parameters.get("weight")
+        if (q is None or param is None or not q.enabled or q.state != "quantize"
+                or q.rounding != "nearest" or torch.jit.is_tracing()
+                or (torch.is_grad_enabled() and (param.requires_grad or q.learnable))
+                or self._may_cache(param)):
+            return None
+        self._qparam_cache.pop("weight", None)  # a copy kept before a limit was lowered
+        return q
+
+    def _forward_from_codes(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The output of an ``nn.Linear`` or ``nn.Embedding`` whose weight is kept as codes,
+        computed without dequantizing the whole weight; None where the regular path applies.
+
+        * Linear (weights above :data:`_ROW_SLICE_ELEMENTS`): the product a slice of output
+          features at a time, so the dequantized weight never exists whole beside the output
+          (an LLM's vocabulary projection would add a weight-sized tensor at the forward's
+          peak); each output element is the dot product ``F.linear`` computes.
+        * Embedding with a per-channel (per-row) encoding: the looked-up rows of the codes,
+          dequantized with their rows' encodings: the same values as the whole table's.
+        """
+        q = self._uncached_weight_quantizer()
+        weight = self._parameters.get("weight")
+        if q is None or kwargs or len(args) != 1 or q.data_type != "int":
+            return None
+        linear = self._codes_forward == "linear"
+        if linear:
+            if weight.numel() <= _ROW_SLICE_ELEMENTS or not _row_sliceable(q):
+                return None
+        elif q.axis != 0 or q.block_size is not None or self.max_norm is not None:
+            return None
+        entry = self._codes_entry("weight", weight, q)
+        if entry is None:
+            return None
+        codes, offset, x = entry[1], entry[2], args[0]
+        if not linear:
+            def lookup(table: torch.Tensor) -> torch.Tensor:  # F.embedding's indexing errors
+                return nn.functional.embedding(x, table.reshape(table.shape[0], -1))
+
+            value = dequantize(lookup(codes), lookup(q.scale),
+                               None if offset is None else lookup(offset))
+            return value.to(weight.dtype)
+        bias = self._parameters.get("bias")
+        quantizers = self._modules["param_quantizers"]
+        if bias is not None and "bias" in quantizers and quantizers["bias"].enabled:
+            bias = self._quantized_param("bias", bias, quantizers["bias"])
+        out = None
+        for rows, scale, row_offset in _row_slices(q, codes, offset):
+            w = dequantize(codes[rows], scale, row_offset, q.axis, q.block_size)
+            part = nn.functional.linear(x, w.to(weight.dtype), None if bias is None else bias[rows])
+            if out is None:  # the first slice's dtype: autocast's, where it is on
+                out = part.new_empty(part.shape[:-1] + (weight.shape[0],))
+            out[..., rows] = part
+        return out
 
     def _rows_quantizer(self) -> Optional[Quantizer]:
         """An uncached embedding table's weight quantizer where the call may apply it to the
         rows it looks up instead of the whole table: the same values (a per-tensor encoding,
         elementwise arithmetic) for a fraction of the work. None where it may not."""
-        q = self._modules["param_quantizers"]["weight"] if "weight" in self._modules[
-            "param_quantizers"] else None
-        param = self._parameters.get("weight")
-        if (q is None or param is None or not q.enabled or q.axis is not None
-                or q.block_size is not None or q.state != "quantize" or q.rounding != "nearest"
-                or self.max_norm is not None or torch.jit.is_tracing()
-                or (torch.is_grad_enabled() and (param.requires_grad or q.learnable))):
+        q = self._uncached_weight_quantizer()
+        if q is None or q.axis is not None or q.block_size is not None or (
+                self.max_norm is not None):
             return None
-        if self._may_cache(param):
-            return None
-        self._qparam_cache.pop("weight", None)  # a copy kept before a limit was lowered
         return q
 
     def _may_cache(self, param: torch.Tensor) -> bool:
@@ -476,6 +546,43 @@ def _codes_dtype(quantizer: Quantizer) -> Optional[torch.dtype]:
         if info.min <= qmin and qmax <= info.max:
             return dtype
     return None
+
+
+def _row_sliceable(quantizer: Quantizer) -> bool:
+    """Whether ``quantizer``'s encoding applies to its parameter's rows (axis 0) separately:
+    per tensor, per channel along axis 0, per block."""
+    return quantizer.axis in (None, 0) or quantizer.block_size is not None
+
+
+def _row_slices(quantizer: Quantizer, param: torch.Tensor, offset: Optional[torch.Tensor]):
+    """``(rows, scale, offset)`` for consecutive slices of about :data:`_ROW_SLICE_ELEMENTS`
+    elements of ``param`` along axis 0, with the encoding's rows for each slice (the whole
+    parameter at once where the encoding does not follow its rows)."""
+    scale = quantizer.scale
+    if param.dim() == 0 or not _row_sliceable(quantizer):
+        yield slice(None), scale, offset
+        return
+    per_row = scale.dim() > 0  # per channel (axis 0) or per block: one encoding row per row
+    step = max(1, _ROW_SLICE_ELEMENTS // max(1, param[0].numel()))
+    for start in range(0, param.shape[0], step):
+        rows = slice(start, start + step)
+        yield (rows, scale[rows] if per_row else scale,
+               offset[rows] if per_row and offset is not None else offset)
+
+
+def _encode_by_row_slices(param: torch.Tensor, quantizer: Quantizer,
+                          dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The integer codes of ``param`` in ``dtype``, computed a row slice at a time (no
+    weight-sized float temporary); None when ``param`` holds a NaN."""
+    qmin, qmax = quantizer.qmin_qmax
+    codes = torch.empty(param.shape, dtype=dtype, device=param.device)
+    for rows, scale, offset in _row_slices(quantizer, param, quantizer.offset):
+        part = quantize(param[rows], scale, offset, qmin, qmax, quantizer.axis, "nearest",
+                        quantizer.block_size)
+        if torch.isnan(part).any():
+            return None
+        codes[rows] = part
+    return codes
 
 
 def _map_float_leaves(tree: Any, quantizers: nn.ModuleList) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from conftest import DEVICES
 from llm_model import build_decoder, random_tokens
-from quantsim import QuantizationSimModel
+from quantsim import QuantizationSimModel, wrappers
 from quantsim.config_utils import (set_blockwise_quantization_for_weights,
                                    set_grouped_blockwise_quantization_for_weights)
 from quantsim.wrappers import QuantizationMixin, model_cache_limit, set_param_cache_limit
@@ -202,6 +203,13 @@ def test_model_above_the_cache_limit_holds_one_float_copy_and_int8_codes_of_each
         with torch.no_grad():
             assert torch.equal(sim.model(batches[0]), cached)
         assert _cached(sim.model) == set()
+        # weights above the row-slice size (patched down to the tiny model's): built and
+        # multiplied by row slices; the dot products may be summed in another order, so a
+        # logit may land one step of the 16-bit output grid away
+        step = float(sim.model.lm_head.output_quantizers[0].scale)
+        with mock.patch.object(wrappers, "_ROW_SLICE_ELEMENTS", 256), torch.no_grad():
+            sliced = sim.model(batches[0])
+        assert float((sliced - cached).abs().max()) <= step * 1.0001
         codes = {f"{name}.{p}": entry[1] for name, m in sim.model.named_modules()
                  if isinstance(m, QuantizationMixin) for p, entry in m._qcodes_cache.items()}
     finally:

@@ -419,6 +419,119 @@ def test_codes_follow_the_parameter_the_encoding_and_the_limits(default_cache_li
     assert _codes(lin) == {"weight": torch.int8} and set(lin._qparam_cache) == {"weight"}
 
 
+class _DequantizeSizes:
+    """Records the element count of every tensor ``quantsim.wrappers`` dequantizes."""
+
+    def __init__(self):
+        from quantsim import wrappers
+        self.sizes, self._real = [], wrappers.dequantize
+
+    def __call__(self, q, *args, **kwargs):
+        self.sizes.append(q.numel())
+        return self._real(q, *args, **kwargs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["tensor", "channel", "block", "lpbq"]), st.sampled_from([4, 8, 16]),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_large_linear_weights_are_encoded_and_multiplied_by_row_slices(
+        granularity, bitwidth, symmetric, seed):
+    """Above the cache limits and the row-slice size, a Linear's codes are built and its
+    product computed a slice of output features at a time (no whole dequantized weight): the
+    codes equal the whole weight's, and each output element is the dot product of the input
+    with the fake-quantized weight's row, within float32 summation error (BLAS may order the
+    sum differently for a slice; measured equal here)."""
+    from unittest import mock
+
+    from quantsim import wrappers
+    from quantsim.encoding import quantize
+
+    lin = _linear_with_weight_quantizer(granularity, bitwidth, symmetric, seed)
+    q, w = lin.param_quantizers["weight"], lin.weight
+    if q.qmin_qmax[1] > 32767:  # no 16-bit integer holds the grid: the per-call path
+        return
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(seed))
+    recorder = _DequantizeSizes()
+    try:
+        set_param_cache_limit(0)
+        with mock.patch.object(wrappers, "_ROW_SLICE_ELEMENTS", 130), \
+                mock.patch.object(wrappers, "dequantize", recorder), torch.no_grad():
+            got = lin(x)
+            again = lin(x)
+    finally:
+        set_param_cache_limit()
+    with torch.no_grad():
+        wq = q(w)
+        expected = nn.functional.linear(x, wq, lin.bias)
+        bound = 64 * torch.finfo(torch.float32).eps * (x.abs() @ wq.abs().T + lin.bias.abs())
+        codes = quantize(w, q.scale, q.offset, *q.qmin_qmax, q.axis, "nearest", q.block_size)
+    assert recorder.sizes and max(recorder.sizes) <= 2 * 64  # two rows of 64 per slice
+    assert torch.equal(lin._qcodes_cache["weight"][1].to(torch.float32), codes)
+    for out in (got, again):
+        assert out.shape == expected.shape and out.dtype == torch.float32
+        assert bool(((out - expected).abs() <= bound).all())
+
+
+def test_row_slices_leave_training_traces_and_small_weights_to_the_regular_path(
+        default_cache_limit):
+    """Gradients (a trainable weight), a weight below the slice size and a cached weight take
+    the regular forward: the same output, gradients reach the weight."""
+    from unittest import mock
+
+    from quantsim import wrappers
+
+    lin = _linear_with_weight_quantizer("channel", 8, True, 5)
+    x = torch.randn(4, 64)
+    recorder = _DequantizeSizes()
+    with mock.patch.object(wrappers, "_ROW_SLICE_ELEMENTS", 130), \
+            mock.patch.object(wrappers, "dequantize", recorder):
+        set_param_cache_limit(0)
+        lin(x).sum().backward()  # autograd: fake-quantized per call, no codes
+        assert lin.weight.grad is not None and recorder.sizes == [] and _codes(lin) == {}
+        set_param_cache_limit()
+        with torch.no_grad():
+            lin(x)  # cached: no codes
+        assert recorder.sizes == [] and set(lin._qparam_cache) == {"weight"}
+    set_param_cache_limit(0)
+    with torch.no_grad():
+        lin(x)  # 512 elements, under the default slice size: one dequantized weight
+    assert _codes(lin) == {"weight": torch.int8}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_uncached_per_channel_embeddings_dequantize_only_the_rows_looked_up(
+        default_cache_limit, symmetric):
+    """An uncached table with a per-row encoding looks its codes up and dequantizes those rows
+    with their rows' encodings: the bits of fake-quantizing the whole table then looking up,
+    index errors as the float module's."""
+    from unittest import mock
+
+    from quantsim import wrappers
+
+    torch.manual_seed(0)
+    emb = quantize_module(nn.Embedding(50, 16, padding_idx=0))
+    lo, hi = torch.aminmax(emb.weight.detach(), dim=1)
+    enc = Encoding.from_range(lo * 0.7, hi * 0.7, 8, symmetric, axis=0)
+    q = Quantizer(8, symmetric, shape=(50,), axis=0)
+    q.set_encoding(enc)
+    emb.param_quantizers["weight"] = q
+    emb._model_size = 1  # above the model limit below: the table is not cached
+    ids = torch.randint(0, 50, (3, 7))
+    recorder = _DequantizeSizes()
+    try:
+        set_param_cache_limit(0, model_max_elements=0)
+        with mock.patch.object(wrappers, "dequantize", recorder), torch.no_grad():
+            got = emb(ids)
+            with pytest.raises(IndexError):
+                emb(torch.tensor([50]))
+    finally:
+        set_param_cache_limit()
+    with torch.no_grad():
+        expected = nn.functional.embedding(ids, q(emb.weight)) + 0.0
+    assert recorder.sizes == [ids.numel() * 16] and emb._qparam_cache == {}
+    assert torch.equal((got + 0.0).view(torch.int32), expected.view(torch.int32))
+
+
 def test_weights_that_cannot_be_kept_as_codes_are_fake_quantized_per_call(default_cache_limit):
     """A NaN in the weight, a grid wider than 16 bits and a learnable range keep no codes
     and give the fake-quantized weight, as before."""
