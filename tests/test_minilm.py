@@ -12,8 +12,10 @@ W8A8 0.780 / 0.858, W8A16 0.993 / 0.998. W8A8 misses 0.99 because 8-bit per-tens
 cannot hold BERT's residual stream: a few outlier channels stretch the FFN outputs and the
 LayerNorm inputs after them to -9..247 (layer 0), -19..190 (layer 2), -49..34 (layer 4), so the
 8-bit step there is 0.3 to 1 while typical values are below 1 (tf_enhanced keeps the outliers:
-clipping them costs more noise than it saves). Keeping just those quantizers at 16 bits brings
-W8A8 to about 0.987 / 0.994. An independent check (float model + forward hooks running
+clipping them costs more noise than it saves). Raising the LayerNorm inputs and FFN outputs
+(19 quantizers) to 16 bits gives min 0.968; the whole residual stream with the embeddings (41)
+0.9885; the mixed-precision search finds 26 that give 0.9906 (docs/mixed_precision.md). An
+independent check (float model + forward hooks running
 ``torch.fake_quantize_per_tensor_affine`` with the sim's encodings) reproduces the W8A8 figure,
 so this is quantization, not a simulation error. The W8A8 figure moves by about 0.02 with
 last-bit float differences (MKL's results depend on buffer alignment, and a few activations
