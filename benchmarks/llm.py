@@ -19,7 +19,7 @@ or ``--size 1b --device cuda`` (1.1B, for a GPU). Settings:
   values, block scales as 8-bit integers times a per-channel float scale).
 
 Calibration is ``tf`` (min/max) over ``--calib-batches`` batches of random tokens. For each
-implementation and setting two fresh processes run:
+implementation and setting fresh processes run:
 
 * *quality and speed*: the float model and a sim of a copy of it (``in_place=False``);
   ``compute_encodings`` timed; logits KL(float || sim) per token and output SQNR (dB) on
@@ -31,7 +31,12 @@ implementation and setting two fresh processes run:
   peak RSS of calibration and, after the peak is reset (``/proc/self/clear_refs``), of the
   forward, above the RSS after the imports, over the float process's peak (model + one
   forward) — ``benchmarks/memory.py``'s helpers and rules; on CUDA the same with
-  ``torch.cuda.max_memory_allocated``.
+  ``torch.cuda.max_memory_allocated``;
+* *tensors* (CPU): the same steps under the profiler's allocation events
+  (``memory.TensorPeaks``): the peak of the bytes held by live tensors in calibration and in
+  the forward, over the float forward's. This is the memory target's figure on CPU (as the
+  allocator's figure is on CUDA): what the program allocates. RSS adds what glibc keeps of
+  freed blocks, which varies from run to run by tens of MB on this model.
 
 aimet-torch runs in the interpreter given by ``--aimet-python`` (its own virtual environment;
 the same model code, settings and batches), or in this one if it imports ``aimet_torch``.
@@ -52,13 +57,13 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
 
-from memory import peak_bytes, reset_peak, rss_bytes  # noqa: E402
+from memory import TensorPeaks, peak_bytes, reset_peak, rss_bytes  # noqa: E402
 
 SETTINGS = ("float", "w8a16", "w4a16_b64", "w4a16_b128", "lpbq_b64")
 #: per size: (batch, sequence length) of the timed / measured forward
@@ -257,6 +262,33 @@ def run_memory(impl: str, setting: str, args) -> Dict[str, Any]:
     return row
 
 
+def run_tensors(impl: str, setting: str, args) -> Dict[str, Any]:
+    """CPU: peaks of the bytes held by live tensors (the profiler's allocation events, counted
+    from before the model is built): the float forward, or the sim's calibration and then its
+    forward; what the program allocates, whatever glibc keeps mapped (the RSS figures of
+    :func:`run_memory` include that)."""
+    import torch
+
+    from llm_model import build_decoder
+
+    if setting != "float":
+        _sim_class(impl)
+    with TensorPeaks() as peaks:
+        model = build_decoder(args.size, device="cpu")
+        calib, tokens = _batches(model.cfg, args, "cpu")
+        if setting != "float":
+            sim = build_sim(impl, setting, model, tokens, in_place=True)
+            with peaks.phase("calibration"):
+                sim.compute_encodings(_calibrate, calib)
+            model = sim.model.eval()
+        del calib
+        with peaks.phase("forward"), torch.no_grad():
+            model(tokens)
+    row = {f"{phase}_tensor_peak_bytes": n for phase, n in peaks.peaks().items()}
+    row["held_tensor_bytes"] = peaks.held()
+    return row
+
+
 def child(args) -> int:
     """One setting of one implementation, in this process: print its JSON line."""
     import torch
@@ -264,7 +296,7 @@ def child(args) -> int:
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    run = run_quality if args.child == "quality" else run_memory
+    run = {"quality": run_quality, "memory": run_memory, "tensors": run_tensors}[args.child]
     print(json.dumps(run(args.impl, args.setting, args)))
     return 0
 
@@ -292,18 +324,22 @@ def _run_child(python: str, kind: str, impl: str, setting: str, args) -> Dict[st
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
-    """Memory peaks over the same implementation's float forward peak; the targets."""
+    """Memory peaks over the same implementation's float forward peak (RSS, and on CPU live
+    tensor bytes); the targets (the memory target on live tensor bytes on CPU, the allocator's
+    bytes on CUDA: the sim's own memory, not what the C allocator keeps mapped)."""
     floats = {r["impl"]: r for r in rows if r["setting"] == "float"}
     for r in rows:
-        reference = floats.get(r["impl"], {}).get("forward_peak_bytes")
-        if reference and "forward_peak_bytes" in r:
-            r["forward_memory_ratio"] = r["forward_peak_bytes"] / reference
-            if "calibration_peak_bytes" in r:
-                r["calibration_memory_ratio"] = r["calibration_peak_bytes"] / reference
+        for kind in ("", "tensor_"):
+            reference = floats.get(r["impl"], {}).get(f"forward_{kind}peak_bytes")
+            for phase in ("forward", "calibration"):
+                if reference and f"{phase}_{kind}peak_bytes" in r:
+                    r[f"{phase}_{kind}memory_ratio"] = r[f"{phase}_{kind}peak_bytes"] / reference
         if r["impl"] == "quantsim" and r["setting"].startswith("w4a16_b"):
-            r["targets"] = {"forward_ratio": TARGET_TIME, "forward_memory_ratio": TARGET_MEMORY}
+            memory = "forward_tensor_memory_ratio" if "forward_tensor_memory_ratio" in r \
+                else "forward_memory_ratio"
+            r["targets"] = {"forward_ratio": TARGET_TIME, memory: TARGET_MEMORY}
             r["meets_targets"] = (r.get("forward_ratio", math.inf) <= TARGET_TIME
-                                  and r.get("forward_memory_ratio", math.inf) <= TARGET_MEMORY)
+                                  and r.get(memory, math.inf) <= TARGET_MEMORY)
 
 
 def print_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
@@ -311,7 +347,7 @@ def print_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
           f"{meta['device']}, batch {meta['batch']} x {meta['seq']} tokens, "
           f"{meta['calib_batches']} calibration batches, {meta['rounds']} timed rounds")
     print(f"{'impl':<10}{'setting':<12}{'fwd x':>7}{'mem x':>7}{'calib mem x':>12}"
-          f"{'calib s':>9}{'KL':>10}{'SQNR dB':>9}  note")
+          f"{'rss x':>7}{'calib rss x':>12}{'calib s':>9}{'KL':>10}{'SQNR dB':>9}  note")
 
     def fmt(r, key, spec):
         return format(r[key], spec) if key in r else "-"
@@ -321,13 +357,17 @@ def print_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
         if "meets_targets" in r:
             note = "targets met" if r["meets_targets"] else "TARGET MISSED"
         print(f"{r['impl']:<10}{r['setting']:<12}{fmt(r, 'forward_ratio', '.2f'):>7}"
+              f"{fmt(r, 'forward_tensor_memory_ratio', '.2f'):>7}"
+              f"{fmt(r, 'calibration_tensor_memory_ratio', '.2f'):>12}"
               f"{fmt(r, 'forward_memory_ratio', '.2f'):>7}"
               f"{fmt(r, 'calibration_memory_ratio', '.2f'):>12}"
               f"{fmt(r, 'calibration_s', '.1f'):>9}{fmt(r, 'kl', '.2e'):>10}"
               f"{fmt(r, 'sqnr_db', '.1f'):>9}  {note}")
-    print(f"fwd x: sim forward / float forward (medians, interleaved); mem x: peak of a sim "
-          f"forward over the float forward's (targets for quantsim W4A16 per-block: "
-          f"{TARGET_TIME}x / {TARGET_MEMORY}x); peers: {meta['peers']}")
+    print(f"fwd x: sim forward / float forward (medians, interleaved); mem x: peak of live "
+          f"tensor bytes in a sim forward over the float forward's (CPU; on CUDA the "
+          f"allocator's); rss x: the same for peak RSS (glibc's retained blocks included; "
+          f"varies by run); targets for quantsim W4A16 per-block: {TARGET_TIME}x fwd / "
+          f"{TARGET_MEMORY}x mem; peers: {meta['peers']}")
 
 
 def main(argv=None) -> int:
@@ -355,7 +395,8 @@ def main(argv=None) -> int:
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="environment of the measured processes")
     parser.add_argument("--json", default=None, help="where to write the results")
-    parser.add_argument("--child", choices=("quality", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("quality", "memory", "tensors"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("quantsim", "aimet"), default="quantsim",
                         help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -390,6 +431,8 @@ def main(argv=None) -> int:
                 row.update(_run_child(python, "quality", impl, setting, args))
             if not args.skip_memory and "error" not in row:
                 row.update(_run_child(python, "memory", impl, setting, args))
+                if args.device == "cpu" and "error" not in row:
+                    row.update(_run_child(python, "tensors", impl, setting, args))
             row["runs"] = [{"batch": args.batch, "seq": args.seq, "rounds": args.rounds,
                           "calib_batches": args.calib_batches, "env": args.env,
                            "load_average": os.getloadavg() if hasattr(os, "getloadavg")

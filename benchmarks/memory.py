@@ -98,6 +98,66 @@ def reset_peak() -> bool:
         return False
 
 
+class TensorPeaks:
+    """Peaks of the bytes held by live CPU tensors during marked phases, from the profiler's
+    allocation events: what the program allocates, whatever the C allocator keeps mapped (the
+    CPU counterpart of ``torch.cuda.max_memory_allocated``). Counts from the moment it is
+    entered, so enter it before the model is built::
+
+        with TensorPeaks() as tp:
+            model = build()
+            with tp.phase("forward"):
+                model(x)
+        tp.peaks()  # {"forward": bytes, ...}, tp.held(): bytes live at the end
+    """
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._curve: Optional[List[tuple]] = None
+
+    def __enter__(self) -> "TensorPeaks":
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+
+    @staticmethod
+    def phase(name: str):
+        """A context marking a phase whose peak :meth:`peaks` reports."""
+        from torch.profiler import record_function
+
+        return record_function("phase:" + name)
+
+    def _events(self):
+        events = self._profile.profiler.kineto_results.events()
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+        windows = {e.name()[len("phase:"):]: (e.start_ns(), e.start_ns() + e.duration_ns())
+                   for e in events if e.name().startswith("phase:")}
+        return memory, windows
+
+    def peaks(self) -> Dict[str, int]:
+        """The most bytes live at once during each phase (live when the phase began included)."""
+        memory, windows = self._events()
+        peaks = {}
+        for name, (start, end) in windows.items():
+            live = sum(n for t, n in memory if t < start)
+            peak = live
+            for t, n in memory:
+                if start <= t <= end:
+                    live += n
+                    peak = max(peak, live)
+            peaks[name] = peak
+        return peaks
+
+    def held(self) -> int:
+        """Bytes live at the end."""
+        return sum(n for _, n in self._events()[0])
+
+
 def run_phase(phase: str, in_place: bool, scheme: str, layers: int, width: int,
               cache_limit: Optional[int], codes: bool = True) -> Dict:
     """Run ``phase`` in this process; return its memory figures (bytes)."""

@@ -169,8 +169,13 @@ def set_param_cache_limit(max_elements: Optional[int] = 1 << 20, *,
     pass over the weight (for a Linear layer at batch 64, about as long as its matrix
     product). Embedding tables are cached whatever their size (a call reads a few rows,
     so quantizing the whole table per call costs many times the lookup) unless the model is
-    above ``model_max_elements``; an uncached ``nn.Embedding`` whose weight encoding is per
-    tensor then fake-quantizes only the rows a call looks up (the same values). The model limit keeps a large model (an LLM's many
+    above ``model_max_elements``; an uncached ``nn.Embedding`` then quantizes only the rows a
+    call looks up (per tensor: the float rows fake-quantized; per channel: the rows' codes
+    dequantized; the same values). Codes are built, and an uncached ``nn.Linear`` whose weight
+    has more than ``2**20`` elements (an LLM's vocabulary projection) computes its product, a
+    slice of rows at a time, so no weight-sized float tensor exists beside the layer's output
+    (each output element is the same dot product; BLAS may sum it in another order, which
+    can move a last bit). The model limit keeps a large model (an LLM's many
     mid-sized weights) from being held twice; the sim records its model's size in each
     quantized module when it is built (modules quantized outside a sim have no model size and
     follow ``max_elements`` alone).
