@@ -163,10 +163,9 @@ def main() -> None:
         results["aimet_torch"] = run("aimet", args.sentences, args.skip_analyzer)
     results["machine"]["load_average_after"] = os.getloadavg()
     print(json.dumps(results, indent=1))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

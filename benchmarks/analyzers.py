@@ -186,8 +186,9 @@ def main(argv=None) -> int:
             "load_average_before_after": [load_before, _load()],
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(RESULTS, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nload average (1 min) before/after: {meta['load_average_before_after']} on "
           f"{os.cpu_count()} CPUs\nwrote {os.path.relpath(RESULTS)}")
     return 0

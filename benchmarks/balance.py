@@ -191,8 +191,9 @@ def main() -> None:
     result = {"scheme": args.scheme, "config": "per_channel", "bits": "W8A8",
               "torch": torch.__version__, "machine": platform.machine(), "rows": rows}
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(result, f, indent=1)
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(RESULTS, json.dumps(result, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 
 

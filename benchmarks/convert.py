@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from models import DigitsCNN, ResidualBlock, accuracy, digits_data, train  # noqa: E402
 
 import quantsim  # noqa: E402
+import quantsim.atomic  # noqa: E402
 from quantsim import ExportError, QuantizationSimModel  # noqa: E402
 from quantsim.export.integer_onnx import export_integer_onnx  # noqa: E402
 from quantsim.prepare import fuse_all_conv_bn, prepare_model  # noqa: E402
@@ -176,8 +177,7 @@ def main() -> None:
     print("| stage | accuracy |\n|---|---|")
     for stage, acc in flow.items():
         print(f"| {stage} | {acc:.4f} |")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    quantsim.atomic.atomic_write_text(RESULTS, json.dumps({  # a crash leaves the old file
         "rows": rows, "horizon_flow": flow, "test_images": len(data[3]),
         "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
     }, indent=2) + "\n")

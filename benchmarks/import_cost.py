@@ -160,7 +160,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                       for v, w, h in zip(values, (8, 8, 8, 20, 8, 6), header[1:])))
     print(f"aimet-torch: {a['source']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -474,8 +474,9 @@ def main(argv=None) -> int:
         meta["earlier"] = earlier_meta
     print_table(rows, meta)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {os.path.relpath(path)}")
     return 0
 

@@ -306,8 +306,9 @@ def main(argv=None) -> int:
             "cache_limit": args.cache_limit, "codes": not args.no_codes, "repeats": args.repeats, "env": args.env,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {os.path.relpath(args.json)}")
     return 0
 

@@ -245,7 +245,9 @@ def main(argv=None) -> Dict:
                       "kernel_backend": kernels.get_backend()}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
     return result
 

@@ -393,8 +393,9 @@ def main(argv=None) -> int:
             "kernel_env": os.environ.get("QUANTSIM_KERNEL"),
             "auto_min_elements": kernels.AUTO_MIN_ELEMENTS}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {os.path.relpath(args.json)}")
     return 0
 
