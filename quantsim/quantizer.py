@@ -628,8 +628,8 @@ class Quantizer(nn.Module):
         (see ``_encoded``), so a calibrated model compiles to one graph."""
         if not self._enabled or not x.is_floating_point():
             return x
-        if self.required_mode is not None:
-            self._check_mode()
+        if self.required_mode is not None:  # the hot path skips the call
+            self.check_mode()
         state = self._state
         compiling = torch.compiler.is_compiling()
         if state == "quantize" and self.axis is None and not compiling and not (
@@ -676,7 +676,7 @@ class Quantizer(nn.Module):
                 and not (self._forward_hooks or self._forward_pre_hooks
                          or _global_forward_hooks or _global_forward_pre_hooks)):
             if self.required_mode is not None:
-                self._check_mode()
+                self.check_mode()
             fast = self._per_tensor_constants()
             if fast is not None:
                 return kernels.qdq_per_tensor_(x, *fast)
@@ -708,7 +708,12 @@ class Quantizer(nn.Module):
         self._fast_cache = (key, value, self.encoding_tensors())  # pins the ids in key
         return value
 
-    def _check_mode(self) -> None:
+    def check_mode(self) -> None:
+        """Raise :class:`FakeQuantStateError` when the fake-quant state requires train() or
+        eval() mode and the quantizer is in the other one; nothing without such a state. Code
+        that uses the quantizer's encoding without calling it (kept weight codes) calls this."""
+        if self.required_mode is None:
+            return
         mode = "train" if self.training else "eval"
         if mode != self.required_mode:
             raise FakeQuantStateError(

@@ -418,8 +418,7 @@ class QuantizationMixin:
         if dtype is None:
             codes_cache.pop(name, None)  # codes kept before codes=False
             return None
-        if quantizer.required_mode is not None:
-            quantizer._check_mode()
+        quantizer.check_mode()
         key = (param._version, id(param), quantizer.version_key())
         cached = codes_cache.get(name)
         if cached is not None and cached[0] == key:
