@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +36,10 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))   # the MiniLM sentences of test_minilm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from export import LastHiddenState  # noqa: E402
+from peers import declare_torchvision_ops  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "analysis.json")
 
@@ -51,24 +56,21 @@ class Counted:
 
 
 def _api(which: str) -> Dict[str, Any]:
-    """The four names the benchmark calls, from quantsim or from aimet-torch."""
+    """The five names the benchmark calls, from quantsim or from aimet-torch."""
     if which == "quantsim":
         from quantsim import QuantizationDataType, QuantizationSimModel
+        from quantsim.defs import CallbackFunc
         from quantsim.mixed_precision import choose_mixed_precision
         from quantsim.quant_analyzer import QuantAnalyzer
     else:
-        for name, schema in (("torchvision::nms", "(Tensor dets, Tensor scores, float "
-                              "iou_threshold) -> Tensor"),):
-            try:   # aimet-torch imports torchvision ops that a CPU torch may lack
-                torch.library.define(name, schema)
-            except RuntimeError:
-                pass
+        declare_torchvision_ops()
         QuantizationDataType = importlib.import_module("aimet_common.defs").QuantizationDataType
+        CallbackFunc = importlib.import_module("aimet_common.defs").CallbackFunc
         QuantizationSimModel = importlib.import_module("aimet_torch.quantsim").QuantizationSimModel
         choose_mixed_precision = importlib.import_module(
             "aimet_torch.mixed_precision").choose_mixed_precision
         QuantAnalyzer = importlib.import_module("aimet_torch.quant_analyzer").QuantAnalyzer
-    return dict(QuantizationDataType=QuantizationDataType,
+    return dict(QuantizationDataType=QuantizationDataType, CallbackFunc=CallbackFunc,
                 QuantizationSimModel=QuantizationSimModel,
                 choose_mixed_precision=choose_mixed_precision, QuantAnalyzer=QuantAnalyzer)
 
@@ -81,17 +83,22 @@ def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
 
     torch.manual_seed(0)
     st = gt.load_model(device="cpu").eval()
-    encoder = st[0].auto_model
-    cal = tm._tokens(st, tm.CALIBRATION)
-    batches = [{k: v[i:i + 16] for k, v in cal.items()} for i in range(0, 32, 16)]
-    evaluation = tm._tokens(st, tm.EVAL[:sentences])
-    dummy = {k: cal[k][:2] for k in ("input_ids", "attention_mask")}
+    encoder = LastHiddenState(st[0].auto_model).eval()
+
+    def tokens(sentences):  # (input_ids, attention_mask): aimet-torch takes tensors only
+        t = tm._tokens(st, sentences)
+        return t["input_ids"], t["attention_mask"]
+
+    ids, mask = tokens(tm.CALIBRATION)
+    batches = [(ids[i:i + 16], mask[i:i + 16]) for i in range(0, 32, 16)]
+    evaluation = tokens(tm.EVAL[:sentences])
+    dummy = (ids[:2], mask[:2])
 
     def embed(model):
         with torch.no_grad():
-            hidden = model(**evaluation).last_hidden_state
-        mask = evaluation["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+            hidden = model(*evaluation)
+        weights = evaluation[1].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=1)
 
     reference = embed(encoder)
 
@@ -101,13 +108,15 @@ def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
     def calibrate(model):
         with torch.no_grad():
             for b in batches:
-                model(**b)
+                model(*b)
 
     out: Dict[str, Any] = {}
     if not skip_analyzer:
         forward, metric = Counted(calibrate), Counted(cos_min)
         start = time.perf_counter()
-        analyzer = api["QuantAnalyzer"](encoder, dummy, forward, metric)
+        # aimet-torch's QuantAnalyzer takes CallbackFunc objects only
+        analyzer = api["QuantAnalyzer"](encoder, dummy, api["CallbackFunc"](forward, None),
+                                        api["CallbackFunc"](metric, None))
         analyzer.analyze(default_param_bw=8, default_output_bw=8,
                          results_dir=tempfile.mkdtemp(prefix="qa_"))
         out["quant_analyzer"] = {"wall_s": round(time.perf_counter() - start, 1),
@@ -122,7 +131,7 @@ def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
     int_ = api["QuantizationDataType"].int
     start = time.perf_counter()
     pareto = api["choose_mixed_precision"](
-        sim, {k: v[:1] for k, v in evaluation.items()},
+        sim, tuple(t[:1] for t in evaluation),
         [((8, int_), (8, int_)), ((16, int_), (8, int_))], p1, p2, 0.01,
         tempfile.mkdtemp(prefix="amp_"), True, forward)
     amp = {"wall_s": round(time.perf_counter() - start, 1),
@@ -146,6 +155,8 @@ def main() -> None:
     parser.add_argument("--skip-analyzer", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if importlib.util.find_spec("aimet_torch") is not None:
+        declare_torchvision_ops()  # before transformers or aimet-torch is imported
     results: Dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),

