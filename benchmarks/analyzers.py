@@ -185,7 +185,6 @@ def main(argv=None) -> int:
             "machine": platform.processor() or platform.machine(),
             "load_average_before_after": [load_before, _load()],
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(RESULTS, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

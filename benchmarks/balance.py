@@ -190,7 +190,6 @@ def main() -> None:
               f"{r['after']:8.4f} {r['gain']:+8.4f} {r['folded']:>7}/{r['balanced']:<7}")
     result = {"scheme": args.scheme, "config": "per_channel", "bits": "W8A8",
               "torch": torch.__version__, "machine": platform.machine(), "rows": rows}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(RESULTS, json.dumps(result, indent=1) + "\n")

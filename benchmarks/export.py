@@ -113,7 +113,6 @@ def main() -> Dict[str, Any]:
         sizes = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in r["files"].items())
         print(f"  {r['encoding_version']:<8} {r['export_s']:>9.1f}  {sizes}")
     print(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")

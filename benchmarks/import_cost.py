@@ -159,7 +159,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(f"{label:34}" + "".join("".rjust(w) if v is None else f"{v:{w}.{0 if 'MB' in h else 2}f}"
                                       for v, w, h in zip(values, (8, 8, 8, 20, 8, 6), header[1:])))
     print(f"aimet-torch: {a['source']}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")

@@ -463,7 +463,6 @@ def main(argv=None) -> int:
     if earlier_meta is not None:  # the runs merged into this file, newest first
         meta["earlier"] = earlier_meta
     print_table(rows, meta)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -115,7 +115,6 @@ class TensorPeaks:
         from torch.profiler import ProfilerActivity, profile
 
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._curve: Optional[List[tuple]] = None
 
     def __enter__(self) -> "TensorPeaks":
         self._profile.__enter__()
@@ -305,7 +304,6 @@ def main(argv=None) -> int:
             "batch": BATCH, "calibration_batches": CALIBRATION_BATCHES,
             "cache_limit": args.cache_limit, "codes": not args.no_codes, "repeats": args.repeats, "env": args.env,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -244,7 +244,6 @@ def main(argv=None) -> Dict:
                       "cpus": os.cpu_count(), "load_average_before_after": load,
                       "kernel_backend": kernels.get_backend()}
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")

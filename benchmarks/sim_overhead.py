@@ -392,7 +392,6 @@ def main(argv=None) -> int:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "kernel_env": os.environ.get("QUANTSIM_KERNEL"),
             "auto_min_elements": kernels.AUTO_MIN_ELEMENTS}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     from quantsim.atomic import atomic_write_text  # a crash mid-write leaves the old file
 
     atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

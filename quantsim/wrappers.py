@@ -461,9 +461,11 @@ class QuantizationMixin:
         * Embedding with a per-channel (per-row) encoding: the looked-up rows of the codes,
           dequantized with their rows' encodings: the same values as the whole table's.
         """
-        q = self._uncached_weight_quantizer()
         weight = self._parameters.get("weight")
-        if q is None or kwargs or len(args) != 1 or q.data_type != "int":
+        if weight is None or self._may_cache(weight) or kwargs or len(args) != 1:
+            return None  # the eval hot path's common case (a cached weight), decided first
+        q = self._uncached_weight_quantizer()
+        if q is None or q.data_type != "int":
             return None
         linear = self._codes_forward == "linear"
         if linear:

@@ -487,7 +487,7 @@ def test_untraceable_model_is_a_conversion_error():
 
 def test_a_running_qat_phase_is_refused_until_validation(trained_digits_cnn, digits):
     from quantsim import FakeQuantState, set_fake_quantize
-    x, y = digits[0], digits[1]
+    x = digits[0]
     sim = QuantizationSimModel(trained_digits_cnn, x[:4], quant_scheme="tf")
     sim.compute_encodings(lambda m, _: m(x[:256]), None)
     sim.model.train()

@@ -3,7 +3,6 @@ the sim it leaves (encodings as a calibration at those bitwidths gives them, exp
 the acceptance runs on the digits CNN and (slow) all-MiniLM-L6-v2."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

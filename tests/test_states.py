@@ -141,3 +141,17 @@ def test_qat_state_with_a_module_called_several_times():
         opt.step()
     assert not torch.equal(before, sim.model.conv1.weight)
     assert sim.model.relu.output_quantizers[0].state == "qat"
+
+
+def test_check_mode_raises_only_where_the_state_needs_the_other_mode():
+    """``Quantizer.check_mode``: a no-op without a required mode or in the required one; the
+    error names the required mode otherwise (the kept-weight-codes path calls it directly)."""
+    from quantsim.quantizer import Quantizer
+
+    q = Quantizer(8)
+    q.eval().check_mode()
+    q.train().check_mode()
+    q.required_mode = "train"
+    q.check_mode()
+    with pytest.raises(FakeQuantStateError, match=r"needs the model in train\(\) mode"):
+        q.eval().check_mode()
